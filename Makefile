@@ -1,0 +1,38 @@
+# One-command set-up: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup demo test bench data clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "visae needs Python >= 3.11 (set PYTHON=python3.11)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Demo data: Debian's dataset-fashion-mnist when we can install it, otherwise the
+# official download with checksum verification (`visae fetch fashion-mnist`).
+data: $(STAMP)
+	@if [ ! -f $(FMNIST_DEB) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null 2>&1 || true; \
+	fi
+	$(BIN)/visae fetch fashion-mnist --out resources/fashion-mnist
+
+demo: setup
+	$(BIN)/snakemake --cores all
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/visae bench extract
+	$(BIN)/visae bench loader
+
+clean:
+	rm -rf results/* .snakemake
