@@ -1,0 +1,15 @@
+"""Activation store: one directory per (model, dataset, layer) of checksummed `.npy` shards.
+
+Layout of a store directory:
+    meta.json               model, layer, token layout, dataset, dtype, counts, sha256 per file
+    acts_00000.npy          [images, tokens, d_model] activations (fp16 by default)
+    labels_00000.npy        [images] int64 image labels
+    patch_labels_00000.npy  [images, patches] int16 per-patch labels (segmentation sets only)
+"""
+
+from visae.store.format import FORMAT, SHARD_KINDS, shard_name
+from visae.store.reader import ActivationStore, TokenLoader, verify_store
+from visae.store.writer import StoreWriter
+
+__all__ = ["FORMAT", "SHARD_KINDS", "shard_name", "ActivationStore", "TokenLoader",
+           "StoreWriter", "verify_store"]

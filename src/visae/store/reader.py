@@ -1,0 +1,385 @@
+"""Reading a store: memory-mapped shards, verification, and shuffled token batches.
+
+The loader shuffles tokens within a window of `buffer_tokens` tokens: chunks of consecutive
+images are visited in a random order and grouped into windows, each window gets a random
+permutation, and batch b is positions [b*B, (b+1)*B) of the epoch's stream. A batch is gathered
+straight from the memory-mapped shards in one pass (its rows sorted, since the order of tokens
+within a batch does not matter to a loss that sums over them). Worker threads gather the next
+batches while the current one is used, and the kernel is asked to read the next window ahead.
+RAM stays bounded: only the batches in flight are held; shard pages live in the page cache.
+Everything is a function of (seed, epoch), so a loader resumes exactly from `state_dict()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from visae.errors import VisaeError
+from visae.store.format import FORMAT, STORE_DTYPES, from_storage, sha256_file, shard_name
+
+
+class ActivationStore:
+    """A finished store directory. Opening checks that every shard is present and full-sized;
+    `verify()` also re-hashes every file."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not self.root.is_dir():
+            raise VisaeError(f"activation store {self.root} does not exist")
+        if not meta_path.is_file():
+            raise VisaeError(f"{self.root} is not an activation store (no meta.json)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except ValueError as err:
+            raise VisaeError(f"{meta_path} is corrupt ({err})") from None
+        if self.meta.get("format") != FORMAT:
+            raise VisaeError(f"{meta_path} has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        if not self.meta["complete"]:
+            raise VisaeError(f"store {self.root} is incomplete ({len(self.meta['shards'])} of "
+                             f"{self.meta['n_shards']} shards): rerun `visae extract` to finish it")
+        self.dtype_name: str = self.meta["dtype"]
+        self.dtype: torch.dtype = STORE_DTYPES[self.dtype_name][1]
+        self.d_model: int = int(self.meta["d_model"])
+        self.tokens_per_image: int = int(self.meta["layout"]["n_tokens"])
+        self.n_images: int = int(self.meta["n_images"])
+        self.n_tokens: int = self.n_images * self.tokens_per_image
+        self.shard_images: int = int(self.meta["shard_images"])
+        self._acts = [self._open(shard_name("acts", s["index"]),
+                                 (s["stop"] - s["start"], self.tokens_per_image, self.d_model))
+                      for s in self.meta["shards"]]
+        self.labels = np.concatenate([np.load(self.root / shard_name("labels", s["index"]))
+                                      for s in self.meta["shards"]])
+        has_patch = any(shard_name("patch_labels", 0) == n for n in self.meta["shards"][0]["files"])
+        self.patch_labels = (np.concatenate([np.load(self.root / shard_name("patch_labels", s["index"]))
+                                             for s in self.meta["shards"]]) if has_patch else None)
+
+    def _open(self, name: str, shape: tuple) -> np.ndarray:
+        path = self.root / name
+        if not path.is_file():
+            raise VisaeError(f"shard {path} is missing")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError) as err:
+            raise VisaeError(f"shard {path} is truncated or corrupt ({err}): run `visae verify {self.root}`") from None
+        if array.shape != shape or array.dtype != STORE_DTYPES[self.dtype_name][0]:
+            raise VisaeError(f"shard {path} has shape {array.shape} {array.dtype}, expected {shape} "
+                             f"{np.dtype(STORE_DTYPES[self.dtype_name][0])}")
+        return array
+
+    @property
+    def shard_arrays(self) -> list[np.ndarray]:
+        return self._acts
+
+    @property
+    def layout(self) -> dict:
+        return self.meta["layout"]
+
+    @property
+    def store_hash(self) -> str:
+        """Identity of the data: a sha256 over every file's sha256."""
+        h = hashlib.sha256()
+        for shard in self.meta["shards"]:
+            for name, sha in sorted(shard["files"].items()):
+                h.update(f"{name}:{sha}\n".encode())
+        return h.hexdigest()
+
+    def images(self, start: int, stop: int) -> torch.Tensor:
+        """Activations of images [start, stop) as a [n, tokens, d] tensor in the store dtype."""
+        parts = []
+        for shard, array in zip(self.meta["shards"], self._acts):
+            lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
+            if lo < hi:
+                parts.append(from_storage(np.array(array[lo - shard["start"]:hi - shard["start"]]),
+                                          self.dtype_name))
+        if not parts:
+            return torch.empty(0, self.tokens_per_image, self.d_model, dtype=self.dtype)
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def token_index(self, kind: str | None) -> np.ndarray:
+        """Positions (within an image's stored tokens) of 'cls', 'registers', 'patches' or all."""
+        lay = self.layout
+        n_cls, n_reg, n_tok = lay["n_cls"], lay["n_registers"], lay["n_tokens"]
+        stored = lay["stored"]  # which token groups were written
+        start = {"cls": 0}
+        offset = n_cls if "cls" in stored else 0
+        start["registers"] = offset
+        offset += n_reg if "registers" in stored else 0
+        start["patches"] = offset
+        if kind in (None, "all"):
+            return np.arange(n_tok)
+        if kind not in ("cls", "registers", "patches"):
+            raise VisaeError(f"unknown token kind {kind!r}: use cls, registers, patches or all")
+        if kind not in stored:
+            raise VisaeError(f"store {self.root} has no {kind} tokens (it holds {', '.join(stored)})")
+        size = {"cls": n_cls, "registers": n_reg, "patches": lay["grid"][0] * lay["grid"][1]}[kind]
+        return np.arange(start[kind], start[kind] + size)
+
+    def verify(self) -> list[str]:
+        """Re-hash every file; return one line per problem (empty when the store is intact)."""
+        problems = []
+        for shard in self.meta["shards"]:
+            for name, sha in sorted(shard["files"].items()):
+                path = self.root / name
+                if not path.is_file():
+                    problems.append(f"{name}: missing")
+                elif sha256_file(path) != sha:
+                    problems.append(f"{name}: checksum mismatch (truncated or tampered)")
+        return problems
+
+
+def verify_store(root: str | Path) -> list[str]:
+    """Problems found in a store, each naming the file; an unopenable store is one problem."""
+    root = Path(root)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise VisaeError(f"{root} is not an activation store (no meta.json)")
+    meta = json.loads(meta_path.read_text())
+    problems = []
+    if not meta.get("complete"):
+        problems.append(f"incomplete: {len(meta.get('shards', []))} of {meta.get('n_shards')} shards")
+    for shard in meta.get("shards", []):
+        for name, sha in sorted(shard["files"].items()):
+            path = root / name
+            if not path.is_file():
+                problems.append(f"{name}: missing")
+            elif sha256_file(path) != sha:
+                problems.append(f"{name}: checksum mismatch (truncated or tampered)")
+    return problems
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    shard: int
+    lo: int  # image rows within the shard
+    hi: int
+
+
+class TokenLoader:
+    """Shuffled token batches `[batch_size, d_model]` from a store with bounded RAM.
+
+    Args:
+        image_range: (start, stop) images to draw from, e.g. a train / held-out split.
+        labels: keep only tokens of images whose label is in this set.
+        patch_labels: keep only patch tokens whose patch label is in this set (segmentation stores).
+        token_kind: 'patches', 'cls', 'registers' or None for every stored token.
+        buffer_tokens: size of the shuffle window in tokens (the window lives in the page cache).
+        epochs: number of passes, or None to loop forever.
+    """
+
+    def __init__(self, store: ActivationStore, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 image_range: tuple[int, int] | None = None, labels: Iterable[int] | None = None,
+                 patch_labels: Iterable[int] | None = None, token_kind: str | None = None,
+                 buffer_tokens: int = 1 << 20, chunk_tokens: int | None = None, epochs: int | None = 1,
+                 drop_last: bool = True, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 prefetch: bool = True, workers: int = 2):
+        if batch_size <= 0:
+            raise VisaeError(f"batch_size must be positive, got {batch_size}")
+        self.store, self.batch_size, self.seed, self.shuffle = store, int(batch_size), int(seed), shuffle
+        self.epochs, self.drop_last, self.dtype, self.device = epochs, drop_last, dtype, device
+        self.prefetch, self.workers = prefetch, max(1, int(workers))
+        start, stop = image_range if image_range is not None else (0, store.n_images)
+        if not 0 <= start < stop <= store.n_images:
+            raise VisaeError(f"image_range {image_range} is outside the store's 0..{store.n_images}")
+        self.image_range = (int(start), int(stop))
+        self.token_idx = store.token_index(token_kind)
+        self.all_tokens = len(self.token_idx) == store.tokens_per_image
+        self.keep = self._keep_mask(labels, patch_labels, token_kind)
+        per_image = len(self.token_idx)
+        self.buffer_images = max(1, int(buffer_tokens) // per_image)
+        chunk_tokens = chunk_tokens or max(per_image, int(buffer_tokens) // 16)
+        self.chunk_images = max(1, min(self.buffer_images, chunk_tokens // per_image))
+        self.chunks = self._make_chunks()
+        counts = (self.keep.sum(axis=1) if self.keep is not None
+                  else np.full(store.n_images, per_image))
+        self._image_tokens = counts.astype(np.int64)
+        self.tokens_per_epoch = int(sum(self._chunk_tokens(c) for c in self.chunks))
+        if self.tokens_per_epoch < self.batch_size and drop_last:
+            raise VisaeError(f"only {self.tokens_per_epoch} tokens match, fewer than one batch of {batch_size}")
+        self.epoch, self.batch_in_epoch = 0, 0
+
+    # -- selection -------------------------------------------------------------------------
+    def _keep_mask(self, labels, patch_labels, token_kind) -> np.ndarray | None:
+        """Boolean [n_images, selected tokens] of tokens to serve, or None for all of them."""
+        if labels is None and patch_labels is None:
+            return None
+        n = self.store.n_images
+        keep = np.ones((n, len(self.token_idx)), dtype=bool)
+        if labels is not None:
+            keep &= np.isin(self.store.labels, list(labels))[:, None]
+        if patch_labels is not None:
+            if self.store.patch_labels is None:
+                raise VisaeError(f"store {self.store.root} has no patch labels to filter on")
+            if token_kind != "patches":
+                raise VisaeError("filtering by patch label needs token_kind='patches'")
+            keep &= np.isin(self.store.patch_labels, list(patch_labels))
+        return keep
+
+    def _make_chunks(self) -> list[_Chunk]:
+        start, stop = self.image_range
+        chunks = []
+        for index, shard in enumerate(self.store.meta["shards"]):
+            lo, hi = max(start, shard["start"]), min(stop, shard["stop"])
+            for a in range(lo, hi, self.chunk_images):
+                chunks.append(_Chunk(index, a - shard["start"], min(a + self.chunk_images, hi) - shard["start"]))
+        return chunks
+
+    def _chunk_tokens(self, c: _Chunk) -> int:
+        base = self.store.meta["shards"][c.shard]["start"]
+        return int(self._image_tokens[base + c.lo: base + c.hi].sum())
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise VisaeError(f"loader state has seed {state['seed']}, this loader has {self.seed}")
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+
+    # -- iteration -------------------------------------------------------------------------
+    def _plan(self, epoch: int):
+        """Chunk order, buffers and per-buffer permutations of one epoch (all from the seed)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.chunks)) if self.shuffle else np.arange(len(self.chunks))
+        buffers, current, images = [], [], 0
+        for i in order:
+            c = self.chunks[i]
+            if current and images + (c.hi - c.lo) > self.buffer_images:
+                buffers.append(current)
+                current, images = [], 0
+            current.append(c)
+            images += c.hi - c.lo
+        if current:
+            buffers.append(current)
+        sizes = [sum(self._chunk_tokens(c) for c in b) for b in buffers]
+        perms = [rng.permutation(n) if self.shuffle else None for n in sizes]
+        return buffers, sizes, perms
+
+    def _window_rows(self, chunks: list[_Chunk]) -> list[np.ndarray | None]:
+        """Per chunk, the kept rows of its flattened [images*tokens, d] block (None: all rows)."""
+        if self.all_tokens and self.keep is None:
+            return [None] * len(chunks)
+        rows = []
+        for c in chunks:
+            per = self.store.tokens_per_image
+            flat = (np.arange(c.lo, c.hi)[:, None] * per + self.token_idx[None, :]) - c.lo * per
+            if self.keep is not None:
+                base = self.store.meta["shards"][c.shard]["start"]
+                flat = flat[self.keep[base + c.lo: base + c.hi]]
+            rows.append(flat.reshape(-1))
+        return rows
+
+    def _gather(self, segments) -> torch.Tensor:
+        """One batch from (window chunks, chunk offsets, chunk rows, positions) segments."""
+        store, per = self.store, self.store.tokens_per_image
+        n = sum(len(pos) for *_, pos in segments)
+        out = np.empty((n, store.d_model), dtype=store.shard_arrays[0].dtype)
+        at = 0
+        for chunks, offsets, rows, pos in segments:
+            pos = np.sort(pos)
+            bounds = np.searchsorted(pos, offsets)
+            for k, c in enumerate(chunks):
+                a, b = bounds[k], bounds[k + 1]
+                if a == b:
+                    continue
+                local = pos[a:b] - offsets[k]
+                if rows[k] is not None:
+                    local = rows[k][local]
+                flat = store.shard_arrays[c.shard].reshape(-1, store.d_model)
+                out[at + a:at + b] = flat[local + c.lo * per]
+            at += len(pos)
+        if store.dtype_name == "float16" and self.dtype == torch.float32:
+            return torch.from_numpy(out.astype(np.float32))  # numpy's cast is vectorised; torch's is not
+        data = from_storage(out, store.dtype_name)
+        return data if data.dtype == self.dtype else data.to(self.dtype)
+
+    def _readahead(self, chunks: list[_Chunk]) -> None:
+        """Ask the kernel to start reading a window's shard ranges (helps a cold page cache)."""
+        per_row = self.store.tokens_per_image * self.store.d_model
+        for c in chunks:
+            mm = getattr(self.store.shard_arrays[c.shard], "_mmap", None)
+            if mm is None or not hasattr(mm, "madvise"):
+                return
+            item = self.store.shard_arrays[c.shard].itemsize
+            start = self.store.shard_arrays[c.shard].offset + c.lo * per_row * item
+            page = mmap.PAGESIZE
+            aligned = start // page * page
+            try:
+                mm.madvise(mmap.MADV_WILLNEED, aligned, start - aligned + (c.hi - c.lo) * per_row * item)
+            except (OSError, ValueError):
+                return
+
+    def _epoch_jobs(self, epoch: int, skip_batches: int):
+        """Yield the segments of each batch of an epoch, from batch `skip_batches` on."""
+        windows, sizes, perms = self._plan(epoch)
+        B = self.batch_size
+        total = int(sum(sizes))
+        n_batches = total // B + (1 if total % B and not self.drop_last else 0)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        cache: dict[int, tuple] = {}
+
+        def window(w: int):
+            if w not in cache:
+                cache.clear()
+                chunks = windows[w]
+                sizes_w = [self._chunk_tokens(c) for c in chunks]
+                chunk_off = np.concatenate([[0], np.cumsum(sizes_w)]).astype(np.int64)
+                cache[w] = (chunks, chunk_off, self._window_rows(chunks))
+                if w + 1 < len(windows):
+                    self._readahead(windows[w + 1])
+            return cache[w]
+
+        for b in range(skip_batches, n_batches):
+            lo, hi = b * B, min((b + 1) * B, total)
+            segments = []
+            w = int(np.searchsorted(offsets, lo, side="right") - 1)
+            while lo < hi:
+                end = min(hi, int(offsets[w + 1]))
+                chunks, chunk_off, rows = window(w)
+                a, z = lo - offsets[w], end - offsets[w]
+                pos = np.arange(a, z) if perms[w] is None else perms[w][a:z]
+                segments.append((chunks, chunk_off, rows, pos))
+                lo, w = end, w + 1
+            yield segments
+
+    def _epoch_batches(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
+        jobs = self._epoch_jobs(epoch, skip_batches)
+        if not self.prefetch:
+            for segments in jobs:
+                yield self._gather(segments)
+            return
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="visae-loader") as pool:
+            futures: deque = deque(pool.submit(self._gather, s) for s in islice(jobs, 2 * self.workers))
+            try:
+                while futures:
+                    batch = futures.popleft().result()
+                    futures.extend(pool.submit(self._gather, s) for s in islice(jobs, 1))
+                    yield batch
+            finally:
+                for future in futures:
+                    future.cancel()
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while self.epochs is None or self.epoch < self.epochs:
+            for batch in self._epoch_batches(self.epoch, self.batch_in_epoch):
+                self.batch_in_epoch += 1
+                yield batch.to(self.device, non_blocking=True)
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        full, rest = divmod(self.tokens_per_epoch, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)

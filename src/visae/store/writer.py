@@ -1,0 +1,111 @@
+"""Writing a store: atomic shards, a checksum per file, and resume after a kill.
+
+Shard i always holds images [i*S, (i+1)*S), so a rerun recomputes exactly the missing shards
+with the same batches and produces byte-identical files on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from visae.atomic import write_json
+from visae.errors import VisaeError
+from visae.store.format import FORMAT, sha256_file, shard_name
+
+
+def _write_npy(path: Path, array: np.ndarray) -> str:
+    """Write `array` as .npy atomically (tmp + fsync + rename); return the file's sha256."""
+    array = np.ascontiguousarray(array)
+    tmp = path.with_name(f".{path.name}.tmp")
+    h = hashlib.sha256()
+    with open(tmp, "wb") as fh:
+        header = _npy_header(array)
+        h.update(header)
+        fh.write(header)
+        body = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
+        h.update(body)
+        fh.write(body)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return h.hexdigest()
+
+
+def _npy_header(array: np.ndarray) -> bytes:
+    import io
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(array))
+    return buf.getvalue()
+
+
+class StoreWriter:
+    """Writes one store directory. `job` identifies the settings; a resume must match it."""
+
+    def __init__(self, root: str | os.PathLike, meta: dict, job: dict, shard_images: int, n_images: int):
+        self.root = Path(root)
+        self.meta = dict(meta)
+        self.job = job
+        self.shard_images = int(shard_images)
+        self.n_images = int(n_images)
+        self.n_shards = -(-self.n_images // self.shard_images)
+        self.shards: list[dict] = []
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "meta.json"
+
+    def open(self) -> int:
+        """Prepare the directory; return how many leading shards are already done and verified."""
+        import json
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stray in self.root.glob(".*.tmp"):
+            stray.unlink()
+        done: list[dict] = []
+        if self.meta_path.exists():
+            try:
+                old = json.loads(self.meta_path.read_text())
+            except (OSError, ValueError) as err:
+                raise VisaeError(f"{self.meta_path} is unreadable ({err}): remove {self.root} and rerun") from None
+            if old.get("job") != self.job:
+                raise VisaeError(f"{self.root} holds a store made with other settings: "
+                                 f"remove it or choose another output folder")
+            for shard in old.get("shards", []):
+                ok = all((self.root / name).is_file() and sha256_file(self.root / name) == sha
+                         for name, sha in shard["files"].items())
+                if not ok or shard["index"] != len(done):
+                    break
+                done.append(shard)
+        keep = {name for shard in done for name in shard["files"]}
+        for path in self.root.glob("*.npy"):
+            if path.name not in keep:
+                path.unlink()
+        self.shards = done
+        self._write_meta(complete=len(done) == self.n_shards)
+        return len(done)
+
+    def shard_range(self, index: int) -> tuple[int, int]:
+        start = index * self.shard_images
+        return start, min(start + self.shard_images, self.n_images)
+
+    def write_shard(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        if index != len(self.shards):
+            raise RuntimeError(f"shards must be written in order: expected {len(self.shards)}, got {index}")
+        start, stop = self.shard_range(index)
+        files = {}
+        for kind, array in arrays.items():
+            if array.shape[0] != stop - start:
+                raise RuntimeError(f"{kind} shard {index} has {array.shape[0]} rows, expected {stop - start}")
+            name = shard_name(kind, index)
+            files[name] = _write_npy(self.root / name, array)
+        self.shards.append({"index": index, "start": start, "stop": stop, "files": files})
+        self._write_meta(complete=len(self.shards) == self.n_shards)
+
+    def _write_meta(self, complete: bool) -> None:
+        meta = {**self.meta, "format": FORMAT, "job": self.job, "complete": complete,
+                "n_images": self.n_images, "shard_images": self.shard_images,
+                "n_shards": self.n_shards, "shards": self.shards}
+        write_json(self.meta_path, meta)

@@ -1,0 +1,160 @@
+"""Activation store: atomic shards, verification, and the shuffled token loader."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from visae.cli import main
+from visae.errors import VisaeError
+from visae.store import ActivationStore, StoreWriter, TokenLoader, verify_store
+
+LAYOUT = {"n_cls": 1, "n_registers": 0, "grid": [2, 2], "n_tokens": 5, "stored": ["cls", "patches"]}
+
+
+def make_store(root, n_images=10, shard_images=4, d=8, dtype="float16", seed=0, patch_labels=False):
+    writer = StoreWriter(root, {"dtype": dtype, "d_model": d, "layout": LAYOUT}, {"test": 1},
+                         shard_images, n_images)
+    writer.open()
+    rng = np.random.default_rng(seed)
+    acts = rng.standard_normal((n_images, 5, d)).astype(np.float16)
+    for i in range(writer.n_shards):
+        a, b = writer.shard_range(i)
+        arrays = {"acts": acts[a:b], "labels": np.arange(a, b, dtype=np.int64) % 3}
+        if patch_labels:
+            arrays["patch_labels"] = (np.arange(a * 4, b * 4, dtype=np.int16) % 2).reshape(b - a, 4)
+        writer.write_shard(i, arrays)
+    return acts
+
+
+def test_store_roundtrip_meta_and_hashes(tmp_path):
+    acts = make_store(tmp_path / "s")
+    store = ActivationStore(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["complete"] and meta["n_shards"] == 3 and meta["n_images"] == 10
+    assert sorted(meta["shards"][0]["files"]) == ["acts_00000.npy", "labels_00000.npy"]
+    assert all(len(sha) == 64 for s in meta["shards"] for sha in s["files"].values())
+    assert store.n_tokens == 50 and store.d_model == 8 and store.dtype == torch.float16
+    assert np.array_equal(store.labels, np.arange(10) % 3)
+    assert torch.equal(store.images(2, 7), torch.from_numpy(acts[2:7]))
+    assert list(store.token_index("patches")) == [1, 2, 3, 4]
+    assert verify_store(tmp_path / "s") == []
+    assert not list((tmp_path / "s").glob(".*.tmp"))
+
+
+def test_verify_names_flipped_byte_and_truncation(tmp_path, capsys):
+    make_store(tmp_path / "s")
+    shard = tmp_path / "s" / "acts_00001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    assert verify_store(tmp_path / "s") == ["acts_00001.npy: checksum mismatch (truncated or tampered)"]
+    assert main(["verify", str(tmp_path / "s")]) == 1
+    assert "acts_00001.npy: checksum mismatch" in capsys.readouterr().err
+
+    (tmp_path / "s" / "acts_00002.npy").write_bytes(
+        (tmp_path / "s" / "acts_00002.npy").read_bytes()[:-20])
+    with pytest.raises(VisaeError, match="acts_00002.npy is truncated"):
+        ActivationStore(tmp_path / "s")
+
+
+def test_verify_ok_cli(tmp_path, capsys):
+    make_store(tmp_path / "s")
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    assert "ok (3 shards, 6 files, 10 images)" in capsys.readouterr().out
+
+
+def test_incomplete_store_is_refused_and_resume_keeps_done_shards(tmp_path):
+    writer = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 1}, 4, 10)
+    writer.open()
+    writer.write_shard(0, {"acts": np.zeros((4, 5, 8), np.float16), "labels": np.zeros(4, np.int64)})
+    with pytest.raises(VisaeError, match=r"incomplete \(1 of 3 shards\)"):
+        ActivationStore(tmp_path / "s")
+    (tmp_path / "s" / "acts_00001.npy").write_bytes(b"half-written")  # a stray, unrecorded file
+    again = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 1}, 4, 10)
+    assert again.open() == 1
+    assert not (tmp_path / "s" / "acts_00001.npy").exists()
+    other = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 2}, 4, 10)
+    with pytest.raises(VisaeError, match="other settings"):
+        other.open()
+
+
+def test_resume_drops_a_tampered_shard(tmp_path):
+    make_store(tmp_path / "s")
+    (tmp_path / "s" / "labels_00001.npy").write_bytes(b"x" * 200)
+    again = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"test": 1}, 4, 10)
+    assert again.open() == 1
+
+
+def _tokens(batches):
+    return [tuple(row) for b in batches for row in b.tolist()]
+
+
+@pytest.mark.parametrize("kw", [{}, {"prefetch": False}, {"shuffle": False}, {"buffer_tokens": 12}])
+def test_loader_serves_each_token_once_per_epoch(tmp_path, kw):
+    acts = make_store(tmp_path / "s")
+    loader = TokenLoader(ActivationStore(tmp_path / "s"), 7, seed=3, drop_last=False, **kw)
+    batches = list(loader)
+    assert [len(b) for b in batches] == [7] * 7 + [1]
+    assert all(b.dtype == torch.float32 and b.shape[1] == 8 for b in batches)
+    expected = sorted(tuple(r) for r in acts.reshape(-1, 8).astype(np.float32).tolist())
+    assert sorted(_tokens(batches)) == expected
+
+
+def test_loader_shuffles_deterministically(tmp_path):
+    make_store(tmp_path / "s", n_images=40, shard_images=16)
+    store = ActivationStore(tmp_path / "s")
+    a = torch.cat(list(TokenLoader(store, 10, seed=1, buffer_tokens=60)))
+    b = torch.cat(list(TokenLoader(store, 10, seed=1, buffer_tokens=60)))
+    c = torch.cat(list(TokenLoader(store, 10, seed=2, buffer_tokens=60)))
+    plain = torch.cat(list(TokenLoader(store, 10, shuffle=False)))
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, plain)
+    assert torch.equal(plain, store.images(0, 40).reshape(-1, 8).float())
+
+
+def test_loader_resumes_exactly(tmp_path):
+    make_store(tmp_path / "s", n_images=30, shard_images=8)
+    store = ActivationStore(tmp_path / "s")
+    full = list(TokenLoader(store, 9, seed=5, buffer_tokens=40, epochs=3))
+    first = TokenLoader(store, 9, seed=5, buffer_tokens=40, epochs=3)
+    it = iter(first)
+    head = [next(it) for _ in range(23)]  # into the second epoch
+    state = json.loads(json.dumps(first.state_dict()))
+    second = TokenLoader(store, 9, seed=5, buffer_tokens=40, epochs=3)
+    second.load_state_dict(state)
+    resumed = head + list(second)
+    assert len(resumed) == len(full) and all(torch.equal(x, y) for x, y in zip(resumed, full))
+
+
+def test_loader_filters_labels_tokens_and_range(tmp_path):
+    acts = make_store(tmp_path / "s", patch_labels=True)
+    store = ActivationStore(tmp_path / "s")
+    by_label = TokenLoader(store, 1, labels=[1], token_kind="patches", shuffle=False)
+    images = [i for i in range(10) if i % 3 == 1]
+    expected = acts[images][:, 1:].reshape(-1, 8).astype(np.float32)
+    assert np.array_equal(torch.cat(list(by_label)).numpy(), expected)
+    cls = torch.cat(list(TokenLoader(store, 2, token_kind="cls", shuffle=False, image_range=(2, 6))))
+    assert np.array_equal(cls.numpy(), acts[2:6, 0].astype(np.float32))
+    odd = TokenLoader(store, 1, patch_labels=[1], token_kind="patches")
+    assert odd.tokens_per_epoch == 20
+    with pytest.raises(VisaeError, match="needs token_kind='patches'"):
+        TokenLoader(store, 1, patch_labels=[1])
+    with pytest.raises(VisaeError, match="fewer than one batch"):
+        TokenLoader(store, 100, labels=[0], token_kind="cls")
+
+
+def test_bf16_and_fp32_stores(tmp_path):
+    from visae.store.format import to_storage
+    x = torch.randn(4, 5, 8)
+    for dtype, torch_dtype in [("bfloat16", torch.bfloat16), ("float32", torch.float32)]:
+        writer = StoreWriter(tmp_path / dtype, {"dtype": dtype, "d_model": 8, "layout": LAYOUT}, {}, 4, 4)
+        writer.open()
+        writer.write_shard(0, {"acts": to_storage(x, dtype), "labels": np.zeros(4, np.int64)})
+        store = ActivationStore(tmp_path / dtype)
+        assert store.dtype == torch_dtype
+        assert torch.equal(store.images(0, 4), x.to(torch_dtype))
+        batch = next(iter(TokenLoader(store, 20, shuffle=False)))
+        assert torch.equal(batch, x.to(torch_dtype).float().reshape(-1, 8))
