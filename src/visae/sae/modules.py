@@ -1,0 +1,457 @@
+"""SAE modules: the paper's ReLU + L1 recipe and the modern variants (TopK, BatchTopK, JumpReLU,
+Matryoshka).
+
+Every SAE holds W_enc [d, h], b_enc [h], W_dec [h, d], b_dec [d] and two normalisation buffers,
+`mu` [d] and `scale` (scalar). Training works on normalised activations x_n = (x - mu) / scale;
+`encode`/`decode` take and return RAW activations, so a loaded checkpoint applies the
+normalisation it was trained with.
+
+MSE, everywhere in visae: the mean over batch AND model dimensions of (x̂_n - x_n)², in the
+normalised space (so MSE ~ 1 means "no better than predicting the mean", since
+E||x_n||² ≈ d by construction of `scale`). The sparsity penalty of ReLU-L1 is λ · mean over
+the batch of Σ_latents |f| (decoder rows have unit norm, so no norm weighting is needed).
+
+`train_loss(xn, sparsity_coeff)` returns (loss, metrics) and leaves gradients to autograd;
+`compute_grads(xn, sparsity_coeff)` fills `.grad` and returns (loss, metrics) — the ReLU SAE
+overrides it with a hand-written backward (fewer passes over [batch, h], one matmul fewer),
+TopK-style SAEs decode sparsely with `embedding_bag` so their decoder work scales with k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+
+
+class SAE(nn.Module):
+    architecture = "base"
+
+    def __init__(self, d_model: int, width: int, *, seed: int = 0, dtype=torch.float32, **hparams):
+        super().__init__()
+        self.d_model, self.width = int(d_model), int(width)
+        self.hparams = dict(hparams)
+        g = torch.Generator().manual_seed(int(seed))
+        w = torch.randn(self.width, self.d_model, generator=g, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w.to(dtype))
+        # Tied initialisation: the encoder starts as the decoder's transpose (standard since
+        # Conerly et al. 2024; it avoids a long phase of dead latents).
+        self.W_enc = nn.Parameter(w.t().contiguous().to(dtype))
+        self.b_enc = nn.Parameter(torch.zeros(self.width, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_model, dtype=dtype))
+        self.register_buffer("mu", torch.zeros(self.d_model, dtype=dtype))
+        self.register_buffer("scale", torch.ones((), dtype=dtype))
+
+    # -- normalisation ---------------------------------------------------------------------
+    def set_normalisation(self, mu: torch.Tensor, scale: float | torch.Tensor) -> None:
+        self.mu.copy_(torch.as_tensor(mu, dtype=self.mu.dtype))
+        self.scale.fill_(float(scale))
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(self.mu.dtype) - self.mu) / self.scale
+
+    def denormalise(self, xn: torch.Tensor) -> torch.Tensor:
+        return xn * self.scale + self.mu
+
+    @torch.no_grad()
+    def init_b_dec(self, xn_sample: torch.Tensor) -> None:
+        """The recipe: b_dec starts at the mean of the (normalised) training activations."""
+        self.b_dec.copy_(xn_sample.to(torch.float64).mean(0).to(self.b_dec.dtype))
+
+    # -- inference (normalised space) ------------------------------------------------------
+    def pre_acts(self, xn: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_enc, xn - self.b_dec, self.W_enc)
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode_norm(self, xn: torch.Tensor) -> torch.Tensor:
+        return self.activate(self.pre_acts(xn))
+
+    def decode_norm(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.b_dec, f, self.W_dec)
+
+    # -- inference (raw activations) -------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent codes of RAW activations [..., d] -> [..., h]."""
+        shape = x.shape
+        return self.encode_norm(self.normalise(x.reshape(-1, shape[-1]))).reshape(*shape[:-1], self.width)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """RAW reconstruction of latent codes [..., h] -> [..., d]."""
+        shape = f.shape
+        return self.denormalise(self.decode_norm(f.reshape(-1, shape[-1]))).reshape(*shape[:-1], self.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # -- training --------------------------------------------------------------------------
+    def train_loss(self, xn: torch.Tensor, sparsity_coeff: float):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def compute_grads(self, xn: torch.Tensor, sparsity_coeff: float):
+        loss, metrics = self.train_loss(xn, sparsity_coeff)
+        loss.backward()
+        return loss.detach(), metrics
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Project out the component of each decoder row's gradient along the row, so the
+        step moves rows (to first order) along the unit sphere."""
+        g, w = self.W_dec.grad, self.W_dec
+        if g is None:
+            return
+        coef = torch.einsum("hd,hd->h", g, w).unsqueeze(1)
+        g.sub_(w * coef)
+
+    @torch.no_grad()
+    def normalise_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def after_step(self, metrics: dict, batch_size: int) -> None:
+        """Bookkeeping after an optimiser step (dead-latent counters, thresholds)."""
+
+    @staticmethod
+    def mse(xhat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
+        return (xhat - xn).pow(2).mean()
+
+
+class ReLUSAE(SAE):
+    """The paper's recipe: f = ReLU((x - b_dec) W_enc + b_enc), loss = MSE + λ · mean_b Σ_h |f|."""
+
+    architecture = "relu"
+
+    def activate(self, pre):
+        return torch.relu(pre)
+
+    def train_loss(self, xn, sparsity_coeff):
+        f = torch.relu(self.pre_acts(xn))
+        xhat = self.decode_norm(f)
+        mse = self.mse(xhat, xn)
+        l1 = f.sum(1).mean()
+        loss = mse + sparsity_coeff * l1
+        return loss, {"mse": mse.detach(), "l1": l1.detach(), "l0": (f > 0).sum(1).float().mean(),
+                      "fired": (f > 0).any(0)}
+
+    def compute_grads(self, xn, sparsity_coeff):
+        """Hand-written backward: 5 matmuls (autograd does 6: it also forms dL/dx), ReLU and
+        its backward fused into existing passes, dL/db_dec through the encoder as a
+        vector-matrix product."""
+        if not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype:
+            return super().compute_grads(xn, sparsity_coeff)
+        with torch.no_grad():
+            B, d = xn.shape
+            xc = xn - self.b_dec
+            f = torch.addmm(self.b_enc, xc, self.W_enc).relu_()  # [B, h]
+            xhat = torch.addmm(self.b_dec, f, self.W_dec)
+            err = xhat.sub_(xn)  # xhat is no longer needed: reuse it for the error
+            mse = err.pow(2).mean()
+            l1 = f.sum() / B
+            loss = mse + sparsity_coeff * l1
+            g_x = err.mul_(2.0 / (B * d))  # dL/dx̂ [B, d]
+            for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            torch.mm(f.t(), g_x, out=self.W_dec.grad)
+            g_f = torch.mm(g_x, self.W_dec.t())  # dL/df [B, h]
+            if sparsity_coeff:
+                g_f.add_(sparsity_coeff / B)
+            g_pre = torch.ops.aten.threshold_backward(g_f, f, 0.0)
+            del g_f
+            torch.mm(xc.t(), g_pre, out=self.W_enc.grad)
+            torch.sum(g_pre, 0, out=self.b_enc.grad)
+            # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
+            torch.sum(g_x, 0, out=self.b_dec.grad)
+            self.b_dec.grad.sub_(self.W_enc @ self.b_enc.grad)
+            fired = f.amax(0) > 0
+            l0 = torch.count_nonzero(f).float() / B
+        return loss, {"mse": mse, "l1": l1, "l0": l0, "fired": fired}
+
+
+class _AuxKMixin:
+    """Dead-latent bookkeeping and the AuxK loss (Gao et al. 2024): the top `k_aux`
+    pre-activations among dead latents reconstruct the residual x_n − x̂_n; weight α = 1/32.
+    A latent is dead when it has not fired for `dead_tokens` tokens."""
+
+    def _init_aux(self, k_aux: int | None, aux_alpha: float, dead_tokens: int):
+        self.k_aux = int(k_aux) if k_aux else min(self.width // 2, 2 * self.d_model)
+        self.aux_alpha = float(aux_alpha)
+        self.dead_tokens = int(dead_tokens)
+        self.register_buffer("tokens_since_fired", torch.zeros(self.width, dtype=torch.int64))
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_tokens
+
+    def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """α · MSE(residual, decode_dead(top-k_aux of dead pre-activations)); zero when none
+        are dead. The residual is detached: this loss only moves the dead latents."""
+        dead = self.dead_mask()
+        n_dead = int(dead.sum())
+        if n_dead == 0 or self.aux_alpha == 0:
+            return pre.new_zeros(())
+        k = min(self.k_aux, n_dead)
+        masked = pre.masked_fill(~dead, float("-inf"))
+        vals, idx = masked.topk(k, dim=1, sorted=False)
+        vals = torch.relu(vals)
+        recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
+        return self.aux_alpha * (recon - residual.detach()).pow(2).mean()
+
+    def after_step(self, metrics, batch_size):
+        fired = metrics.get("fired")
+        if fired is not None:
+            self.tokens_since_fired.add_(batch_size).masked_fill_(fired, 0)
+
+
+def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x̂_n = Σ_j vals[:, j] · W_dec[idx[:, j]] + b_dec without forming the dense [B, h] code;
+    embedding_bag's backward scatters into only the k rows per token."""
+    return F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+
+
+def _fired(idx: torch.Tensor, vals: torch.Tensor, width: int) -> torch.Tensor:
+    fired = torch.zeros(width, dtype=torch.bool, device=idx.device)
+    fired[idx[vals > 0]] = True
+    return fired
+
+
+class TopKSAE(_AuxKMixin, SAE):
+    """f keeps the k largest pre-activations of each token (after ReLU); exact L0 = k."""
+
+    architecture = "topk"
+
+    def __init__(self, d_model, width, *, k: int, k_aux: int | None = None, aux_alpha: float = 1 / 32,
+                 dead_tokens: int = 10_000_000, **kw):
+        super().__init__(d_model, width, k=k, k_aux=k_aux, aux_alpha=aux_alpha, dead_tokens=dead_tokens, **kw)
+        self.k = int(k)
+        self._init_aux(k_aux, aux_alpha, dead_tokens)
+
+    def select(self, pre: torch.Tensor):
+        vals, idx = pre.topk(self.k, dim=1, sorted=False)
+        return torch.relu(vals), idx
+
+    def activate(self, pre):
+        vals, idx = self.select(pre)
+        return torch.zeros_like(pre).scatter_(1, idx, vals)
+
+    def train_loss(self, xn, sparsity_coeff=0.0):
+        pre = self.pre_acts(xn)
+        vals, idx = self.select(pre)
+        xhat = _sparse_decode(self, vals, idx)
+        mse = self.mse(xhat, xn)
+        aux = self.aux_loss(pre, xn - xhat)
+        loss = mse + aux
+        return loss, {"mse": mse.detach(), "aux": aux.detach(),
+                      "l0": (vals > 0).sum(1).float().mean().detach(),
+                      "fired": _fired(idx, vals.detach(), self.width),
+                      "dead": self.dead_mask().float().mean()}
+
+
+class BatchTopKSAE(TopKSAE):
+    """Training keeps the k·B largest activations over the whole batch (Bussmann et al. 2024);
+    inference uses a fixed threshold θ, an EMA of the smallest activation kept in training."""
+
+    architecture = "batchtopk"
+
+    def __init__(self, d_model, width, *, k: int, threshold_momentum: float = 0.99, **kw):
+        super().__init__(d_model, width, k=k, **kw)
+        self.hparams["threshold_momentum"] = threshold_momentum
+        self.threshold_momentum = float(threshold_momentum)
+        self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
+
+    def batch_select(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense codes keeping the k·B largest positive entries of the batch."""
+        B = pre.shape[0]
+        flat = torch.relu(pre).reshape(-1)
+        vals, idx = flat.topk(min(self.k * B, flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter_(0, idx, vals).reshape(pre.shape), vals
+
+    def activate(self, pre):
+        if self.training or float(self.threshold) < 0:
+            return self.batch_select(pre)[0]
+        return pre * (pre > self.threshold)
+
+    def train_loss(self, xn, sparsity_coeff=0.0):
+        pre = self.pre_acts(xn)
+        f, vals = self.batch_select(pre)
+        xhat = self.decode_norm(f)
+        mse = self.mse(xhat, xn)
+        aux = self.aux_loss(pre, xn - xhat)
+        pos = vals.detach()
+        pos = pos[pos > 0]
+        return mse + aux, {"mse": mse.detach(), "aux": aux.detach(),
+                           "l0": (f > 0).sum(1).float().mean().detach(),
+                           "fired": (f.detach() > 0).any(0), "dead": self.dead_mask().float().mean(),
+                           "min_kept": pos.min() if pos.numel() else None}
+
+    def after_step(self, metrics, batch_size):
+        super().after_step(metrics, batch_size)
+        m = metrics.get("min_kept")
+        if m is not None:
+            if float(self.threshold) < 0:
+                self.threshold.fill_(float(m))
+            else:
+                self.threshold.mul_(self.threshold_momentum).add_((1 - self.threshold_momentum) * m)
+
+
+class _JumpReLUFn(torch.autograd.Function):
+    """f = pre · H(pre − θ). Gradient wrt pre: H(pre − θ); wrt θ: straight-through estimate
+    −(θ/ε) · K((pre − θ)/ε) with the rectangle kernel K(u) = 1{|u| < 1/2}."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        eps = ctx.eps
+        window = ((pre - theta).abs() < eps / 2).to(g.dtype)
+        g_pre = g * (pre > theta)
+        g_theta = -(theta / eps) * (g * window).sum(0)
+        return g_pre, g_theta, None
+
+
+class _StepFn(torch.autograd.Function):
+    """H(pre − θ) for the L0 penalty; gradient only wrt θ: −(1/ε) · K((pre − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, theta = ctx.saved_tensors
+        window = ((pre - theta).abs() < ctx.eps / 2).to(g.dtype)
+        return None, -(g * window).sum(0) / ctx.eps, None
+
+
+class JumpReLUSAE(SAE):
+    """JumpReLU (Rajamanoharan et al. 2024) with a learned per-latent threshold θ and an L0
+    penalty λ · mean_b Σ_h H(pre − θ). θ is parameterised LINEARLY (not log θ): with Adam the
+    step in a parameter is ~lr, so log θ moves θ by only ~lr·θ per step and stalls; a linear θ
+    moves by ~lr in the normalised units the pre-activations live in. θ is clamped ≥ 0."""
+
+    architecture = "jumprelu"
+
+    def __init__(self, d_model, width, *, threshold_init: float = 0.1, bandwidth: float = 0.05, **kw):
+        super().__init__(d_model, width, threshold_init=threshold_init, bandwidth=bandwidth, **kw)
+        self.bandwidth = float(bandwidth)
+        self.theta = nn.Parameter(torch.full((self.width,), float(threshold_init)))
+
+    def activate(self, pre):
+        return pre * (pre > self.theta)
+
+    def train_loss(self, xn, sparsity_coeff):
+        pre = self.pre_acts(xn)
+        f = _JumpReLUFn.apply(pre, self.theta, self.bandwidth)
+        xhat = self.decode_norm(f)
+        mse = self.mse(xhat, xn)
+        l0 = _StepFn.apply(pre, self.theta, self.bandwidth).sum(1).mean()
+        loss = mse + sparsity_coeff * l0
+        return loss, {"mse": mse.detach(), "l0": l0.detach(), "fired": (f.detach() > 0).any(0)}
+
+    @torch.no_grad()
+    def normalise_decoder(self):
+        super().normalise_decoder()
+        self.theta.clamp_(min=0.0)
+
+
+class MatryoshkaSAE(BatchTopKSAE):
+    """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): nested prefixes of the latents
+    (default h/8, h/4, h/2, h) each reconstruct x on their own; the loss is the mean of the
+    prefixes' MSEs (+ AuxK). The sparse code comes from TopK or BatchTopK over all h latents."""
+
+    architecture = "matryoshka"
+
+    def __init__(self, d_model, width, *, k: int, inner: str = "batchtopk",
+                 prefixes: list[float] | None = None, **kw):
+        super().__init__(d_model, width, k=k, **kw)
+        fractions = prefixes or [1 / 8, 1 / 4, 1 / 2, 1]
+        sizes = sorted({max(1, min(self.width, int(round(p * self.width)) if p <= 1 else int(p)))
+                        for p in fractions})
+        if sizes[-1] != self.width:
+            sizes.append(self.width)
+        self.inner = inner
+        self.prefix_sizes = sizes
+        self.hparams.update(inner=inner, prefixes=list(fractions))
+
+    def activate(self, pre):
+        if self.inner == "topk":
+            vals, idx = self.select(pre)
+            return torch.zeros_like(pre).scatter_(1, idx, vals)
+        return BatchTopKSAE.activate(self, pre)
+
+    def prefix_reconstructions(self, f: torch.Tensor) -> list[torch.Tensor]:
+        """x̂_n from each prefix f[:, :m] (cumulative, so the cost is one full decode)."""
+        outs, acc, start = [], self.b_dec.expand(f.shape[0], -1), 0
+        for m in self.prefix_sizes:
+            acc = torch.addmm(acc, f[:, start:m], self.W_dec[start:m])
+            outs.append(acc)
+            start = m
+        return outs
+
+    def train_loss(self, xn, sparsity_coeff=0.0):
+        pre = self.pre_acts(xn)
+        min_kept = None
+        if self.inner == "topk":
+            vals, idx = self.select(pre)
+            f = torch.zeros_like(pre).scatter(1, idx, vals)
+        else:
+            f, vals = self.batch_select(pre)
+            pos = vals.detach()
+            pos = pos[pos > 0]
+            min_kept = pos.min() if pos.numel() else None
+        recons = self.prefix_reconstructions(f)
+        mses = [self.mse(r, xn) for r in recons]
+        mse_mean = torch.stack(mses).mean()
+        aux = self.aux_loss(pre, xn - recons[-1])
+        return mse_mean + aux, {"mse": mses[-1].detach(), "mse_prefix_mean": mse_mean.detach(),
+                                "aux": aux.detach(), "l0": (f > 0).sum(1).float().mean().detach(),
+                                "fired": (f.detach() > 0).any(0), "dead": self.dead_mask().float().mean(),
+                                "min_kept": min_kept}
+
+
+CLASSES = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
+           "matryoshka": MatryoshkaSAE}
+
+# Grid keys forwarded to each architecture's constructor.
+ARCH_KEYS = {
+    "relu": (),
+    "topk": ("k", "k_aux", "aux_alpha", "dead_tokens"),
+    "batchtopk": ("k", "k_aux", "aux_alpha", "dead_tokens", "threshold_momentum"),
+    "jumprelu": ("threshold_init", "bandwidth"),
+    "matryoshka": ("k", "k_aux", "aux_alpha", "dead_tokens", "threshold_momentum", "inner", "prefixes"),
+}
+
+
+def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, **hparams) -> SAE:
+    cls = CLASSES[architecture]
+    kwargs = {k: v for k, v in hparams.items() if k in ARCH_KEYS[architecture] and v is not None}
+    return cls(d_model, width, seed=seed, **kwargs)
+
+
+def lr_at(step: int, lr: float, warmup: int) -> float:
+    """Linear warm-up from lr/warmup at step 0 to lr at step warmup−1, then constant."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+
+def sparsity_at(step: int, coeff: float, warmup: int) -> float:
+    """λ warms up linearly over its own number of steps, like the LR."""
+    return coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else coeff
+
+
+def estimate_normalisation(sample: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """μ = mean, s = E||x − μ|| / √d over a sample of RAW activations (float64 accumulation)."""
+    x = sample.to(torch.float64)
+    mu = x.mean(0)
+    s = (x - mu).norm(dim=1).mean().item() / math.sqrt(x.shape[1])
+    return mu.to(torch.float32), float(s) if s > 0 else 1.0

@@ -1,0 +1,383 @@
+"""`visae train`: train every SAE of a grid on one activation store, in one streamed pass.
+
+One TokenLoader reads the store's training split once; each batch steps every SAE of the grid.
+The whole run (every SAE's weights and Adam state, the loader position, the step, the RNG and
+the per-SAE log offsets) is checkpointed atomically to `<out>/.train/state.pt`, so a run killed
+at any moment and rerun gives the same final bytes on CPU. A SAE whose loss turns NaN/inf is
+stopped before the bad step is applied; its last good weights go to `<out>/<name>/checkpoint/`
+and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `config.json`,
+`log.csv` (one row per step, usable as a DVC plot); per run: `<out>/provenance.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from visae.atomic import atomic_path
+from visae.errors import VisaeError
+from visae.provenance import config_hash, git_state, provenance
+from visae.sae import checkpoint as ckpt
+from visae.sae.modules import ARCH_KEYS, ARCHITECTURES, build_sae, estimate_normalisation, lr_at, sparsity_at
+from visae.sae.split import split_images
+
+# Keys every grid entry may carry, with their defaults (None: required or architecture-specific).
+COMMON_DEFAULTS = {
+    "name": None, "architecture": None, "expansion": 32, "width": None, "lr": 3e-4, "lr_warmup": 500,
+    "l1_warmup": 500, "tokens": 100_000_000, "batch_size": 16384, "seed": 0, "normalize": True,
+    "adam_betas": [0.9, 0.999],
+}
+SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}  # the λ key of penalised architectures
+REQUIRED = {"relu": ("l1",), "topk": ("k",), "batchtopk": ("k",), "jumprelu": ("l0",), "matryoshka": ("k",)}
+LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
+STATE = Path(".train") / "state.pt"
+
+
+# -- grid validation -----------------------------------------------------------------------
+def _fail(i: int, entry, msg: str):
+    name = entry.get("name") if isinstance(entry, dict) else None
+    who = f"grid entry {name!r}" if name else f"grid entry #{i + 1}"
+    raise VisaeError(f"{who}: {msg}")
+
+
+def _number(i, e, key, kind=float, positive=False, nonneg=False):
+    v = e[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        _fail(i, e, f"key {key!r} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    if isinstance(v, float) and not math.isfinite(v):
+        _fail(i, e, f"key {key!r} must be finite, got {v!r}")
+    if positive and v <= 0:
+        _fail(i, e, f"key {key!r} must be positive, got {v!r}")
+    if nonneg and v < 0:
+        _fail(i, e, f"key {key!r} must be >= 0, got {v!r}")
+    return kind(v)
+
+
+def validate_grid(grid, d_model: int) -> list[dict]:
+    """Check a grid (a YAML list of `saes:` entries) and fill defaults. Each problem is one
+    line naming the entry and the key."""
+    if isinstance(grid, dict) and "saes" in grid:
+        grid = grid["saes"]
+    if not isinstance(grid, list) or not grid:
+        raise VisaeError("the SAE grid must be a non-empty YAML list of entries (or a mapping with 'saes:')")
+    out, names = [], set()
+    for i, entry in enumerate(grid):
+        if not isinstance(entry, dict):
+            raise VisaeError(f"grid entry #{i + 1}: must be a mapping, got {type(entry).__name__}")
+        for key in ("name", "architecture"):
+            if key not in entry:
+                _fail(i, entry, f"missing key {key!r}")
+        arch = entry["architecture"]
+        if arch not in ARCHITECTURES:
+            _fail(i, entry, f"key 'architecture' is {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
+        name = str(entry["name"])
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", name):
+            _fail(i, entry, "key 'name' must be letters, digits and _ . = + - (it names a folder)")
+        if name in names:
+            _fail(i, entry, "key 'name' is used by an earlier entry")
+        names.add(name)
+        allowed = set(COMMON_DEFAULTS) | set(ARCH_KEYS[arch]) | set(REQUIRED[arch])
+        for key in entry:
+            if key not in allowed:
+                _fail(i, entry, f"unknown key {key!r} for architecture {arch!r}; allowed: {', '.join(sorted(allowed))}")
+        for key in REQUIRED[arch]:
+            if key not in entry:
+                _fail(i, entry, f"missing key {key!r} (required by architecture {arch!r})")
+        e = {**COMMON_DEFAULTS, **entry}
+        for key in ("lr",):
+            e[key] = _number(i, e, key, positive=True)
+        for key in ("lr_warmup", "l1_warmup"):
+            e[key] = _number(i, e, key, int, nonneg=True)
+        for key in ("tokens", "batch_size"):
+            e[key] = _number(i, e, key, int, positive=True)
+        e["seed"] = _number(i, e, "seed", int, nonneg=True)
+        if e["width"] is not None:
+            e["width"] = _number(i, e, "width", int, positive=True)
+        else:
+            e["expansion"] = _number(i, e, "expansion", float, positive=True)
+            e["width"] = int(round(e["expansion"] * d_model))
+            if e["width"] < 1:
+                _fail(i, e, f"key 'expansion' gives width {e['width']} on d_model {d_model}")
+        if arch in SPARSITY_KEY:
+            key = SPARSITY_KEY[arch]
+            e[key] = _number(i, e, key)
+            if e[key] < 0:
+                _fail(i, e, f"key {key!r} (the sparsity coefficient λ) must be >= 0, got {e[key]!r}")
+        if "k" in e and arch in REQUIRED and "k" in REQUIRED[arch]:
+            e["k"] = _number(i, e, "k", int, positive=True)
+            if e["k"] > e["width"]:
+                _fail(i, e, f"key 'k' = {e['k']} exceeds the SAE width {e['width']} "
+                            f"(d_model {d_model} x expansion {e['expansion']})")
+        for key in ("k_aux", "dead_tokens"):
+            if e.get(key) is not None:
+                e[key] = _number(i, e, key, int, positive=True)
+        if e.get("k_aux") is not None and e["k_aux"] > e["width"]:
+            _fail(i, e, f"key 'k_aux' = {e['k_aux']} exceeds the SAE width {e['width']}")
+        for key in ("aux_alpha", "bandwidth", "threshold_init"):
+            if e.get(key) is not None:
+                e[key] = _number(i, e, key, nonneg=True)
+        if e.get("inner") is not None and e["inner"] not in ("topk", "batchtopk"):
+            _fail(i, e, f"key 'inner' is {e['inner']!r}; allowed: topk, batchtopk")
+        out.append(e)
+    sizes = {e["batch_size"] for e in out}
+    if len(sizes) > 1:
+        raise VisaeError(f"grid entry {out[[e['batch_size'] for e in out].index(max(sizes))]['name']!r}: key "
+                         f"'batch_size' differs across the grid ({sorted(sizes)}); one read of the store "
+                         f"feeds every SAE, so they must share one batch size")
+    return out
+
+
+def load_grid(path: str | Path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise VisaeError(f"grid file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise VisaeError(f"grid file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+# -- one SAE under training ----------------------------------------------------------------
+class Member:
+    """One SAE of the grid: module, Adam, schedule, status and its CSV log."""
+
+    def __init__(self, entry: dict, d_model: int, device: str, out: Path):
+        self.entry, self.name = entry, entry["name"]
+        self.arch = entry["architecture"]
+        self.dir = out / self.name
+        self.sae = build_sae(self.arch, d_model, entry["width"], seed=entry["seed"],
+                             **{k: entry.get(k) for k in ARCH_KEYS[self.arch]}).to(device)
+        self.sparsity = entry.get(SPARSITY_KEY.get(self.arch, ""), 0.0) or 0.0
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=entry["lr"], betas=tuple(entry["adam_betas"]))
+        self.steps = max(1, entry["tokens"] // entry["batch_size"])
+        self.step, self.tokens, self.status, self.failure = 0, 0, "running", None
+        self.last = {}
+        self.log = None
+
+    def open_log(self, offset: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / "log.csv"
+        mode = "r+b" if path.exists() and offset > 0 else "w+b"
+        self.log = open(path, mode)
+        self.log.truncate(offset)
+        self.log.seek(offset)
+        if offset == 0:
+            self.log.write((",".join(LOG_COLUMNS) + "\n").encode())
+            self.log.flush()
+
+    def train_step(self, xn: torch.Tensor) -> None:
+        """One step; a non-finite loss stops this SAE before its weights are touched."""
+        lr = lr_at(self.step, self.entry["lr"], self.entry["lr_warmup"])
+        lam = sparsity_at(self.step, self.sparsity, self.entry["l1_warmup"])
+        self.sae.train()
+        self.opt.zero_grad(set_to_none=False)
+        loss, m = self.sae.compute_grads(xn, lam)
+        loss_v = float(loss)
+        grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in self.sae.parameters() if p.grad is not None) \
+            if math.isfinite(loss_v) else False
+        if not grads_ok:
+            what = f"loss is {loss_v}" if not math.isfinite(loss_v) else "a gradient is not finite"
+            self.status = "failed"
+            self.failure = (f"{what} at step {self.step} (lr {lr:g}, {SPARSITY_KEY.get(self.arch, 'k')} "
+                            f"{self.sparsity if self.arch in SPARSITY_KEY else self.entry.get('k')})")
+            return
+        self.sae.remove_parallel_grad()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.sae.normalise_decoder()
+        self.sae.after_step(m, xn.shape[0])
+        self.step += 1
+        self.tokens += xn.shape[0]
+        row = {"step": self.step, "tokens": self.tokens, "loss": loss_v, "mse": float(m["mse"]),
+               "l0": float(m["l0"]), "lr": lr, "l1_coeff": lam,
+               "aux": float(m["aux"]) if "aux" in m else 0.0, "dead": float(m["dead"]) if "dead" in m else 0.0}
+        self.last = row
+        self.log.write((",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
+                                 for c in LOG_COLUMNS) + "\n").encode())
+        if self.step >= self.steps:
+            self.status = "done"
+
+    def state(self) -> dict:
+        self.log.flush()
+        return {"model": ckpt.state_to_cpu(self.sae.state_dict()), "optim": self.opt.state_dict(),
+                "step": self.step, "tokens": self.tokens, "status": self.status, "failure": self.failure,
+                "log_offset": self.log.tell(), "last": self.last}
+
+    def load(self, state: dict) -> None:
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.status, self.failure, self.last = state["status"], state["failure"], state["last"]
+
+
+# -- the run ---------------------------------------------------------------------------------
+def _sae_config(m: Member, store, run: dict, complete: bool) -> dict:
+    meta = store.meta
+    return {"name": m.name, "entry": m.entry, "status": m.status, "failure": m.failure, "complete": complete,
+            "tokens_seen": m.tokens, "steps": m.step, "seed": m.entry["seed"],
+            "source": {"model": meta.get("model"), "layer": meta.get("layer"), "dataset": meta.get("dataset"),
+                       "store": str(store.root), "store_hash": store.store_hash,
+                       "token_kind": run["token_kind"], "d_model": store.d_model},
+            "split": {"heldout": run["heldout"], "train_images": list(run["train_range"])},
+            "data_seed": run["data_seed"], "code": {"visae": _version(), **git_state()},
+            "last": m.last}
+
+
+def _version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("visae")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
+               device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, token_kind: str | None = None,
+               norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None) -> dict:
+    """Train every SAE of `grid` on the store; returns {name: status}. Raises VisaeError after the
+    run if any SAE failed (the others are finished and saved)."""
+    from visae.store import ActivationStore, TokenLoader
+
+    started = time.time()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    store = ActivationStore(store_path)
+    entries = validate_grid(grid, store.d_model)
+    if tokens is not None:
+        for e in entries:
+            e["tokens"] = int(tokens)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_range, _ = split_images(store.n_images, heldout)
+    batch = entries[0]["batch_size"]
+    run = {"store_hash": store.store_hash, "grid": entries, "heldout": heldout, "data_seed": data_seed,
+           "token_kind": token_kind, "train_range": list(train_range), "norm_tokens": norm_tokens,
+           "checkpoint_every": checkpoint_every}
+    run_hash = config_hash(run)
+    loader = TokenLoader(store, batch, seed=data_seed, image_range=train_range, token_kind=token_kind,
+                         epochs=None, dtype=torch.float32, device=device)
+    members = [Member(e, store.d_model, device, out) for e in entries]
+
+    state_path = out / STATE
+    state = None
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        if state["run_hash"] != run_hash:
+            raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
+                             f"remove it or choose another --out")
+    if state is None:
+        # Normalisation constants from a seeded sample of the training split.
+        n = min(norm_tokens, loader.tokens_per_epoch)
+        sample = next(iter(TokenLoader(store, n, seed=data_seed + 1_000_003, image_range=train_range,
+                                       token_kind=token_kind, epochs=1, prefetch=False)))
+        mu, s = estimate_normalisation(sample)
+        for m in members:
+            if m.entry["normalize"]:
+                m.sae.set_normalisation(mu.to(device), s)
+            m.sae.init_b_dec(m.sae.normalise(sample.to(device)))
+            m.open_log(0)
+        global_step = 0
+    else:
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["torch_rng"])
+        for m in members:
+            m.load(state["saes"][m.name])
+            m.open_log(state["saes"][m.name]["log_offset"])
+        global_step = state["global_step"]
+
+    def save_state():
+        with atomic_path(state_path) as tmp:
+            torch.save({"run_hash": run_hash, "global_step": global_step, "loader": loader.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "saes": {m.name: m.state() for m in members}}, tmp)
+        for m in members:
+            ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
+
+    every = None if not checkpoint_every else max(1, int(checkpoint_every) // batch)
+    total = max(m.steps for m in members) * batch
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=min(total, global_step * batch), unit="tok", unit_scale=True,
+               desc="train", disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    reported = {m.name for m in members if m.status == "failed"}
+    try:
+        running = [m for m in members if m.status == "running"]
+        if running:
+            norm_cache: dict = {}
+            for xb in loader:
+                norm_cache.clear()
+                for m in running:
+                    key = (m.entry["normalize"],)
+                    if key not in norm_cache:
+                        norm_cache[key] = m.sae.normalise(xb)
+                    m.train_step(norm_cache[key])
+                global_step += 1
+                bar.update(batch)
+                if global_step % 5 == 0 or len(running) == 1:
+                    bar.set_postfix_str(" | ".join(
+                        f"{m.name}: loss {m.last.get('loss', float('nan')):.4g} L0 {m.last.get('l0', 0):.1f}"
+                        for m in running[:3]), refresh=False)
+                for m in running:
+                    if m.status == "failed" and m.name not in reported:
+                        reported.add(m.name)
+                        ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
+                running = [m for m in running if m.status == "running"]
+                if not running:
+                    break
+                if every and global_step % every == 0:
+                    save_state()
+                if stop_after_steps is not None and global_step >= stop_after_steps:
+                    return {m.name: m.status for m in members}
+        save_state()
+    finally:
+        bar.close()
+        for m in members:
+            if m.log is not None:
+                m.log.close()
+    for m in members:
+        if m.status == "done":
+            ckpt.save(m.sae, m.dir, _sae_config(m, store, run, complete=True))
+    from visae.atomic import write_json
+    write_json(out / "provenance.json", provenance(
+        {"store": str(store.root), "store_hash": store.store_hash, **{k: v for k, v in run.items() if k != "store_hash"}},
+        seeds={"data": data_seed, **{m.name: m.entry["seed"] for m in members}}, started=started))
+    failed = [m for m in members if m.status == "failed"]
+    if failed:
+        m = failed[0]
+        others = len(members) - len(failed)
+        raise VisaeError(f"SAE {m.name!r} stopped: {m.failure}; its last good weights are in "
+                         f"{m.dir / 'checkpoint'}"
+                         + (f" ({len(failed) - 1} more failed)" if len(failed) > 1 else "")
+                         + f"; {others} other SAE(s) finished")
+    return {m.name: m.status for m in members}
+
+
+def _cmd(args) -> int:
+    torch.manual_seed(0)
+    grid = load_grid(args.grid)
+    statuses = train_grid(args.store, grid, args.out, tokens=args.tokens, checkpoint_every=args.checkpoint_every,
+                          device=args.device, heldout=args.heldout, data_seed=args.seed,
+                          token_kind=None if args.token_kind == "all" else args.token_kind)
+    print(f"trained {len(statuses)} SAE(s) into {args.out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train a grid of SAEs on one activation store",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--store", required=True, help="activation store directory")
+    p.add_argument("--grid", required=True, help="YAML list of SAE entries (the config's saes:)")
+    p.add_argument("--out", required=True, help="output directory (one folder per SAE)")
+    p.add_argument("--tokens", type=int, default=None, help="override every entry's training tokens")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="tokens between checkpoints")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--heldout", type=float, default=0.1, help="last fraction of images kept out of training")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])
+    p.set_defaults(func=_cmd)
