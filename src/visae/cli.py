@@ -20,6 +20,9 @@ COMMAND_MODULES = [
     "visae.extract",
     "visae.store.cli",
     "visae.bench",
+    "visae.synth",
+    "visae.sae.train",
+    "visae.evaluate",
     "visae.container",
 ]
 
