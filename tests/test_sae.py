@@ -1,0 +1,212 @@
+"""SAE modules: each rule of the paper's recipe and of the variants, checked directly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from visae.sae import (BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE, build_sae,
+                       estimate_normalisation, load, lr_at, save, sparsity_at)
+from visae.synth import make_atoms, synth_tokens
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _data(n=512, d=16, atoms=48, k=3, seed=0):
+    return synth_tokens(make_atoms(d, atoms, seed), n, k, 0.01, torch.Generator().manual_seed(seed + 1))
+
+
+def _step(sae, xn, lam=0.0, lr=1e-2, opt=None):
+    opt = opt or torch.optim.Adam(sae.parameters(), lr=lr)
+    opt.zero_grad()
+    loss, m = sae.compute_grads(xn, lam)
+    sae.remove_parallel_grad()
+    opt.step()
+    sae.normalise_decoder()
+    sae.after_step(m, xn.shape[0])
+    return loss, m, opt
+
+
+def test_decoder_rows_stay_unit_norm_and_parallel_grad_removed():
+    x = _data()
+    sae = ReLUSAE(16, 64, seed=0)
+    opt = None
+    for _ in range(5):
+        _, _, opt = _step(sae, x, lam=1e-3, opt=opt)
+        assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5)
+    opt.zero_grad()
+    sae.compute_grads(x, 1e-3)
+    assert sae.W_dec.grad.abs().sum() > 0
+    sae.remove_parallel_grad()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert parallel.abs().max() < 1e-6
+
+
+def test_relu_manual_backward_matches_autograd():
+    x = _data(n=64)
+    a = ReLUSAE(16, 64, seed=3)
+    b = ReLUSAE(16, 64, seed=3)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+            s.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    la, _ = a.compute_grads(x, 3e-3)  # hand-written
+    lb, _ = b.train_loss(x, 3e-3)
+    lb.backward()
+    assert torch.allclose(la, lb.detach(), rtol=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_b_dec_initialised_to_data_mean():
+    x = _data() + 3.0
+    sae = ReLUSAE(16, 32)
+    sae.init_b_dec(x)  # no normalisation: b_dec is the raw mean
+    assert torch.allclose(sae.b_dec, x.mean(0), atol=1e-5)
+    mu, s = estimate_normalisation(x)
+    sae.set_normalisation(mu, s)
+    sae.init_b_dec(sae.normalise(x))  # with it: the mean of the normalised data (~0)
+    assert torch.allclose(sae.b_dec, sae.normalise(x).mean(0), atol=1e-6)
+    assert sae.b_dec.abs().max() < 1e-5
+
+
+def test_normalisation_constants():
+    x = _data() * 7 + 2
+    mu, s = estimate_normalisation(x)
+    xn = (x - mu) / s
+    assert torch.allclose(xn.mean(0), torch.zeros(16), atol=1e-5)
+    assert abs(xn.norm(dim=1).mean().item() - 16 ** 0.5) < 1e-3
+
+
+def test_warmup_schedules():
+    assert lr_at(0, 1e-3, 500) == pytest.approx(1e-3 / 500)
+    assert lr_at(249, 1e-3, 500) == pytest.approx(0.5e-3)
+    assert lr_at(499, 1e-3, 500) == pytest.approx(1e-3)
+    assert lr_at(10_000, 1e-3, 500) == pytest.approx(1e-3)
+    assert [sparsity_at(s, 8e-4, 4) for s in range(6)] == pytest.approx([2e-4, 4e-4, 6e-4, 8e-4, 8e-4, 8e-4])
+    assert sparsity_at(0, 8e-4, 0) == 8e-4
+
+
+@pytest.mark.parametrize("arch,kw", [("relu", {}), ("topk", {"k": 4}), ("batchtopk", {"k": 4}),
+                                     ("jumprelu", {}), ("matryoshka", {"k": 4})])
+def test_normalisation_round_trips_through_save_and_load(tmp_path, arch, kw):
+    x = _data() * 5 + 1
+    sae = build_sae(arch, 16, 64, seed=2, **kw)
+    mu, s = estimate_normalisation(x)
+    sae.set_normalisation(mu, s)
+    sae.init_b_dec(sae.normalise(x))
+    _step(sae, sae.normalise(x))
+    sae.eval()
+    save(sae, tmp_path / "sae", {"name": arch})
+    back = load(tmp_path / "sae")
+    assert type(back) is type(sae)
+    assert torch.equal(back.mu, sae.mu) and float(back.scale) == float(sae.scale)
+    with torch.no_grad():
+        assert torch.equal(back.encode(x), sae.encode(x))
+        assert torch.equal(back(x), sae(x))
+        # encode/decode take raw activations and apply the stored constants themselves
+        manual = back.decode_norm(back.encode_norm((x - mu) / s)) * s + mu
+        assert torch.allclose(back(x), manual, rtol=1e-5, atol=1e-4)
+
+
+def test_topk_exact_l0():
+    x = _data()
+    sae = TopKSAE(16, 64, k=5)
+    _, m = sae.train_loss(x)
+    assert m["l0"] == 5
+    f = sae.eval().encode_norm(x)
+    assert ((f != 0).sum(1) == 5).all()
+
+
+def test_batchtopk_exact_l0_and_threshold():
+    x = _data(n=256)
+    sae = BatchTopKSAE(16, 64, k=5)
+    sae.train()
+    f, _ = sae.batch_select(sae.pre_acts(x))
+    assert int((f != 0).sum()) == 5 * 256
+    assert float(sae.threshold) < 0  # not estimated before training
+    opt = None
+    for _ in range(20):
+        _, m, opt = _step(sae, x, opt=opt)
+    assert float(sae.threshold) > 0
+    sae.eval()
+    f = sae.encode_norm(x)
+    assert (f[f != 0] > sae.threshold).all()
+    assert 0 < (f != 0).sum(1).float().mean() <= 15  # a fixed threshold, no per-batch top-k
+
+
+def test_auxk_only_touches_dead_latents():
+    x = _data(n=256)
+    sae = TopKSAE(16, 64, k=4, k_aux=8, dead_tokens=100)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    sae.tokens_since_fired[dead] = 1000
+    pre = sae.pre_acts(x)
+    residual = torch.randn(256, 16, generator=torch.Generator().manual_seed(0))
+    aux = sae.aux_loss(pre, residual)
+    assert aux > 0
+    aux.backward()
+    alive = ~dead
+    assert sae.W_dec.grad[alive].abs().max() == 0
+    assert sae.W_enc.grad[:, alive].abs().max() == 0
+    assert sae.b_enc.grad[alive].abs().max() == 0
+    assert sae.W_dec.grad[dead].abs().sum() > 0
+    # no dead latents: no aux loss at all
+    sae.tokens_since_fired.zero_()
+    assert sae.aux_loss(sae.pre_acts(x), residual) == 0
+
+
+def test_dead_counter_updates():
+    x = _data(n=128)
+    sae = TopKSAE(16, 64, k=2, dead_tokens=256)
+    _, m, _ = _step(sae, x)
+    fired = m["fired"]
+    assert (sae.tokens_since_fired[fired] == 0).all()
+    assert (sae.tokens_since_fired[~fired] == 128).all()
+
+
+def test_jumprelu_threshold_moves():
+    x = _data(n=512)
+    mu, s = estimate_normalisation(x)
+    sae = JumpReLUSAE(16, 64, threshold_init=0.1, bandwidth=0.1)
+    sae.set_normalisation(mu, s)
+    xn = sae.normalise(x)
+    sae.init_b_dec(xn)
+    theta0 = sae.theta.detach().clone()
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
+    for _ in range(60):
+        _step(sae, xn, lam=0.05, opt=opt)
+    moved = (sae.theta.detach() - theta0).abs()
+    assert moved.mean() > 0.02, moved.mean()
+    assert (sae.theta >= 0).all()
+    # and the L0 penalty pushes thresholds up on average
+    assert sae.theta.mean() > theta0.mean()
+
+
+def test_matryoshka_prefixes_each_reconstruct():
+    x = _data(n=1024, atoms=32)
+    mu, s = estimate_normalisation(x)
+    sae = MatryoshkaSAE(16, 64, k=4, inner="topk")
+    assert sae.prefix_sizes == [8, 16, 32, 64]
+    sae.set_normalisation(mu, s)
+    xn = sae.normalise(x)
+    sae.init_b_dec(xn)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for _ in range(150):
+        _step(sae, xn, opt=opt)
+    with torch.no_grad():
+        f = sae.encode_norm(xn)
+        recons = sae.prefix_reconstructions(f)
+        var = (xn - xn.mean(0)).pow(2).sum()
+        nmse = [float((r - xn).pow(2).sum() / var) for r in recons]
+    assert len(nmse) == 4
+    assert all(v < 0.9 for v in nmse), nmse  # even the h/8 prefix explains variance alone
+    assert nmse[-1] <= nmse[0]
+    assert torch.allclose(recons[-1], sae.decode_norm(f), atol=1e-5)
