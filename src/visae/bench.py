@@ -1,0 +1,169 @@
+"""`visae bench <name>`: performance figures, each next to its limit measured in the same run.
+
+Every bench prints one JSON object and writes it to results/bench/<name>.json with at least
+`bench`, `device`, `params`, `ratios` (name -> measured / limit) and `goals` (name -> required).
+Ratios, not absolute times, are what carries across shared machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from visae.atomic import write_json
+from visae.errors import VisaeError
+from visae.provenance import device_info, package_versions
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+
+
+def _report(result: dict, out_dir: Path) -> dict:
+    result["device"] = device_info()
+    result["packages"] = package_versions()
+    result["meets_goals"] = {k: result["ratios"][k] >= g for k, g in result["goals"].items()}
+    write_json(out_dir / f"{result['bench']}.json", result)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return result
+
+
+def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None, layers=(-2,),
+                  images: int = 64, batch_size: int = 16, workers: int | None = None,
+                  device: str = "cpu", image_size: int | None = None, out_dir: Path = Path("results/bench")) -> dict:
+    """Images/s of `visae extract` against the model's recording forward pass alone on the same
+    preprocessed tensors (same layers, same batches): the ratio is 1 - data and IO overhead."""
+    from visae.data import parse_dataset_arg
+    from visae.extract import plan_extract, run_extract
+    from visae.models import parse_model_arg
+
+    if dataset is None:
+        if not DEFAULT_IMAGES.is_dir():
+            raise VisaeError(f"no --dataset given and {DEFAULT_IMAGES} is absent")
+        dataset = f"imagenet-sample:{DEFAULT_IMAGES}"
+    spec = parse_model_arg(model)
+    if image_size:
+        spec["image_size"] = image_size
+    plan = plan_extract(spec, parse_dataset_arg(dataset), list(layers), batch_size=batch_size,
+                        max_images=images)
+    backbone = plan.backbone.to(device)
+    pixels = torch.stack([backbone.transform(plan.dataset[i].image) for i in range(plan.n_images)])
+    batches = [pixels[a:a + batch_size].to(device) for a in range(0, plan.n_images, batch_size)]
+    backbone.record(batches[0], plan.layers)  # warm-up
+
+    def forward_alone() -> float:
+        t = time.perf_counter()
+        for b in batches:
+            backbone.record(b, plan.layers)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return plan.n_images / (time.perf_counter() - t)
+
+    before = forward_alone()
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        run_extract(plan, tmp, device=device, num_workers=workers, progress=False)
+        extract_ips = plan.n_images / (time.perf_counter() - t)
+    after = forward_alone()
+    forward_ips = (before + after) / 2
+    return _report({
+        "bench": "extract",
+        "params": {"model": model, "dataset": dataset, "layers": plan.layers, "images": plan.n_images,
+                   "batch_size": batch_size, "workers": workers, "dtype": plan.dtype,
+                   "image_size": list(backbone.image_size), "torch_threads": torch.get_num_threads()},
+        "extract_images_per_s": extract_ips,
+        "forward_images_per_s": forward_ips,
+        "forward_images_per_s_runs": [before, after],
+        "ratios": {"extract_vs_forward": extract_ips / forward_ips},
+        "goals": {"extract_vs_forward": 0.8},
+    }, out_dir)
+
+
+def _synthetic_store(root: Path, images: int, tokens: int, d_model: int, shard_images: int) -> Path:
+    from visae.store import StoreWriter
+    layout = {"n_cls": 0, "n_registers": 0, "grid": [1, tokens], "n_tokens": tokens, "stored": ["patches"]}
+    writer = StoreWriter(root, {"dtype": "float16", "d_model": d_model, "layout": layout},
+                         {"bench": "loader"}, shard_images, images)
+    writer.open()
+    rng = np.random.default_rng(0)
+    for i in range(writer.n_shards):
+        a, b = writer.shard_range(i)
+        writer.write_shard(i, {"acts": rng.standard_normal((b - a, tokens, d_model), dtype=np.float32)
+                               .astype(np.float16), "labels": np.zeros(b - a, dtype=np.int64)})
+    return root
+
+
+def bench_loader(store: str | None = None, batch_size: int = 4096, images: int = 2048, tokens: int = 196,
+                 d_model: int = 384, shard_images: int = 256, dtype: str = "float32", repeats: int = 3,
+                 out_dir: Path = Path("results/bench")) -> dict:
+    """Tokens/s of the shuffled TokenLoader against a plain sequential read of the same shard
+    files (both from the page cache, best of `repeats`)."""
+    from visae.store import ActivationStore, TokenLoader
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(store) if store else _synthetic_store(Path(tmp) / "store", images, tokens, d_model, shard_images)
+        st = ActivationStore(root)
+        files = [root / name for s in st.meta["shards"] for name in s["files"] if name.startswith("acts_")]
+        size = max(f.stat().st_size for f in files)
+        buf = bytearray(size)
+
+        def sequential() -> float:
+            t = time.perf_counter()
+            for f in files:
+                with open(f, "rb", buffering=0) as fh:
+                    while fh.readinto(buf) > 0:
+                        pass
+            return st.n_tokens / (time.perf_counter() - t)
+
+        def loader() -> float:
+            dl = TokenLoader(st, batch_size, seed=0, epochs=1, dtype=getattr(torch, dtype))
+            n, t = 0, time.perf_counter()
+            for batch in dl:
+                n += len(batch)
+            return n / (time.perf_counter() - t)
+
+        sequential()  # bring the files into the page cache
+        seq = max(sequential() for _ in range(repeats))
+        lod = max(loader() for _ in range(repeats))
+        return _report({
+            "bench": "loader",
+            "params": {"store": str(store) if store else "synthetic", "batch_size": batch_size,
+                       "n_tokens": st.n_tokens, "d_model": st.d_model, "store_dtype": st.dtype_name,
+                       "output_dtype": dtype, "repeats": repeats},
+            "loader_tokens_per_s": lod,
+            "sequential_read_tokens_per_s": seq,
+            "ratios": {"loader_vs_sequential_read": lod / seq},
+            "goals": {"loader_vs_sequential_read": 0.8},
+        }, out_dir)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("bench", help="performance benchmarks, each against its limit",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bsub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
+    e = bsub.add_parser("extract", help="extraction images/s vs the forward pass alone")
+    e.add_argument("--model", default="open_clip:ViT-B-16")
+    e.add_argument("--dataset", help=f"FORMAT:ROOT (default imagenet-sample:{DEFAULT_IMAGES})")
+    e.add_argument("--layers", type=int, nargs="+", default=[-2])
+    e.add_argument("--images", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--workers", type=int)
+    e.add_argument("--image-size", type=int)
+    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--out", default="results/bench")
+    e.set_defaults(func=lambda a: bool(bench_extract(a.model, a.dataset, a.layers, a.images, a.batch_size,
+                                                     a.workers, a.device, a.image_size, Path(a.out))) and 0)
+    lo = bsub.add_parser("loader", help="loader tokens/s vs a plain sequential read")
+    lo.add_argument("--store", help="an existing store (default: a synthetic one)")
+    lo.add_argument("--batch-size", type=int, default=4096)
+    lo.add_argument("--images", type=int, default=2048)
+    lo.add_argument("--d-model", type=int, default=384)
+    lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    lo.add_argument("--out", default="results/bench")
+    lo.set_defaults(func=lambda a: bool(bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model,
+                                                     dtype=a.dtype, out_dir=Path(a.out))) and 0)

@@ -1,0 +1,349 @@
+"""`visae extract`: record ViT activations of a dataset into activation stores.
+
+One forward pass serves every requested layer; each layer gets its own store directory
+`OUT/layer_<L>`. Shard i holds images [i*S, (i+1)*S) and is written atomically, so a killed run
+resumes at the first unfinished shard and ends with byte-identical files (on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from visae.atomic import write_json
+from visae.errors import VisaeError
+from visae.provenance import package_versions, provenance
+from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
+from visae.store.writer import StoreWriter
+
+TOKEN_CHOICES = ("patches", "cls", "all")
+SHARD_BYTES = 256 << 20  # default shard size target
+
+
+@dataclass
+class ExtractPlan:
+    """Everything decided before any file is touched, so bad input fails with nothing written."""
+    backbone: object
+    dataset: object
+    layers: list[int]
+    requested: list[int]
+    token_idx: np.ndarray
+    layout: dict
+    dtype: str
+    n_images: int
+    batch_size: int
+    shard_images: int
+
+
+def token_selection(layout, tokens: str, keep_registers: bool, model_name: str) -> tuple[np.ndarray, dict]:
+    """Indices into the model's token sequence [cls, registers, patches] and the stored layout."""
+    if tokens not in TOKEN_CHOICES:
+        raise VisaeError(f"unknown tokens {tokens!r}: use one of {', '.join(TOKEN_CHOICES)}")
+    cls = list(range(layout.n_cls))
+    regs = list(range(layout.n_cls, layout.n_prefix))
+    patches = list(range(layout.n_prefix, layout.n_tokens))
+    if tokens in ("cls",) and not cls:
+        raise VisaeError(f"model {model_name} has no CLS token: use --tokens patches")
+    groups = {"patches": [("patches", patches)],
+              "cls": [("cls", cls)],
+              "all": [("cls", cls), ("registers", regs if keep_registers else []), ("patches", patches)]}[tokens]
+    if tokens == "patches" and keep_registers:
+        groups = [("registers", regs), ("patches", patches)]
+    stored = [name for name, idx in groups if idx]
+    idx = np.array([i for _, g in groups for i in g], dtype=np.int64)
+    stored_layout = {"n_cls": len(cls) if "cls" in stored else 0,
+                     "n_registers": len(regs) if "registers" in stored else 0,
+                     "grid": list(layout.grid), "n_tokens": int(len(idx)), "stored": stored,
+                     "order": ["cls", "registers", "patches"], "patch_order": "row-major",
+                     "model": layout.to_dict()}
+    return idx, stored_layout
+
+
+def plan_extract(model_spec: dict, dataset_spec: dict, layers: list[int], *, tokens: str = "patches",
+                 keep_registers: bool = False, dtype: str = "fp16", batch_size: int = 32,
+                 max_images: int | None = None, shard_images: int | None = None,
+                 backbone=None, dataset=None) -> ExtractPlan:
+    from visae.data import open_dataset
+    from visae.models import load_backbone
+
+    dtype = canonical_dtype(dtype)
+    if batch_size <= 0:
+        raise VisaeError(f"batch size must be positive, got {batch_size}")
+    if not layers:
+        raise VisaeError("give at least one layer (--layers)")
+    if max_images is not None and max_images <= 0:
+        raise VisaeError(f"max images must be positive, got {max_images}")
+    dataset = dataset if dataset is not None else open_dataset(dataset_spec)
+    backbone = backbone if backbone is not None else load_backbone(model_spec)
+    resolved = []
+    for layer in layers:
+        r = backbone.resolve_layer(int(layer))
+        if r not in resolved:
+            resolved.append(r)
+    token_idx, layout = token_selection(backbone.layout, tokens, keep_registers, backbone.name)
+    n_images = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if n_images == 0:
+        raise VisaeError(f"dataset {dataset.name} has no images")
+    if shard_images is None:
+        per_image = len(token_idx) * backbone.d_model * np.dtype(STORE_DTYPES[dtype][0]).itemsize
+        shard_images = max(batch_size, (SHARD_BYTES // per_image) // batch_size * batch_size)
+    if shard_images <= 0:
+        raise VisaeError(f"shard size must be positive, got {shard_images}")
+    return ExtractPlan(backbone, dataset, resolved, [int(x) for x in layers], token_idx, layout, dtype,
+                       n_images, int(batch_size), int(min(shard_images, n_images)))
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Decoded, preprocessed images with labels and patch labels. Errors travel as values so the
+    main process can report them as one line (DataLoader would wrap them in a traceback)."""
+
+    def __init__(self, dataset, backbone):
+        self.dataset, self.transform = dataset, backbone.transform
+        self.mask_transform, self.grid = backbone.mask_transform, backbone.layout.grid
+        self.ignore = getattr(dataset, "ignore_index", None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        from visae.data import patch_labels
+        try:
+            sample = self.dataset[i]
+            pixels = self.transform(sample.image)
+            plabels = (None if sample.mask is None else
+                       patch_labels(self.mask_transform(sample.mask), tuple(self.grid), self.ignore))
+            return pixels, int(sample.label), plabels, None
+        except Exception as err:  # noqa: BLE001 - reported by the main process
+            return None, None, None, str(err) if isinstance(err, VisaeError) else f"image {i}: {err!r}"
+
+
+def _collate(items):
+    for _, _, _, error in items:
+        if error is not None:
+            return None, None, None, error
+    pixels = torch.stack([p for p, _, _, _ in items])
+    labels = np.array([label for _, label, _, _ in items], dtype=np.int64)
+    plabels = None if items[0][2] is None else np.stack([pl for _, _, pl, _ in items]).astype(np.int16)
+    return pixels, labels, plabels, None
+
+
+def _batch_sampler(start: int, n_images: int, shard_images: int, batch_size: int):
+    """Batches that never cross a shard boundary, so resumed runs see identical batches."""
+    for shard_start in range(start, n_images, shard_images):
+        shard_stop = min(shard_start + shard_images, n_images)
+        for a in range(shard_start, shard_stop, batch_size):
+            yield list(range(a, min(a + batch_size, shard_stop)))
+
+
+def default_workers() -> int:
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu",
+                num_workers: int | None = None, progress: bool = True,
+                config: dict | None = None) -> list[Path]:
+    """Write one store per layer under `out`; return their paths."""
+    started = time.time()
+    backbone, dataset = plan.backbone, plan.dataset
+    out = Path(out)
+    model_info = {"name": backbone.name, "source": backbone.source, "arch": backbone.arch,
+                  "d_model": backbone.d_model, "n_layers": backbone.n_layers,
+                  "patch_size": list(backbone.patch_size), "image_size": list(backbone.image_size),
+                  "spec": getattr(backbone, "spec", None)}
+    dataset_info = {"name": dataset.name, "spec": getattr(dataset, "spec", None),
+                    "n_images_total": len(dataset), "classes": list(dataset.classes),
+                    "ignore_index": getattr(dataset, "ignore_index", None),
+                    "has_masks": bool(getattr(dataset, "has_masks", False))}
+    writers = {}
+    for layer, requested in zip(plan.layers, plan.requested):
+        meta = {"model": model_info, "layer": layer, "layer_requested": requested,
+                "dataset": dataset_info, "transform": repr(backbone.transform), "dtype": plan.dtype,
+                "d_model": backbone.d_model, "layout": plan.layout, "packages": package_versions()}
+        job = {"model": model_info, "dataset": dataset_info, "layer": layer, "layout": plan.layout,
+               "dtype": plan.dtype, "n_images": plan.n_images, "batch_size": plan.batch_size,
+               "shard_images": plan.shard_images}
+        writers[layer] = StoreWriter(out / f"layer_{layer}", meta, job, plan.shard_images, plan.n_images)
+    done = {layer: w.open() for layer, w in writers.items()}
+    first = min(done.values())
+    n_shards = next(iter(writers.values())).n_shards
+    start_image = first * plan.shard_images
+
+    model_device = torch.device(device)
+    backbone.to(model_device)
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        _Samples(dataset, backbone), batch_sampler=list(_batch_sampler(start_image, plan.n_images,
+                                                                       plan.shard_images, plan.batch_size)),
+        collate_fn=_collate, num_workers=workers, pin_memory=model_device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+
+    jobs: queue.Queue = queue.Queue(maxsize=2)
+    failure: list[BaseException] = []
+
+    def write_loop():
+        while (job := jobs.get()) is not None:
+            if failure:
+                continue
+            index, arrays = job
+            try:
+                for layer, w in writers.items():
+                    if index >= done[layer]:
+                        w.write_shard(index, arrays[layer])
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                failure.append(err)
+
+    writer_thread = threading.Thread(target=write_loop, daemon=True)
+    writer_thread.start()
+    bar = tqdm(total=plan.n_images, initial=start_image, unit="img", desc="extract",
+               disable=not progress, dynamic_ncols=True)
+    token_idx = torch.from_numpy(plan.token_idx)
+    try:
+        shard, filled, buffers = first, 0, None
+        for pixels, labels, plabels, error in loader:
+            if error is not None:
+                raise VisaeError(error)
+            if failure:
+                raise failure[0]
+            if buffers is None:
+                lo, hi = writers[plan.layers[0]].shard_range(shard)
+                buffers = _new_buffers(plan, hi - lo, plabels is not None)
+            acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
+            n = len(labels)
+            for layer in plan.layers:
+                buffers[layer]["acts"][filled:filled + n] = to_storage(acts[layer][:, token_idx], plan.dtype)
+                buffers[layer]["labels"][filled:filled + n] = labels
+                if plabels is not None:
+                    buffers[layer]["patch_labels"][filled:filled + n] = plabels
+            filled += n
+            bar.update(n)
+            if filled == len(buffers[plan.layers[0]]["labels"]):
+                jobs.put((shard, buffers))
+                shard, filled, buffers = shard + 1, 0, None
+    except BaseException:
+        jobs.put(None)
+        writer_thread.join()
+        _remove_empty(writers.values(), out)
+        raise
+    finally:
+        jobs.put(None)
+        writer_thread.join()
+        bar.close()
+    if failure:
+        raise failure[0]
+    if shard != n_shards:
+        raise RuntimeError(f"extraction stopped at shard {shard} of {n_shards}")
+    for layer, w in writers.items():
+        write_json(w.root / "provenance.json",
+                   provenance(config or {"job": w.job}, seeds={}, started=started))
+    return [w.root for w in writers.values()]
+
+
+def _remove_empty(writers, out: Path) -> None:
+    """After a failure, delete stores that hold no finished shard (nothing worth resuming)."""
+    for w in writers:
+        if not w.shards and w.meta_path.exists():
+            w.meta_path.unlink()
+            if not any(w.root.iterdir()):
+                w.root.rmdir()
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _new_buffers(plan: ExtractPlan, n: int, with_patch_labels: bool) -> dict:
+    np_dtype = STORE_DTYPES[plan.dtype][0]
+    shape = (n, len(plan.token_idx), plan.backbone.d_model)
+    out = {}
+    for layer in plan.layers:
+        out[layer] = {"acts": np.empty(shape, dtype=np_dtype), "labels": np.empty(n, dtype=np.int64)}
+        if with_patch_labels:
+            g = plan.backbone.layout.grid
+            out[layer]["patch_labels"] = np.empty((n, g[0] * g[1]), dtype=np.int16)
+    return out
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="SOURCE:ARCH (e.g. open_clip:ViT-B-16, timm:vit_base_patch14_reg4_dinov2) "
+                        "or a name under models: in --config")
+    p.add_argument("--weights", help="local weights file (.safetensors/.pt/.bin)")
+    p.add_argument("--pretrained", help="hub tag to download (e.g. openai); default: random init")
+    p.add_argument("--image-size", type=int, help="input resolution override")
+    p.add_argument("--config", help="config YAML with models:/datasets: entries to look names up in")
+
+
+def resolve_model_spec(args) -> dict:
+    from visae.models import parse_model_arg
+    spec = _named(args, "models", args.model) or parse_model_arg(args.model)
+    for key in ("weights", "pretrained", "image_size"):
+        if getattr(args, key, None) is not None:
+            spec[key] = getattr(args, key)
+    return spec
+
+
+def resolve_dataset_spec(args) -> dict:
+    from visae.data import parse_dataset_arg
+    spec = _named(args, "datasets", args.dataset) or parse_dataset_arg(args.dataset)
+    if getattr(args, "split", None):
+        spec["split"] = args.split
+    return spec
+
+
+def _named(args, section: str, name: str) -> dict | None:
+    if not getattr(args, "config", None):
+        return None
+    import yaml
+    path = Path(args.config)
+    if not path.is_file():
+        raise VisaeError(f"config file {path} does not exist")
+    entries = (yaml.safe_load(path.read_text()) or {}).get(section) or {}
+    if name in entries:
+        return {"name": name, **entries[name]}
+    return None
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("extract", help="record ViT activations into activation stores",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--dataset", required=True,
+                   help="FORMAT[:ROOT] (e.g. imagefolder:DIR, camvid:DIR, fashion-mnist) or a name in --config")
+    p.add_argument("--split", help="dataset split (train/test/val...)")
+    p.add_argument("--layers", type=int, nargs="+", required=True,
+                   help="blocks whose output (residual stream) to record; negative counts from the end")
+    p.add_argument("--tokens", choices=TOKEN_CHOICES, default="patches", help="which tokens to keep")
+    p.add_argument("--keep-registers", action="store_true", help="keep register tokens (dropped by default)")
+    p.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-images", type=int, help="use only the first N images")
+    p.add_argument("--shard-images", type=int, help="images per shard (default: about 256 MiB shards)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, help=f"data loader workers (default {default_workers()})")
+    p.add_argument("--out", required=True, help="output folder; each layer goes to OUT/layer_<L>")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    plan = plan_extract(resolve_model_spec(args), resolve_dataset_spec(args), args.layers,
+                        tokens=args.tokens, keep_registers=args.keep_registers, dtype=args.dtype,
+                        batch_size=args.batch_size, max_images=args.max_images,
+                        shard_images=args.shard_images)
+    paths = run_extract(plan, args.out, device=args.device, num_workers=args.workers,
+                        progress=not args.no_progress, config=vars(args) | {"func": None})
+    for path in paths:
+        meta = json.loads((path / "meta.json").read_text())
+        print(f"{path}: {meta['n_images']} images x {meta['layout']['n_tokens']} tokens x "
+              f"{meta['d_model']} ({meta['dtype']}), {meta['n_shards']} shards")
+    return 0

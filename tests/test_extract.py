@@ -1,0 +1,187 @@
+"""`visae extract` on real architectures (random init) and real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from visae.cli import main
+from visae.data import open_dataset, patch_labels
+from visae.extract import plan_extract, run_extract
+from visae.models import load_backbone
+from visae.store import ActivationStore, verify_store
+
+REPO = Path(__file__).resolve().parents[1]
+DINO = {"source": "timm", "arch": "vit_base_patch14_reg4_dinov2", "image_size": 224}
+CLIP = {"source": "open_clip", "arch": "ViT-B-16"}
+TINY = {"source": "timm", "arch": "vit_tiny_patch16_224"}
+
+
+@pytest.fixture(scope="module")
+def dino():
+    torch.manual_seed(0)
+    return load_backbone(DINO)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return load_backbone(CLIP)
+
+
+def test_dinov2_registers_store_equals_model_outputs(tmp_path, cifar10_dir, dino):
+    spec = {"format": "imagefolder", "root": str(cifar10_dir)}
+    plan = plan_extract(DINO, spec, [3, -1], tokens="all", batch_size=3, max_images=7, shard_images=4,
+                        backbone=dino)
+    paths = run_extract(plan, tmp_path, progress=False)
+    assert [p.name for p in paths] == ["layer_3", "layer_11"]
+    dataset = open_dataset(spec)
+    pixels = torch.stack([dino.transform(dataset[i].image) for i in range(7)])
+    expected = dino.record(pixels, [3, 11])
+    for layer, path in zip([3, 11], paths):
+        store = ActivationStore(path)
+        meta = store.meta
+        # registers are dropped by default: CLS then the 16x16 patch grid
+        assert meta["layout"]["stored"] == ["cls", "patches"]
+        assert meta["layout"]["n_tokens"] == 1 + 256 and meta["layout"]["grid"] == [16, 16]
+        assert meta["layout"]["model"]["n_registers"] == 4
+        assert meta["layer"] == layer and meta["n_shards"] == 2 and meta["dtype"] == "float16"
+        assert meta["layer_requested"] == (3 if layer == 3 else -1)
+        keep = [0] + list(range(5, 261))
+        want = expected[layer][:, keep].to(torch.float16)
+        assert torch.equal(store.images(0, 7), want)
+        assert np.array_equal(store.labels, dataset.label_array()[:7])
+        assert verify_store(path) == []
+        assert (path / "provenance.json").is_file()
+
+
+def test_one_forward_pass_serves_every_layer(tmp_path, cifar10_dir, dino, monkeypatch):
+    calls = []
+    original = dino.record
+    monkeypatch.setattr(dino, "record", lambda px, layers: calls.append(list(layers)) or original(px, layers))
+    plan = plan_extract(DINO, {"format": "imagefolder", "root": str(cifar10_dir)}, [1, 2, -1],
+                        batch_size=2, max_images=4, backbone=dino)
+    run_extract(plan, tmp_path, progress=False)
+    assert calls == [[1, 2, 11], [1, 2, 11]]
+
+
+def test_clip_camvid_patch_labels(tmp_path, camvid_dir, clip):
+    spec = {"format": "camvid", "root": str(camvid_dir)}
+    plan = plan_extract(CLIP, spec, [-2], tokens="patches", batch_size=2, max_images=3, backbone=clip,
+                        dtype="bf16")
+    (path,) = run_extract(plan, tmp_path, progress=False)
+    store = ActivationStore(path)
+    assert store.meta["layout"]["stored"] == ["patches"] and store.meta["layout"]["n_tokens"] == 196
+    assert store.dtype == torch.bfloat16 and store.images(0, 3).shape == (3, 196, 768)
+    assert store.patch_labels.shape == (3, 196) and store.patch_labels.dtype == np.int16
+    dataset = open_dataset(spec)
+    for i in range(3):
+        mask = dataset[i].mask
+        want = patch_labels(clip.mask_transform(mask), (14, 14), 11)
+        assert np.array_equal(store.patch_labels[i], want)
+    assert set(np.unique(store.patch_labels)) <= set(range(12))
+    cls_only = torch.cat(list(__import__("visae.store", fromlist=["TokenLoader"]).TokenLoader(
+        store, 10, token_kind="patches", patch_labels=[int(store.patch_labels[0, 0])], drop_last=False)))
+    assert len(cls_only) == int((store.patch_labels == store.patch_labels[0, 0]).sum())
+
+
+def test_fashion_mnist_cls_tokens(tmp_path, fashion_mnist_dir):
+    spec = {"format": "fashion-mnist", "root": str(fashion_mnist_dir), "split": "test"}
+    plan = plan_extract(TINY, spec, [5], tokens="cls", batch_size=8, max_images=16)
+    (path,) = run_extract(plan, tmp_path, progress=False)
+    store = ActivationStore(path)
+    assert store.images(0, 16).shape == (16, 1, 192)
+    assert list(store.labels) == list(open_dataset(spec).label_array()[:16])
+
+
+def _extract_cmd(out: Path, cifar: Path) -> list[str]:
+    return [sys.executable, "-m", "visae.cli", "extract", "--model", "timm:vit_tiny_patch16_224",
+            "--dataset", f"imagefolder:{cifar}", "--layers", "2", "-1", "--max-images", "24",
+            "--batch-size", "4", "--shard-images", "4", "--workers", "0", "--no-progress", "--out", str(out)]
+
+
+def test_resume_after_sigkill_is_byte_identical(tmp_path, cifar10_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    ref = tmp_path / "ref"
+    subprocess.run(_extract_cmd(ref, cifar10_dir), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    for attempt in range(2):  # kill twice, at different points
+        proc = subprocess.Popen(_extract_cmd(killed, cifar10_dir), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = 1 + 2 * attempt
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            meta = killed / "layer_11" / "meta.json"
+            try:
+                if len(json.loads(meta.read_text())["shards"]) >= target:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert json.loads((killed / "layer_11" / "meta.json").read_text())["complete"] is False
+    subprocess.run(_extract_cmd(killed, cifar10_dir), check=True, env=env, capture_output=True)
+    for layer in ("layer_2", "layer_11"):
+        names = sorted(p.name for p in (ref / layer).glob("*.npy"))
+        assert names == sorted(p.name for p in (killed / layer).glob("*.npy")) and len(names) == 12
+        for name in names:
+            assert (ref / layer / name).read_bytes() == (killed / layer / name).read_bytes(), name
+        assert verify_store(killed / layer) == []
+        assert not list((killed / layer).glob(".*"))
+
+
+def _one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae: error: "), err
+    return err[0]
+
+
+def test_bad_inputs_fail_with_one_line_and_no_output(tmp_path, capsys, cifar10_dir, imagenet_sample_dir):
+    out = tmp_path / "out"
+    base = ["extract", "--layers", "1", "--max-images", "4", "--no-progress", "--out", str(out)]
+    tiny = ["--model", "timm:vit_tiny_patch16_224"]
+    cifar = ["--dataset", f"imagefolder:{cifar10_dir}"]
+
+    line = _one_line_error(capsys, base + tiny + ["--dataset", f"imagefolder:{tmp_path / 'nope'}"])
+    assert "nope" in line
+    line = _one_line_error(capsys, base + ["--model", "timm:vit_tiny_patch16_2244"] + cifar)
+    assert "vit_tiny_patch16_2244" in line
+    line = _one_line_error(capsys, ["extract", "--layers", "12", "--out", str(out)] + tiny + cifar)
+    assert "layer 12 is out of range" in line and "0..11" in line
+    line = _one_line_error(capsys, base + tiny + cifar + ["--dtype", "fp8"])
+    assert "unknown dtype 'fp8'" in line
+    assert not out.exists()
+
+    # a corrupt JPEG: the file is named and no store is left behind
+    folder = tmp_path / "imgs" / "n01"
+    folder.mkdir(parents=True)
+    jpgs = sorted(imagenet_sample_dir.glob("*.JPEG"))[:3]
+    for jpg in jpgs:
+        (folder / jpg.name).write_bytes(jpg.read_bytes())
+    bad = folder / jpgs[1].name
+    bad.write_bytes(bad.read_bytes()[:600])
+    line = _one_line_error(capsys, base + tiny + ["--dataset", f"imagefolder:{tmp_path / 'imgs'}"])
+    assert jpgs[1].name in line
+    assert not (out / "layer_1" / "meta.json").exists() and not list(out.rglob("*.npy"))
+
+    # a truncated shard is named by verify and refused by the reader
+    assert main(["extract", "--layers", "1", "--max-images", "4", "--shard-images", "2", "--no-progress",
+                 "--out", str(out)] + tiny + cifar) == 0
+    shard = out / "layer_1" / "acts_00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(["verify", str(out / "layer_1")]) == 1
+    assert "acts_00001.npy: checksum mismatch" in capsys.readouterr().err
+    with pytest.raises(Exception, match="acts_00001.npy is truncated"):
+        ActivationStore(out / "layer_1")
