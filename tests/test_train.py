@@ -1,0 +1,176 @@
+"""`visae train`: grid validation, outputs, checkpoints, NaN guard and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from visae.cli import main
+from visae.errors import VisaeError
+from visae.sae import load
+from visae.synth import synth_store
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = ("import sys, torch; torch.set_num_threads(1); from visae.cli import main; "
+       "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return synth_store(tmp_path_factory.mktemp("s") / "store", d=16, atoms=48, k=3, images=64,
+                       tokens_per_image=16, seed=0, shard_images=16)
+
+
+def _grid(tmp_path: Path, entries: list[dict]) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(entries))
+    return path
+
+
+BASE = {"expansion": 4, "lr": 3e-3, "lr_warmup": 5, "l1_warmup": 5, "batch_size": 64}
+ALL = [
+    {"name": "relu", "architecture": "relu", "l1": 3e-2, **BASE},
+    {"name": "topk", "architecture": "topk", "k": 4, "dead_tokens": 512, **BASE, "seed": 1},
+    {"name": "btk", "architecture": "batchtopk", "k": 4, **BASE, "seed": 2},
+    {"name": "jump", "architecture": "jumprelu", "l0": 1e-2, **BASE, "seed": 3},
+    {"name": "mat", "architecture": "matryoshka", "k": 4, "inner": "topk", **BASE, "seed": 4},
+]
+
+
+def test_train_grid_outputs(tmp_path, store, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, ALL)), "--out", str(out),
+                 "--tokens", "1280", "--checkpoint-every", "640"]) == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seeds"]["topk"] == 1 and prov["config"]["store_hash"]
+    for e in ALL:
+        d = out / e["name"]
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["complete"] and cfg["status"] == "done"
+        assert cfg["tokens_seen"] == 1280 and cfg["steps"] == 20
+        assert cfg["architecture"] == e["architecture"] and cfg["width"] == 64
+        assert cfg["source"]["model"] == "synthetic" and len(cfg["source"]["store_hash"]) == 64
+        assert cfg["normalisation"]["scale"] > 0 and "code" in cfg
+        rows = (d / "log.csv").read_text().splitlines()
+        assert rows[0].startswith("step,tokens,loss,mse,l0,lr,l1_coeff")
+        assert len(rows) == 21
+        sae = load(d)
+        x = torch.randn(5, 16)
+        assert sae.encode(x).shape == (5, 64) and sae(x).shape == (5, 16)
+    # the L0 of TopK-style SAEs is exact in every logged step
+    for name in ("topk", "btk", "mat"):
+        l0s = [float(r.split(",")[4]) for r in (out / name / "log.csv").read_text().splitlines()[1:]]
+        assert all(v == 4 for v in l0s)
+    # lr warm-up in the log: lr/5, 2lr/5, ..., lr
+    lrs = [float(r.split(",")[5]) for r in (out / "relu" / "log.csv").read_text().splitlines()[1:7]]
+    assert lrs == pytest.approx([3e-3 * min(1, s / 5) for s in range(1, 7)])
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"name": "a", "architecture": "gated", "l1": 1e-3}, "grid entry 'a': key 'architecture' is 'gated'; allowed: relu, topk"),
+    ({"name": "b", "architecture": "topk", "k": 1000, "expansion": 4}, "grid entry 'b': key 'k' = 1000 exceeds the SAE width 64"),
+    ({"name": "c", "architecture": "relu", "l1": -0.1}, "grid entry 'c': key 'l1' (the sparsity coefficient λ) must be >= 0"),
+    ({"name": "d", "architecture": "topk"}, "grid entry 'd': missing key 'k'"),
+    ({"architecture": "topk", "k": 4}, "grid entry #1: missing key 'name'"),
+    ({"name": "e", "architecture": "relu", "l1": 1e-3, "lr": "fast"}, "grid entry 'e': key 'lr' must be a number"),
+    ({"name": "f", "architecture": "relu", "l1": 1e-3, "epochs": 3}, "grid entry 'f': unknown key 'epochs'"),
+])
+def test_bad_grid_entries_one_line(tmp_path, store, capsys, entry, needle):
+    code = main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, [entry])), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1, err
+    assert needle in err[0], err[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_nan_stops_one_sae_and_others_finish(tmp_path, store, capsys):
+    grid = [dict(ALL[0], name="good"), dict(ALL[1], name="good-topk"),
+            dict(ALL[0], name="bad", lr=1e30, lr_warmup=0)]
+    out = tmp_path / "out"
+    code = main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, grid)), "--out", str(out),
+                 "--tokens", "1280"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "SAE 'bad' stopped" in err[0] and "at step" in err[0] and "checkpoint" in err[0]
+    for name in ("good", "good-topk"):
+        assert json.loads((out / name / "config.json").read_text())["complete"]
+    assert not (out / "bad" / "sae.safetensors").exists()
+    cfg = json.loads((out / "bad" / "checkpoint" / "config.json").read_text())
+    assert cfg["status"] == "failed" and not cfg["complete"]
+    last_good = load(out / "bad" / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in last_good.state_dict().values())
+    with pytest.raises(VisaeError, match="did not finish"):
+        load(out / "bad")
+
+
+def test_d_model_mismatch_refused(tmp_path, store, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, ALL[1:2])), "--out", str(out),
+                 "--tokens", "128"]) == 0
+    other = synth_store(tmp_path / "other", d=8, atoms=16, k=2, images=16, tokens_per_image=4)
+    capsys.readouterr()
+    code = main(["evaluate", "--store", str(other), "--sae", str(out / "topk"), "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert "d_model=16" in err[0] and "d_model=8" in err[0]
+
+
+def test_rerun_with_other_grid_refused(tmp_path, store, capsys):
+    out = tmp_path / "out"
+    args = ["train", "--store", str(store), "--out", str(out), "--tokens", "128"]
+    assert main(args + ["--grid", str(_grid(tmp_path, ALL[1:2]))]) == 0
+    assert main(args + ["--grid", str(_grid(tmp_path, ALL[:1]))]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def _train_cmd(store, grid, out, tokens):
+    return [sys.executable, "-c", RUN, "train", "--store", str(store), "--grid", str(grid), "--out", str(out),
+            "--tokens", str(tokens), "--checkpoint-every", str(64 * 10)]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path, store):
+    grid = _grid(tmp_path, [ALL[0], ALL[1], ALL[2]])
+    tokens = 64 * 300
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(store, grid, ref, tokens), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(store, grid, out, tokens), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / ".train" / "state.pt"
+    deadline = time.time() + 60
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    time.sleep(0.05)  # well inside the run: after the first checkpoint, mid-way to the next
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "relu" / "config.json").exists(), "the run finished before it could be killed"
+
+    subprocess.run(_train_cmd(store, grid, out, tokens), check=True, env=env, capture_output=True)
+    for name in ("relu", "topk", "btk"):
+        for f in ("sae.safetensors", "log.csv"):
+            assert (out / name / f).read_bytes() == (ref / name / f).read_bytes(), (name, f)
+        a = json.loads((out / name / "config.json").read_text())
+        b = json.loads((ref / name / "config.json").read_text())
+        a["source"]["store"] = b["source"]["store"] = None
+        assert a == b
