@@ -25,7 +25,7 @@ data: $(STAMP)
 	$(BIN)/visae fetch fashion-mnist --out resources/fashion-mnist
 
 demo: setup
-	$(BIN)/snakemake --cores all
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores all
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -173,6 +173,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                "dtype": plan.dtype, "n_images": plan.n_images, "batch_size": plan.batch_size,
                "shard_images": plan.shard_images}
         writers[layer] = StoreWriter(out / f"layer_{layer}", meta, job, plan.shard_images, plan.n_images)
+    (out / "extract.json").unlink(missing_ok=True)
     done = {layer: w.open() for layer, w in writers.items()}
     first = min(done.values())
     n_shards = next(iter(writers.values())).n_shards
@@ -245,7 +246,17 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     for layer, w in writers.items():
         write_json(w.root / "provenance.json",
                    provenance(config or {"job": w.job}, seeds={}, started=started))
+    # Written last: its presence means every store under `out` is complete (the DAG's output).
+    write_json(out / "extract.json", {
+        "model": model_info, "dataset": dataset_info, "n_images": plan.n_images,
+        "stores": {f"layer_{w.root.name.split('_', 1)[1]}": {
+            "layer": layer, "store_hash": _store_hash(w)} for layer, w in writers.items()}})
     return [w.root for w in writers.values()]
+
+
+def _store_hash(writer: StoreWriter) -> str:
+    from visae.store import ActivationStore
+    return ActivationStore(writer.root).store_hash
 
 
 def _remove_empty(writers, out: Path) -> None:

@@ -1,0 +1,44 @@
+# Activations: one job per (model, dataset) records every layer of the model's entry in one
+# forward pass. The job's output is the summary `extract.json`, written only on success; the
+# stores beside it survive a failed job, so a rerun resumes them shard by shard.
+
+
+def extract_outputs():
+    return [
+        f"{RESULTS}/activations/{model}/{dataset}/extract.json"
+        for model in config["models"]
+        for dataset in config["extract"]["datasets"]
+    ]
+
+
+rule extract:
+    output:
+        f"{RESULTS}/activations/{{model}}/{{dataset}}/extract.json",
+    params:
+        layers=lambda wc: " ".join(str(l) for l in config["models"][wc.model]["layers"]),
+        tokens=config["extract"]["tokens"],
+        dtype=config["extract"]["dtype"],
+        batch_size=config["extract"]["batch_size"],
+        max_images=lambda wc: (
+            f"--max-images {config['extract']['max_images']}"
+            if config["extract"].get("max_images")
+            else ""
+        ),
+        out=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}",
+    log:
+        f"{RESULTS}/logs/extract/{{model}}/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/extract/{{model}}/{{dataset}}.tsv"
+    resources:
+        gpu=1 if config["extract"]["device"] == "cuda" else 0,
+        mem_mb=4000,
+    shell:
+        "visae extract --config {CONFIG_FILE:q} --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --layers {params.layers} --tokens {params.tokens}"
+        " --dtype {params.dtype} --batch-size {params.batch_size} {params.max_images}"
+        " --device {config[extract][device]} --out {params.out:q} --no-progress > {log:q} 2>&1"
+
+
+rule extract_all:
+    input:
+        extract_outputs(),
