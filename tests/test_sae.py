@@ -210,3 +210,19 @@ def test_matryoshka_prefixes_each_reconstruct():
     assert all(v < 0.9 for v in nmse), nmse  # even the h/8 prefix explains variance alone
     assert nmse[-1] <= nmse[0]
     assert torch.allclose(recons[-1], sae.decode_norm(f), atol=1e-5)
+
+
+def test_topk_manual_backward_matches_autograd():
+    x = _data(n=64)
+    a, b = TopKSAE(16, 64, k=5, seed=4), TopKSAE(16, 64, k=5, seed=4)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+            s.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    la, ma = a.compute_grads(x)  # hand-written sparse backward (no dead latents)
+    lb, mb = b.train_loss(x)
+    lb.backward()
+    assert torch.allclose(la, lb.detach(), rtol=1e-5)
+    assert torch.equal(ma["fired"], mb["fired"])
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-7)

@@ -20,6 +20,7 @@ TopK-style SAEs decode sparsely with `embedding_bag` so their decoder work scale
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,57 @@ class TopKSAE(_AuxKMixin, SAE):
     def activate(self, pre):
         vals, idx = self.select(pre)
         return torch.zeros_like(pre).scatter_(1, idx, vals)
+
+    def compute_grads(self, xn, sparsity_coeff=0.0):
+        """Hand-written sparse backward: only the dense encoder matmul touches all h latents;
+        decoder, dL/df and both weight gradients cost O(B·k·d) (gathers and index_add)."""
+        if (type(self) is not TopKSAE or not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype
+                or bool(self.dead_mask().any())):
+            return super().compute_grads(xn, sparsity_coeff)
+        with torch.no_grad():
+            B, d = xn.shape
+            k = self.k
+            xc = xn - self.b_dec
+            pre = torch.addmm(self.b_enc, xc, self.W_enc)
+            vals, idx = pre.topk(k, dim=1, sorted=False)
+            del pre
+            vals.relu_()
+            flat = idx.reshape(-1)
+            xhat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum").add_(self.b_dec)
+            err = xhat.sub_(xn)
+            mse = err.pow(2).mean()
+            g_x = err.mul_(2.0 / (B * d))
+            for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+                crow_b = torch.arange(0, B * k + 1, k, device=xn.device)
+                S = torch.sparse_csr_tensor(crow_b, flat, vals.reshape(-1), size=(B, self.width))
+                # dL/df only at the kept entries: (g_x W_decᵀ) sampled on S's pattern
+                g_vals = torch.sparse.sampled_addmm(S, g_x, self.W_dec.t(), beta=0.0).values().view(B, k)
+                g_vals.mul_(vals > 0)
+                # the transposed pattern [h, B], built once (positions carried as values)
+                rows_b = torch.arange(B, device=xn.device).repeat_interleave(k)
+                coo = torch.sparse_coo_tensor(torch.stack([flat, rows_b]), torch.arange(B * k, device=xn.device),
+                                              (self.width, B)).coalesce()
+                ind, perm = coo.indices(), coo.values()
+                crow_h = torch._convert_indices_from_coo_to_csr(ind[0], self.width)
+
+                def transposed(v):
+                    return torch.sparse_csr_tensor(crow_h, ind[1], v.reshape(-1)[perm], size=(self.width, B))
+
+                # dL/dW_dec = Sᵀ g_x; dL/dW_enc = (Gᵀ xc)ᵀ with G the sparse dL/dpre
+                self.W_dec.grad.copy_(torch.sparse.mm(transposed(vals), g_x))
+                self.W_enc.grad.copy_(torch.sparse.mm(transposed(g_vals), xc).t())
+            self.b_enc.grad.zero_().index_add_(0, flat, g_vals.reshape(-1))
+            torch.sum(g_x, 0, out=self.b_dec.grad)
+            self.b_dec.grad.sub_(self.W_enc @ self.b_enc.grad)
+            fired = torch.zeros(self.width, dtype=torch.bool, device=xn.device)
+            fired[flat[vals.reshape(-1) > 0]] = True
+            l0 = (vals > 0).sum(1).float().mean()
+        return mse, {"mse": mse, "aux": mse.new_zeros(()), "l0": l0, "fired": fired,
+                     "dead": self.dead_mask().float().mean()}
 
     def train_loss(self, xn, sparsity_coeff=0.0):
         pre = self.pre_acts(xn)
