@@ -33,6 +33,7 @@ test: setup
 bench: setup
 	$(BIN)/visae bench extract
 	$(BIN)/visae bench loader
+	$(BIN)/visae bench train
 
 clean:
 	rm -rf results/* .snakemake

@@ -43,7 +43,7 @@ def test_dinov2_registers_store_equals_model_outputs(tmp_path, cifar10_dir, dino
     plan = plan_extract(DINO, spec, [3, -1], tokens="all", batch_size=3, max_images=7, shard_images=4,
                         backbone=dino)
     paths = run_extract(plan, tmp_path, progress=False)
-    assert [p.name for p in paths] == ["layer_3", "layer_11"]
+    assert [p.name for p in paths] == ["layer_3", "layer_-1"]
     dataset = open_dataset(spec)
     pixels = torch.stack([dino.transform(dataset[i].image) for i in range(7)])
     expected = dino.record(pixels, [3, 11])
@@ -120,7 +120,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, cifar10_dir):
         target = 1 + 2 * attempt
         deadline = time.time() + 120
         while time.time() < deadline:
-            meta = killed / "layer_11" / "meta.json"
+            meta = killed / "layer_-1" / "meta.json"
             try:
                 if len(json.loads(meta.read_text())["shards"]) >= target:
                     break
@@ -129,9 +129,9 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path, cifar10_dir):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert json.loads((killed / "layer_11" / "meta.json").read_text())["complete"] is False
+        assert json.loads((killed / "layer_-1" / "meta.json").read_text())["complete"] is False
     subprocess.run(_extract_cmd(killed, cifar10_dir), check=True, env=env, capture_output=True)
-    for layer in ("layer_2", "layer_11"):
+    for layer in ("layer_2", "layer_-1"):
         names = sorted(p.name for p in (ref / layer).glob("*.npy"))
         assert names == sorted(p.name for p in (killed / layer).glob("*.npy")) and len(names) == 12
         for name in names:

@@ -165,5 +165,24 @@ def add_cli(sub) -> None:
     lo.add_argument("--d-model", type=int, default=384)
     lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     lo.add_argument("--out", default="results/bench")
+    t = bsub.add_parser("train", help="SAE training step FLOP/s vs torch.matmul, TopK speed-up, loader")
+    t.add_argument("--d", type=int, default=384)
+    t.add_argument("--expansion", type=int, default=16)
+    t.add_argument("--batch", type=int, default=4096)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--dtype", default="float32")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--out", default="results/bench")
+    t.set_defaults(func=_bench_train_cli)
     lo.set_defaults(func=lambda a: bool(bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model,
                                                      dtype=a.dtype, out_dir=Path(a.out))) and 0)
+
+
+def _bench_train_cli(a) -> int:
+    from visae.bench_train import bench_train
+    result = bench_train(d=a.d, expansion=a.expansion, batch=a.batch, k=a.k, threads=a.threads,
+                         dtype=a.dtype, device=a.device)
+    result.pop("passed", None)
+    _report(result, Path(a.out))
+    return 0

@@ -1,7 +1,7 @@
 """`visae extract`: record ViT activations of a dataset into activation stores.
 
 One forward pass serves every requested layer; each layer gets its own store directory
-`OUT/layer_<L>`. Shard i holds images [i*S, (i+1)*S) and is written atomically, so a killed run
+`OUT/layer_<L>`, named by L as given (negative L counts from the end). Shard i holds images [i*S, (i+1)*S) and is written atomically, so a killed run
 resumes at the first unfinished shard and ends with byte-identical files (on CPU).
 """
 
@@ -85,11 +85,12 @@ def plan_extract(model_spec: dict, dataset_spec: dict, layers: list[int], *, tok
         raise VisaeError(f"max images must be positive, got {max_images}")
     dataset = dataset if dataset is not None else open_dataset(dataset_spec)
     backbone = backbone if backbone is not None else load_backbone(model_spec)
-    resolved = []
+    resolved, requested = [], []
     for layer in layers:
         r = backbone.resolve_layer(int(layer))
         if r not in resolved:
             resolved.append(r)
+            requested.append(int(layer))
     token_idx, layout = token_selection(backbone.layout, tokens, keep_registers, backbone.name)
     n_images = len(dataset) if max_images is None else min(len(dataset), max_images)
     if n_images == 0:
@@ -99,7 +100,7 @@ def plan_extract(model_spec: dict, dataset_spec: dict, layers: list[int], *, tok
         shard_images = max(batch_size, (SHARD_BYTES // per_image) // batch_size * batch_size)
     if shard_images <= 0:
         raise VisaeError(f"shard size must be positive, got {shard_images}")
-    return ExtractPlan(backbone, dataset, resolved, [int(x) for x in layers], token_idx, layout, dtype,
+    return ExtractPlan(backbone, dataset, resolved, requested, token_idx, layout, dtype,
                        n_images, int(batch_size), int(min(shard_images, n_images)))
 
 
@@ -172,7 +173,8 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
         job = {"model": model_info, "dataset": dataset_info, "layer": layer, "layout": plan.layout,
                "dtype": plan.dtype, "n_images": plan.n_images, "batch_size": plan.batch_size,
                "shard_images": plan.shard_images}
-        writers[layer] = StoreWriter(out / f"layer_{layer}", meta, job, plan.shard_images, plan.n_images)
+        # Named as requested (layer_-2), so a workflow can name the folder without loading the model.
+        writers[layer] = StoreWriter(out / f"layer_{requested}", meta, job, plan.shard_images, plan.n_images)
     (out / "extract.json").unlink(missing_ok=True)
     done = {layer: w.open() for layer, w in writers.items()}
     first = min(done.values())
@@ -249,8 +251,8 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     # Written last: its presence means every store under `out` is complete (the DAG's output).
     write_json(out / "extract.json", {
         "model": model_info, "dataset": dataset_info, "n_images": plan.n_images,
-        "stores": {f"layer_{w.root.name.split('_', 1)[1]}": {
-            "layer": layer, "store_hash": _store_hash(w)} for layer, w in writers.items()}})
+        "stores": {w.root.name: {"layer": layer, "store_hash": _store_hash(w)}
+                   for layer, w in writers.items()}})
     return [w.root for w in writers.values()]
 
 
@@ -341,7 +343,7 @@ def add_cli(sub) -> None:
     p.add_argument("--shard-images", type=int, help="images per shard (default: about 256 MiB shards)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, help=f"data loader workers (default {default_workers()})")
-    p.add_argument("--out", required=True, help="output folder; each layer goes to OUT/layer_<L>")
+    p.add_argument("--out", required=True, help="output folder; each layer goes to OUT/layer_<L> (L as given)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cli)
 
