@@ -12,6 +12,7 @@ and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `confi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
@@ -360,7 +361,13 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
 
 def _cmd(args) -> int:
     torch.manual_seed(0)
-    grid = load_grid(args.grid)
+    if args.grid_json is not None:
+        try:
+            grid = json.loads(args.grid_json)
+        except ValueError as err:
+            raise VisaeError(f"--grid-json is not valid JSON ({err})") from None
+    else:
+        grid = load_grid(args.grid)
     statuses = train_grid(args.store, grid, args.out, tokens=args.tokens, checkpoint_every=args.checkpoint_every,
                           device=args.device, heldout=args.heldout, data_seed=args.seed,
                           token_kind=None if args.token_kind == "all" else args.token_kind)
@@ -372,7 +379,9 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a grid of SAEs on one activation store",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True, help="activation store directory")
-    p.add_argument("--grid", required=True, help="YAML list of SAE entries (the config's saes:)")
+    grid = p.add_mutually_exclusive_group(required=True)
+    grid.add_argument("--grid", help="YAML list of SAE entries (the config's saes:)")
+    grid.add_argument("--grid-json", help="the same list as inline JSON (what the workflow passes)")
     p.add_argument("--out", required=True, help="output directory (one folder per SAE)")
     p.add_argument("--tokens", type=int, default=None, help="override every entry's training tokens")
     p.add_argument("--checkpoint-every", type=int, default=None, help="tokens between checkpoints")
