@@ -348,11 +348,28 @@ def add_cli(sub) -> None:
     p.set_defaults(func=_cli)
 
 
+def _in_config(args, section: str, name: str, opener, spec: dict):
+    """Open a dataset/model; errors name the config key that locates it."""
+    try:
+        return opener(spec)
+    except VisaeError as err:
+        if _named(args, section, name) is None:
+            raise
+        raise VisaeError(f"{section}.{name} in {args.config}: {err}") from None
+
+
 def _cli(args) -> int:
-    plan = plan_extract(resolve_model_spec(args), resolve_dataset_spec(args), args.layers,
+    from visae.data import open_dataset
+    from visae.models import load_backbone
+
+    model_spec, dataset_spec = resolve_model_spec(args), resolve_dataset_spec(args)
+    canonical_dtype(args.dtype)
+    dataset = _in_config(args, "datasets", args.dataset, open_dataset, dataset_spec)
+    backbone = _in_config(args, "models", args.model, load_backbone, model_spec)
+    plan = plan_extract(model_spec, dataset_spec, args.layers,
                         tokens=args.tokens, keep_registers=args.keep_registers, dtype=args.dtype,
                         batch_size=args.batch_size, max_images=args.max_images,
-                        shard_images=args.shard_images)
+                        shard_images=args.shard_images, backbone=backbone, dataset=dataset)
     paths = run_extract(plan, args.out, device=args.device, num_workers=args.workers,
                         progress=not args.no_progress, config=vars(args) | {"func": None})
     for path in paths:

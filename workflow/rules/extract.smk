@@ -3,40 +3,38 @@
 # stores beside it survive a failed job, so a rerun resumes them shard by shard.
 
 
-def extract_outputs():
-    return [
-        f"{RESULTS}/activations/{model}/{dataset}/extract.json"
-        for model in config["models"]
-        for dataset in config["extract"]["datasets"]
-    ]
-
-
 rule extract:
+    input:
+        unpack(extract_weights),
     output:
         f"{RESULTS}/activations/{{model}}/{{dataset}}/extract.json",
     params:
         layers=lambda wc: " ".join(str(l) for l in config["models"][wc.model]["layers"]),
+        weights=lambda wc, input: f"--weights {input.weights}" if "weights" in input.keys() else "",
+        max_images=lambda wc: (
+            f"--max-images {config['extract']['max_images']}" if config["extract"].get("max_images") else ""
+        ),
+        out=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}",
+        env=lambda wc, threads: threads_env(threads),
+        config_file=CONFIG_FILE,
         tokens=config["extract"]["tokens"],
         dtype=config["extract"]["dtype"],
         batch_size=config["extract"]["batch_size"],
-        max_images=lambda wc: (
-            f"--max-images {config['extract']['max_images']}"
-            if config["extract"].get("max_images")
-            else ""
-        ),
-        out=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}",
+        device=config["extract"]["device"],
     log:
         f"{RESULTS}/logs/extract/{{model}}/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/extract/{{model}}/{{dataset}}.tsv"
+    threads: workflow.cores
     resources:
         gpu=1 if config["extract"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "visae extract --config {CONFIG_FILE:q} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --layers {params.layers} --tokens {params.tokens}"
-        " --dtype {params.dtype} --batch-size {params.batch_size} {params.max_images}"
-        " --device {config[extract][device]} --out {params.out:q} --no-progress > {log:q} 2>&1"
+        "{params.env} visae extract --config {params.config_file:q} --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --layers {params.layers} {params.weights}"
+        " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
+        " {params.max_images} --device {params.device} --out {params.out:q} --no-progress"
+        " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
 
 
 rule extract_all:

@@ -1,0 +1,159 @@
+# Names and paths the rules share, computed from the validated config.
+import json
+import os
+from snakemake.exceptions import WorkflowError
+
+RESULTS = config["results"]
+# The config file(s) given to Snakemake, passed on to `visae` so it reads the same entries.
+CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else "config/config.yaml"
+
+
+def check_config():
+    """Cross-references the JSON schema cannot express; fail before any job, naming the key."""
+    for name, entry in config["models"].items():
+        if "pretrain" in entry:
+            if entry["source"] != "pretrain":
+                raise WorkflowError(f"models.{name}.pretrain needs source: pretrain (got {entry['source']})")
+            if entry["pretrain"]["dataset"] not in config["datasets"]:
+                raise WorkflowError(
+                    f"models.{name}.pretrain.dataset: {entry['pretrain']['dataset']!r} is not a key of "
+                    f"datasets ({', '.join(config['datasets'])})"
+                )
+        elif entry["source"] == "pretrain" and not entry.get("weights"):
+            raise WorkflowError(f"models.{name}: source pretrain needs pretrain: or weights:")
+    for dataset in config["extract"]["datasets"]:
+        if dataset not in config["datasets"]:
+            raise WorkflowError(
+                f"extract.datasets: {dataset!r} is not a key of datasets ({', '.join(config['datasets'])})"
+            )
+    for section in config.get("interventions", {}).values():
+        if section.get("model") and section["model"] not in config["models"]:
+            raise WorkflowError(f"interventions: model {section['model']!r} is not a key of models")
+        if section.get("dataset") and section["dataset"] not in config["datasets"]:
+            raise WorkflowError(f"interventions: dataset {section['dataset']!r} is not a key of datasets")
+
+
+check_config()
+
+
+def layer_names(model):
+    return [f"layer_{layer}" for layer in config["models"][model]["layers"]]
+
+
+def stores():
+    """(model, dataset, layer folder) of every activation store the config asks for."""
+    return [
+        (model, dataset, layer)
+        for model in config["models"]
+        for dataset in config["extract"]["datasets"]
+        for layer in layer_names(model)
+    ]
+
+
+def sae_pass(sae):
+    return config["saes"][sae].get("pass", sae)
+
+
+def pass_members(name):
+    return sorted(sae for sae in config["saes"] if sae_pass(sae) == name)
+
+
+def sae_entry(sae):
+    """A grid entry with the train: defaults filled in, as `visae train` receives it."""
+    defaults = {k: v for k, v in config.get("train", {}).items()
+                if k in ("tokens", "batch_size", "lr_warmup", "l1_warmup")}
+    entry = {**defaults, **config["saes"][sae], "name": sae}
+    entry.pop("pass", None)
+    return entry
+
+
+def threads_env(threads):
+    return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+
+
+wildcard_constraints:
+    model="[^/]+",
+    dataset="[^/]+",
+    layer="layer_-?[0-9]+",
+    sae="[^/]+",
+    pass_="[^/]+",
+
+
+def pretrain_outputs():
+    return [
+        f"{RESULTS}/pretrain/{model}/model.safetensors"
+        for model, entry in config["models"].items()
+        if "pretrain" in entry
+    ]
+
+
+def pretrain_args(wildcards):
+    entry = config["models"][wildcards.model]
+    job = entry["pretrain"]
+    kwargs = entry.get("model_kwargs", {})
+    flags = {
+        "--objective": job["objective"],
+        "--arch": entry["arch"],
+        "--image-size": entry.get("image_size"),
+        "--patch-size": kwargs.get("patch_size"),
+        "--depth": kwargs.get("depth"),
+        "--embed-dim": kwargs.get("embed_dim"),
+        "--heads": kwargs.get("num_heads"),
+        "--steps": job.get("steps"),
+        "--batch-size": job.get("batch_size"),
+        "--lr": job.get("lr"),
+        "--max-images": job.get("max_images"),
+        "--seed": job.get("seed", 0),
+    }
+    return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+
+
+def extract_outputs():
+    return sorted(
+        {f"{RESULTS}/activations/{model}/{dataset}/extract.json" for model, dataset, _ in stores()}
+    )
+
+
+def extract_weights(wildcards):
+    """A model trained by `visae pretrain` is extracted from that job's weights."""
+    if "pretrain" in config["models"][wildcards.model]:
+        return {"weights": f"{RESULTS}/pretrain/{wildcards.model}/model.safetensors"}
+    return {}
+
+
+def pass_outputs():
+    return [
+        f"{RESULTS}/saes/{model}/{dataset}/{layer}/{name}/provenance.json"
+        for model, dataset, layer in stores()
+        for name in sorted({sae_pass(sae) for sae in config["saes"]})
+    ]
+
+
+def sae_dir(model, dataset, layer, sae):
+    return f"{RESULTS}/saes/{model}/{dataset}/{layer}/{sae_pass(sae)}/{sae}"
+
+
+def evaluate_outputs():
+    return [
+        f"{RESULTS}/evaluate/{model}/{dataset}/{layer}/{sae}/metrics.json"
+        for model, dataset, layer in stores()
+        for sae in config["saes"]
+    ]
+
+
+def sae_logs():
+    return [
+        f"{sae_dir(model, dataset, layer, sae)}/log.csv"
+        for model, dataset, layer in stores()
+        for sae in config["saes"]
+    ]
+
+
+def report_outputs():
+    figures = [
+        f"{RESULTS}/figures/{kind}_{model}.{ext}"
+        for model in config["models"]
+        for kind in ("frontier", "latent_freq", "training")
+        for ext in ("png", "pdf")
+    ]
+    return [f"{RESULTS}/tables/saes.{ext}" for ext in ("md", "csv", "tex")] + figures
