@@ -1,0 +1,49 @@
+"""`visae report`: result tables and figures, the DAG's last stage.
+
+Inputs are explicit lists of files (Snakemake passes them):
+- `--metrics`: `metrics.json` files written by `visae evaluate`;
+- `--latents`: `latents.csv` files written by `visae evaluate`, each in the same folder as one of the
+  `--metrics` files (that is how a latents file is matched to its SAE);
+- `--logs`: `log.csv` files written by `visae train` (in an SAE checkpoint folder, beside `config.json`).
+
+Each evaluation is one row, identified by (model, dataset, layer, sae). The identity and the SAE's
+sparsity hyperparameters (k, λ) are recovered, per field, from the first of these that has them:
+1. the metrics file's own content: top-level `model`/`dataset`/`layer`/`k`/`lambda` keys, or a
+   `source` dict (`model`, `dataset`, `layer`) and `entry`/`hparams` dicts (`k`, `l1`, `l0`);
+2. the SAE checkpoint's `config.json` (its `source` and `entry`), found through the evaluation's
+   `provenance.json` (`config.sae`, the `--sae` that `visae evaluate` was given), or else by the
+   workflow layout, `results/evaluate/<m>/<d>/layer_<L>/<sae>/` → `results/saes/<m>/<d>/layer_<L>/<sae>/`;
+3. the metrics file's path, `.../<model>/<dataset>/layer_<L>/<sae>/metrics.json`.
+The SAE name is the metrics' `sae` key (else the folder name). Today `visae evaluate` writes no
+model/dataset/layer into metrics.json, so in practice they come from the checkpoint (2) or the path (3).
+A row whose model, dataset or layer cannot be found by any of these is an error.
+
+Outputs (stable names, embedded in the Snakemake report):
+- `visae report tables --metrics ... --out DIR`:
+  - `DIR/saes.csv`: every row, full float precision (the machine-readable table);
+  - `DIR/saes.md`: the same rows, rounded, as a Markdown (pipe) table;
+  - `DIR/saes.tex`: the same rows, rounded, as a LaTeX booktabs tabular;
+  - `DIR/provenance.json`.
+- `visae report figures --metrics ... [--latents ...] [--logs ...] --out DIR`, per model `<m>`
+  (the model name with characters outside `[A-Za-z0-9._-]` replaced by `_`):
+  - `DIR/frontier_<m>.png`, `.pdf`: NMSE against L0 (log x), one point per SAE, coloured by architecture;
+  - `DIR/latent_freq_<m>.png`, `.pdf`: histograms of log10 latent firing frequency, one panel per SAE
+    (from `latents.csv` where given, else from the metrics' `log10_freq_hist`);
+  - `DIR/training_<m>.png`, `.pdf`: MSE and L0 against tokens seen, one line per SAE (only with `--logs`);
+  - `DIR/provenance.json`.
+Rows are sorted by (model, dataset, layer, sae); tables and figures are byte-identical across reruns
+of the same inputs (PNG/PDF without timestamps; `provenance.json` records the run, so it differs).
+"""
+
+# Submodules load on first use, so `visae --help` does not import seaborn/matplotlib.
+_EXPORTS = {"Row": "collect", "collect_rows": "collect", "load_latents": "collect", "load_log": "collect",
+            "model_slug": "collect", "rows_frame": "tables", "write_tables": "tables", "write_figures": "figures"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"visae.report.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'visae.report' has no attribute {name!r}")

@@ -1,0 +1,63 @@
+"""`visae report tables|figures`: the SAE table and per-model figures (see visae.report for file names)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from visae.atomic import write_json
+from visae.provenance import provenance
+
+
+def _config(args, command: str) -> dict:
+    cfg = {"command": f"report {command}", "metrics": [str(p) for p in args.metrics]}
+    for name in ("latents", "logs"):
+        if getattr(args, name, None) is not None:
+            cfg[name] = [str(p) for p in getattr(args, name)]
+    return cfg
+
+
+def _tables(args) -> int:
+    from visae.report.collect import collect_rows
+    from visae.report.tables import write_tables
+
+    started = time.time()
+    rows = collect_rows(args.metrics)
+    paths = write_tables(rows, args.out)
+    write_json(Path(args.out) / "provenance.json", provenance(_config(args, "tables"), seeds={}, started=started))
+    print(f"{len(rows)} SAE(s) -> {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def _figures(args) -> int:
+    from visae.report.collect import collect_rows, load_log, match_latents
+    from visae.report.figures import write_figures
+
+    started = time.time()
+    rows = collect_rows(args.metrics)
+    freqs = match_latents(rows, args.latents)
+    logs = [load_log(p) for p in (args.logs or [])]
+    paths = write_figures(rows, args.out, freqs=freqs, logs=logs)
+    write_json(Path(args.out) / "provenance.json", provenance(_config(args, "figures"), seeds={}, started=started))
+    print(f"{len(paths)} figure file(s) -> {args.out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("report", help="result tables and figures from evaluations",
+                              description=__doc__)
+    sub = p.add_subparsers(dest="report_command", metavar="<what>", required=True)
+    t = sub.add_parser("tables", help="saes.md / saes.csv / saes.tex: one row per evaluated SAE")
+    t.add_argument("--metrics", nargs="+", required=True, metavar="METRICS_JSON",
+                   help="metrics.json files written by `visae evaluate`")
+    t.add_argument("--out", required=True, help="output folder")
+    t.set_defaults(func=_tables)
+    f = sub.add_parser("figures", help="per model: frontier_<m>, latent_freq_<m>, training_<m> (.png and .pdf)")
+    f.add_argument("--metrics", nargs="+", required=True, metavar="METRICS_JSON",
+                   help="metrics.json files written by `visae evaluate`")
+    f.add_argument("--latents", nargs="*", default=None, metavar="LATENTS_CSV",
+                   help="latents.csv files beside those metrics.json (else their log10_freq_hist is drawn)")
+    f.add_argument("--logs", nargs="*", default=None, metavar="LOG_CSV",
+                   help="SAE training log.csv files (beside each checkpoint's config.json)")
+    f.add_argument("--out", required=True, help="output folder")
+    f.set_defaults(func=_figures)
