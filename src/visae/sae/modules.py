@@ -108,7 +108,7 @@ class SAE(nn.Module):
         if g is None:
             return
         coef = torch.einsum("hd,hd->h", g, w).unsqueeze(1)
-        g.sub_(w * coef)
+        g.addcmul_(w, coef, value=-1)
 
     @torch.no_grad()
     def normalise_decoder(self) -> None:
@@ -140,38 +140,98 @@ class ReLUSAE(SAE):
                       "fired": (f > 0).any(0)}
 
     def compute_grads(self, xn, sparsity_coeff):
-        """Hand-written backward: 5 matmuls (autograd does 6: it also forms dL/dx), ReLU and
-        its backward fused into existing passes, dL/db_dec through the encoder as a
-        vector-matrix product."""
-        if not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype:
+        """Hand-written backward: 5 matmuls (autograd does 6: it also forms dL/dx) and three
+        elementwise passes over [B, h] (ReLU, the L0 count, the ReLU mask), into reused buffers.
+
+        Biases and constants ride in the matmuls as one extra inner row/column (K = d + 1):
+        [xc, 1] @ [W_enc; b_enc] is the encoder with its bias; [g_x, 1] @ [W_dec, λ/B]ᵀ is dL/df
+        with the L1 gradient already added; fᵀ [g_x, 1] gives dL/dW_dec and Σ_b f (L1 and
+        `fired`); [xc, 1]ᵀ g_pre gives dL/dW_enc and dL/db_enc. dL/db_dec goes through the
+        encoder as a vector-matrix product. Under autocast (bf16 on CUDA) autograd does the step."""
+        if (not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype or xn.dim() != 2
+                or xn.device != self.W_enc.device or torch.is_autocast_enabled(xn.device.type)):
             return super().compute_grads(xn, sparsity_coeff)
         with torch.no_grad():
             B, d = xn.shape
-            xc = xn - self.b_dec
-            f = torch.addmm(self.b_enc, xc, self.W_enc).relu_()  # [B, h]
-            xhat = torch.addmm(self.b_dec, f, self.W_dec)
-            err = xhat.sub_(xn)  # xhat is no longer needed: reuse it for the error
-            mse = err.pow(2).mean()
-            l1 = f.sum() / B
-            loss = mse + sparsity_coeff * l1
-            g_x = err.mul_(2.0 / (B * d))  # dL/dx̂ [B, d]
-            for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
+            ws = _relu_workspace(B, d, self.width, xn.device, xn.dtype)
+            xa, ga, F, G = ws["xa"], ws["ga"], ws["F"], ws["G"]
+            xc = torch.sub(xn, self.b_dec, out=xa[:, :d])
+            ws["We"][:d].copy_(self.W_enc)
+            ws["We"][d].copy_(self.b_enc)
+            torch.mm(xa, ws["We"], out=F).relu_()  # f [B, h]
+            err = torch.addmm(self.b_dec, F, self.W_dec, out=ws["xhat"]).sub_(xn)  # x̂ − x
+            mse = torch.dot(err.view(-1), err.view(-1)) / (B * d)
+            g_x = torch.mul(err, 2.0 / (B * d), out=ga[:, :d])  # dL/dx̂ [B, d]
+            torch.mm(F.t(), ga, out=ws["gWd"])  # [dL/dW_dec, Σ_b f]
+            f_sum = ws["gWd"][:, d]
+            l1 = f_sum.sum() / B
+            fired = f_sum > 0  # f ≥ 0: a column sums to > 0 iff some entry fired
+            l0 = torch.gt(F, 0, out=G).sum() / B  # G is free until dL/df lands in it
+            ws["Wd"][:, :d].copy_(self.W_dec)
+            ws["Wd"][:, d].fill_(sparsity_coeff / B)
+            torch.mm(ga, ws["Wd"].t(), out=G)  # dL/df = g_x W_decᵀ + λ/B
+            _threshold_backward(G, F, 0.0, grad_input=F)  # dL/dpre, over f (no longer needed)
+            # [dL/dW_enc; dL/db_enc], straight into this SAE's gradient storage (two views of it)
+            g_enc = self._enc_grad_storage(d, xn.device, xn.dtype)
+            torch.mm(xa.t(), F, out=g_enc)
+            for p, g in ((self.W_enc, g_enc[:d]), (self.b_enc, g_enc[d])):
                 if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            torch.mm(f.t(), g_x, out=self.W_dec.grad)
-            g_f = torch.mm(g_x, self.W_dec.t())  # dL/df [B, h]
-            if sparsity_coeff:
-                g_f.add_(sparsity_coeff / B)
-            g_pre = torch.ops.aten.threshold_backward(g_f, f, 0.0)
-            del g_f
-            torch.mm(xc.t(), g_pre, out=self.W_enc.grad)
-            torch.sum(g_pre, 0, out=self.b_enc.grad)
+                    p.grad = g
+                elif not (p.grad.data_ptr() == g.data_ptr() and p.grad.stride() == g.stride()):
+                    p.grad.copy_(g)
+            for p in (self.W_dec, self.b_dec):
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+            self.W_dec.grad.copy_(ws["gWd"][:, :d])
             # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
             torch.sum(g_x, 0, out=self.b_dec.grad)
             self.b_dec.grad.sub_(self.W_enc @ self.b_enc.grad)
-            fired = f.amax(0) > 0
-            l0 = torch.count_nonzero(f).float() / B
+            loss = mse + sparsity_coeff * l1
         return loss, {"mse": mse, "l1": l1, "l0": l0, "fired": fired}
+
+    def _enc_grad_storage(self, d, device, dtype) -> torch.Tensor:
+        """[d + 1, h]: rows :d hold dL/dW_enc and row d dL/db_enc (the grads are views of it)."""
+        buf = self.__dict__.get("_enc_grad")
+        if buf is None or buf.device != device or buf.dtype != dtype or buf.shape != (d + 1, self.width):
+            buf = torch.empty(d + 1, self.width, device=device, dtype=dtype)
+            self.__dict__["_enc_grad"] = buf
+        return buf
+
+
+_threshold_backward = torch.ops.aten.threshold_backward.grad_input
+_WORKSPACES: dict = {}
+_MAX_WORKSPACES = 2
+
+
+def _relu_workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Buffers of one ReLU-L1 step: f and dL/df [B, h] (f's is reused for dL/dpre), x̂, the
+    K = d + 1 augmented inputs and weights, the augmented decoder gradient. On CPU they are kept and
+    shared by every SAE of that shape (a grid steps its SAEs one after the other): a fresh
+    [B, h] tensor costs a page-faulting pass of its own, as much as an elementwise op. Other
+    devices have caching allocators, so they get fresh tensors."""
+    key = (B, d, h, device, dtype)
+    ws = _WORKSPACES.get(key)
+    if ws is not None:
+        return ws
+
+    def empty(*shape):
+        return torch.empty(*shape, device=device, dtype=dtype)
+
+    ws = {"F": empty(B, h), "G": empty(B, h), "xhat": empty(B, d), "xa": empty(B, d + 1),
+          "ga": empty(B, d + 1), "We": empty(d + 1, h), "Wd": empty(h, d + 1),
+          "gWd": empty(h, d + 1)}
+    ws["xa"][:, d] = 1
+    ws["ga"][:, d] = 1
+    if device.type == "cpu":
+        while len(_WORKSPACES) >= _MAX_WORKSPACES:
+            _WORKSPACES.pop(next(iter(_WORKSPACES)))
+        _WORKSPACES[key] = ws
+    return ws
+
+
+def clear_workspaces() -> None:
+    """Free the cached CPU buffers of the ReLU training step."""
+    _WORKSPACES.clear()
 
 
 class _AuxKMixin:
@@ -489,6 +549,17 @@ def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, **hpar
     cls = CLASSES[architecture]
     kwargs = {k: v for k, v in hparams.items() if k in ARCH_KEYS[architecture] and v is not None}
     return cls(d_model, width, seed=seed, **kwargs)
+
+
+def make_adam(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
+    """The recipe's Adam, as the single fused kernel (one pass over each parameter instead of
+    ~8) where this torch has it for the parameters' device; the plain loop otherwise. Same
+    update rule (results differ from the loop only in rounding)."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
 
 
 def lr_at(step: int, lr: float, warmup: int) -> float:
