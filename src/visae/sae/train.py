@@ -26,7 +26,8 @@ from visae.atomic import atomic_path
 from visae.errors import VisaeError
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
-from visae.sae.modules import ARCH_KEYS, ARCHITECTURES, build_sae, estimate_normalisation, lr_at, sparsity_at
+from visae.sae.modules import (ARCH_KEYS, ARCHITECTURES, build_sae, estimate_normalisation, lr_at, make_adam,
+                               sparsity_at)
 from visae.sae.split import split_images
 
 # Keys every grid entry may carry, with their defaults (None: required or architecture-specific).
@@ -156,7 +157,7 @@ class Member:
         self.sae = build_sae(self.arch, d_model, entry["width"], seed=entry["seed"],
                              **{k: entry.get(k) for k in ARCH_KEYS[self.arch]}).to(device)
         self.sparsity = entry.get(SPARSITY_KEY.get(self.arch, ""), 0.0) or 0.0
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=entry["lr"], betas=tuple(entry["adam_betas"]))
+        self.opt = make_adam(self.sae.parameters(), lr=entry["lr"], betas=entry["adam_betas"])
         self.steps = max(1, entry["tokens"] // entry["batch_size"])
         self.step, self.tokens, self.status, self.failure = 0, 0, "running", None
         self.last = {}
