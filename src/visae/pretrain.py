@@ -1,0 +1,627 @@
+"""`visae pretrain`: the offline demo's pair of tiny ViTs, trained on real Fashion-MNIST.
+
+Two pre-training objectives, the paper's CLIP-vs-DINOv2 contrast in miniature:
+- `supervised`: cross-entropy on the CLS head, with the 10 garment labels;
+- `simclr`: self-supervised contrastive learning (two augmented views per image, NT-Xent loss,
+  a small projection head that is dropped after training).
+
+The model is built through the backbone registry (`source: timm`, random init seeded with the
+run seed) and trained on exactly the pixels that registry's preprocessing makes of each image, so
+the checkpoint, reloaded with `source: pretrain`, sees at extraction what it saw in training.
+Augmentations run batched on tensors, driven by one seeded `torch.Generator`; on CPU the same
+seed gives the same weights file, byte for byte.
+
+Outputs in `--out` (each written atomically; `model.safetensors` last, so its presence means the
+run finished): `log.csv` (one row per step), `config.json` (model spec, hyperparameters, final
+metrics incl. kNN and linear-probe accuracy on the test split, and the same at random init as a
+baseline), `provenance.json`, `model.safetensors` (the backbone's state dict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from visae.atomic import atomic_path, write_json
+from visae.errors import VisaeError
+from visae.provenance import provenance
+
+OBJECTIVES = ("supervised", "simclr")
+N_CLASSES = 10
+LOG_COLUMNS = ["step", "epoch", "images", "loss", "lr", "batch_acc"]
+
+# The demo defaults: each pretraining takes about 1.5 minutes on 2 CPU cores.
+DEFAULTS: dict[str, Any] = {
+    "arch": "vit_tiny_patch16_224",
+    "image_size": 28,
+    "patch_size": 4,
+    "depth": 4,
+    "embed_dim": 64,
+    "heads": 4,
+    "mlp_ratio": 2.0,
+    "max_images": 12000,
+    "weight_decay": 0.05,
+    "warmup_frac": 0.1,
+    "grad_clip": 1.0,
+    "temperature": 0.2,
+    "proj_dim": 64,
+    "eval_train": 5000,
+    "eval_test": 2000,
+    "knn_k": 20,
+}
+# Per objective: epochs, batch size and learning rate (about the same compute for both: SimCLR
+# runs two views per image).
+OBJECTIVE_DEFAULTS = {
+    "supervised": {"epochs": 4, "batch_size": 64, "lr": 3e-3},
+    "simclr": {"epochs": 2, "batch_size": 128, "lr": 2e-3},
+}
+
+
+# --------------------------------------------------------------------------- pixels
+
+class Pixels:
+    """The backbone's own preprocessing, applied to uint8 greyscale images in batches.
+
+    Geometry (resize/crop) runs once per image on PIL 'L' images and is cached as uint8; the value
+    steps (to-tensor, normalise) run per batch. `check` proves the result equals the backbone's
+    transform on the RGB image the dataset yields, bit for bit.
+    """
+
+    _GEOMETRIC = {"Resize", "CenterCrop", "ResizeKeepRatio", "CenterCropOrPad"}
+    _TO_FLOAT = {"ToTensor", "MaybeToTensor"}
+
+    def __init__(self, transform):
+        self.transform = transform
+        steps = list(getattr(transform, "transforms", [transform]))
+        kinds = [getattr(s, "__name__", None) or type(s).__name__ for s in steps]
+        self.geometry, rest = [], []
+        for step, kind in zip(steps, kinds):
+            (self.geometry if kind in self._GEOMETRIC and not rest else rest).append((kind, step))
+        mean = std = None
+        fast = len(rest) in (1, 2) and rest[0][0] in self._TO_FLOAT
+        if fast and len(rest) == 2:
+            fast = rest[1][0] == "Normalize"
+            if fast:
+                mean = torch.as_tensor(rest[1][1].mean, dtype=torch.float32).reshape(-1, 1, 1)
+                std = torch.as_tensor(rest[1][1].std, dtype=torch.float32).reshape(-1, 1, 1)
+        self.fast = fast
+        self.mean = mean if mean is not None else torch.zeros(3, 1, 1)
+        self.std = std if std is not None else torch.ones(3, 1, 1)
+
+    def geometry_u8(self, gray: np.ndarray) -> np.ndarray:
+        """(N, H, W) uint8 -> (N, h, w) uint8 after the transform's resize/crop."""
+        from PIL import Image
+
+        if not self.fast:
+            return np.ascontiguousarray(gray)
+        out = []
+        for a in gray:
+            im = Image.fromarray(a, "L")
+            for _, step in self.geometry:
+                im = step(im)
+            out.append(np.asarray(im))
+        return np.stack(out) if out else np.zeros((0, *gray.shape[1:]), np.uint8)
+
+    def to_unit(self, u8: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) uint8 -> (B, 3, h, w) float in [0, 1] (what ToTensor gives)."""
+        return u8.unsqueeze(1).to(torch.float32).div(255).expand(-1, 3, -1, -1)
+
+    def normalise(self, unit: torch.Tensor) -> torch.Tensor:
+        return (unit - self.mean) / self.std
+
+    def batch(self, u8: torch.Tensor) -> torch.Tensor:
+        """Cached uint8 geometry -> model input, equal to `transform(image)` for each image."""
+        if not self.fast:
+            from PIL import Image
+            return torch.stack([self.transform(Image.fromarray(a.numpy(), "L").convert("RGB")) for a in u8])
+        return self.normalise(self.to_unit(u8))
+
+    def check(self, gray: np.ndarray) -> None:
+        from PIL import Image
+
+        if not self.fast or len(gray) == 0:
+            return
+        ref = torch.stack([self.transform(Image.fromarray(a, "L").convert("RGB")) for a in gray])
+        got = self.batch(torch.from_numpy(self.geometry_u8(gray)))
+        if got.shape != ref.shape or not torch.equal(got, ref):
+            # Not an exact match: fall back to the transform itself, image by image (slow, exact).
+            self.fast = False
+
+
+# --------------------------------------------------------------------------- augmentations
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+
+def simclr_views(unit: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One random view per image of a (B, C, H, W) batch in [0, 1], for 28x28 greyscale garments.
+
+    Random resized crop (area 35-100 %, aspect 3/4-4/3), horizontal flip, rotation up to 15
+    degrees (one affine warp, black outside), brightness/contrast jitter, and random erasing of a
+    small rectangle with probability 0.5. Every random number comes from `gen`.
+    """
+    b, _, h, w = unit.shape
+    area = _uniform(gen, b, 0.35, 1.0)
+    log_ratio = _uniform(gen, b, math.log(3 / 4), math.log(4 / 3))
+    ratio = log_ratio.exp()
+    sw = (area * ratio).sqrt().clamp(max=1.0)
+    sh = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sh)
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    angle = _uniform(gen, b, -15.0, 15.0) * (math.pi / 180)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([
+        torch.stack([cos * sw * flip, -sin * sh, cx], dim=1),
+        torch.stack([sin * sw * flip, cos * sh, cy], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
+    x = F.grid_sample(unit[:, :1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    contrast = _uniform(gen, b, 0.6, 1.4).view(b, 1, 1, 1)
+    bright = _uniform(gen, b, -0.15, 0.15).view(b, 1, 1, 1)
+    x = (x * contrast + bright * (x > 0)).clamp(0, 1)  # background stays black
+    erase = torch.rand(b, generator=gen) < 0.5
+    ea = _uniform(gen, b, 0.02, 0.15) * h * w
+    er = _uniform(gen, b, math.log(0.3), math.log(3.3)).exp()
+    eh = (ea * er).sqrt().clamp(1, h - 1).floor()
+    ew = (ea / er).sqrt().clamp(1, w - 1).floor()
+    ey = (torch.rand(b, generator=gen) * (h - eh + 1)).floor()
+    ex = (torch.rand(b, generator=gen) * (w - ew + 1)).floor()
+    rows = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    cols = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+    box = ((rows >= ey.view(b, 1, 1)) & (rows < (ey + eh).view(b, 1, 1))
+           & (cols >= ex.view(b, 1, 1)) & (cols < (ex + ew).view(b, 1, 1)) & erase.view(b, 1, 1))
+    x = x.masked_fill(box.unsqueeze(1), 0.0)
+    return x.expand(-1, unit.shape[1], -1, -1)
+
+
+def flip_views(unit: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Supervised augmentation: random horizontal flip."""
+    flip = (torch.rand(unit.shape[0], generator=gen) < 0.5).view(-1, 1, 1, 1)
+    return torch.where(flip, unit.flip(-1), unit)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross-entropy over 2B views (positives: the other view)."""
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n = z1.shape[0]
+    sim = (z @ z.t()) / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+class ProjectionHead(torch.nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d_in, 2 * d_in), torch.nn.GELU(), torch.nn.Linear(2 * d_in, d_out)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def features(model, pixels: Pixels, u8: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Final CLS features (after the last norm) and, if the model has a class head, its logits."""
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    has_head = getattr(model, "num_classes", 0) > 0
+    for i in range(0, len(u8), batch_size):
+        x = pixels.batch(u8[i:i + batch_size]).to(device)
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().cpu())
+        if has_head:
+            logits.append(model.head(f).float().cpu())
+    model.train(was_training)
+    return torch.cat(feats), (torch.cat(logits) if has_head else None)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, t: float = 0.07) -> float:
+    """Weighted cosine kNN (as in DINO's evaluation)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), 512):
+        sim = test_f[i:i + 512] @ train_f.t()
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top), N_CLASSES).scatter_add_(1, train_y[idx], (top / t).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + 512]).sum())
+    return correct / len(test_f)
+
+
+def linear_probe_accuracy(train_f, train_y, test_f, test_y, steps: int = 300, lr: float = 0.05,
+                          weight_decay: float = 1e-4) -> float:
+    """Softmax regression on standardised features, full batch (deterministic)."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(xtr.shape[1], N_CLASSES)
+        opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(xtr), train_y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((probe(xte).argmax(1) == test_y).float().mean())
+
+
+def evaluate(model, pixels: Pixels, bank_u8, bank_y, test_u8, test_y, batch_size: int, device,
+             knn_k: int) -> dict[str, float]:
+    ftr, _ = features(model, pixels, bank_u8, batch_size, device)
+    fte, logits = features(model, pixels, test_u8, batch_size, device)
+    out = {
+        "knn_acc": round(knn_accuracy(ftr, bank_y, fte, test_y, k=knn_k), 4),
+        "linear_probe_acc": round(linear_probe_accuracy(ftr, bank_y, fte, test_y), 4),
+    }
+    if logits is not None:
+        out["head_acc"] = round(float((logits.argmax(1) == test_y).float().mean()), 4)
+    return out
+
+
+# --------------------------------------------------------------------------- training
+
+def _positive(name: str, value, kind=int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (kind is int and not float(value).is_integer()) or not math.isfinite(value) or value <= 0:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise VisaeError(f"{name} must be {what}, got {value!r}")
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero (step is 0-based)."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+@contextlib.contextmanager
+def _deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
+def model_kwargs_for(objective: str, patch_size: int, depth: int, embed_dim: int, heads: int,
+                     mlp_ratio: float) -> dict[str, Any]:
+    """timm kwargs of the demo ViT; the supervised model keeps its 10-class head, the SimCLR one
+    has none (its projection head is not part of the backbone)."""
+    return {
+        "patch_size": patch_size, "in_chans": 3, "depth": depth, "embed_dim": embed_dim,
+        "num_heads": heads, "mlp_ratio": mlp_ratio,
+        "num_classes": N_CLASSES if objective == "supervised" else 0,
+    }
+
+
+def pretrain(
+    objective: str,
+    out: str | Path,
+    *,
+    arch: str = DEFAULTS["arch"],
+    image_size: int = DEFAULTS["image_size"],
+    patch_size: int = DEFAULTS["patch_size"],
+    depth: int = DEFAULTS["depth"],
+    embed_dim: int = DEFAULTS["embed_dim"],
+    heads: int = DEFAULTS["heads"],
+    mlp_ratio: float = DEFAULTS["mlp_ratio"],
+    epochs: int | None = None,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float = DEFAULTS["weight_decay"],
+    warmup_frac: float = DEFAULTS["warmup_frac"],
+    grad_clip: float = DEFAULTS["grad_clip"],
+    temperature: float = DEFAULTS["temperature"],
+    proj_dim: int = DEFAULTS["proj_dim"],
+    seed: int = 0,
+    max_images: int = DEFAULTS["max_images"],
+    eval_train: int = DEFAULTS["eval_train"],
+    eval_test: int = DEFAULTS["eval_test"],
+    knn_k: int = DEFAULTS["knn_k"],
+    init_baseline: bool = True,
+    data_root: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Train one demo ViT; write `out`/{model.safetensors, config.json, log.csv, provenance.json}.
+
+    Returns the config.json contents. Every user-fixable problem is a one-line `VisaeError`.
+    """
+    started = time.time()
+    if objective not in OBJECTIVES:
+        raise VisaeError(f"unknown pretraining objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    if epochs is not None and steps is not None:
+        raise VisaeError("give either epochs or steps, not both")
+    epochs = OBJECTIVE_DEFAULTS[objective]["epochs"] if epochs is None and steps is None else epochs
+    lr = OBJECTIVE_DEFAULTS[objective]["lr"] if lr is None else lr
+    batch_size = OBJECTIVE_DEFAULTS[objective]["batch_size"] if batch_size is None else batch_size
+    for name, value in (("image_size", image_size), ("patch_size", patch_size), ("depth", depth),
+                        ("embed_dim", embed_dim), ("heads", heads), ("batch_size", batch_size),
+                        ("max_images", max_images), ("eval_train", eval_train), ("eval_test", eval_test),
+                        ("knn_k", knn_k), ("proj_dim", proj_dim)):
+        _positive(name, value)
+    if steps is not None:
+        _positive("steps", steps)
+    if epochs is not None:
+        _positive("epochs", epochs)
+    for name, value in (("lr", lr), ("mlp_ratio", mlp_ratio), ("temperature", temperature)):
+        _positive(name, value, float)
+    for name, value in (("weight_decay", weight_decay), ("grad_clip", grad_clip)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise VisaeError(f"{name} must be a number >= 0, got {value!r}")
+    if not 0 <= warmup_frac < 1:
+        raise VisaeError(f"warmup_frac must be in [0, 1), got {warmup_frac!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise VisaeError(f"seed must be an integer >= 0, got {seed!r}")
+    if image_size % patch_size:
+        raise VisaeError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    if embed_dim % heads:
+        raise VisaeError(f"embed_dim {embed_dim} is not divisible by heads {heads}")
+    if objective == "simclr" and min(batch_size, max_images) < 2:
+        raise VisaeError("simclr needs at least 2 images per batch (its negatives are the other images)")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise VisaeError(f"unknown device {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VisaeError("device cuda requested but no CUDA GPU is available")
+
+    from visae.data import open_dataset
+    from visae.models import load_backbone
+
+    data_spec = {"format": "fashion-mnist"}
+    if data_root is not None:
+        data_spec["root"] = str(data_root)
+    train_ds = open_dataset(dict(data_spec, split="train"))
+    test_ds = open_dataset(dict(data_spec, split="test"))
+    if not hasattr(train_ds, "images"):  # pragma: no cover - fashion-mnist always has it
+        raise VisaeError("visae pretrain needs the fashion-mnist format")
+
+    mk = model_kwargs_for(objective, patch_size, depth, embed_dim, heads, mlp_ratio)
+    build_spec = {"source": "timm", "arch": arch, "image_size": image_size, "model_kwargs": mk,
+                  "init_seed": seed}
+    bb = load_backbone(build_spec)
+    model = bb.model
+    pixels = Pixels(bb.transform)
+
+    n = min(int(max_images), len(train_ds))
+    batch = min(int(batch_size), n)
+    gray_train = train_ds.images()[:n]
+    labels_train = torch.from_numpy(train_ds.label_array()[:n])
+    pixels.check(gray_train[:16])
+    train_u8 = torch.from_numpy(pixels.geometry_u8(gray_train))
+    n_test = min(int(eval_test), len(test_ds))
+    test_u8 = torch.from_numpy(pixels.geometry_u8(test_ds.images()[:n_test]))
+    test_y = torch.from_numpy(test_ds.label_array()[:n_test])
+    n_bank = min(int(eval_train), n)
+    bank_u8, bank_y = train_u8[:n_bank], labels_train[:n_bank]
+
+    steps_per_epoch = n // batch
+    total = int(steps) if steps is not None else int(epochs) * steps_per_epoch
+    warmup = int(round(warmup_frac * total))
+    hparams = {
+        "objective": objective, "epochs": epochs, "steps": total, "steps_per_epoch": steps_per_epoch,
+        "batch_size": batch, "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup,
+        "schedule": "linear warm-up, cosine decay to 0", "optimizer": "AdamW(betas=(0.9, 0.999))",
+        "grad_clip": grad_clip, "max_images": n, "augment": "hflip" if objective == "supervised" else
+        "random resized crop (area 0.35-1), hflip, rotate <=15 deg, brightness/contrast, erase p=0.5",
+        "eval": {"bank_images": n_bank, "test_images": n_test, "knn_k": knn_k, "knn_t": 0.07,
+                 "features": "final CLS token after the last norm"},
+    }
+    if objective == "simclr":
+        hparams.update({"temperature": temperature, "proj_head": f"MLP {embed_dim}-{2 * embed_dim}-{proj_dim}"})
+    run_config = {
+        "arch": arch, "image_size": image_size, "model_kwargs": mk, "seed": seed,
+        "data": {**data_spec, "split": "train", "images": n, "root": train_ds.spec.get("root")},
+        "hyperparameters": hparams,
+    }
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    weights_path = out / "model.safetensors"
+    weights_path.unlink(missing_ok=True)  # its presence marks a finished run: never a stale one
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    baseline = None
+    with _deterministic():
+        if init_baseline:
+            baseline = evaluate(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k)
+        head = ProjectionHead(model.num_features, proj_dim).to(device) if objective == "simclr" else None
+        params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
+        rows, t_train, last_loss = _train_loop(
+            objective, model, head, opt, pixels, train_u8, labels_train, gen, total, batch, lr, warmup,
+            grad_clip, temperature, device, progress)
+        metrics = evaluate(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k)
+
+    tail = [r["loss"] for r in rows[-max(1, min(20, len(rows) // 5)):]]
+    metrics.update({
+        "train_loss_first": rows[0]["loss"], "train_loss_last": last_loss,
+        "train_loss_final_mean": round(float(np.mean(tail)), 6),
+        "train_images_per_s": round(total * batch / t_train, 1) if t_train > 0 else None,
+        "train_time_s": round(t_train, 2),
+    })
+    model_spec = {"source": "pretrain", "arch": arch, "weights": str(weights_path), "image_size": image_size,
+                  "model_kwargs": mk}
+    config = {
+        **run_config, "objective": objective, "source": "pretrain", "weights": "model.safetensors",
+        "model_spec": model_spec, "transform": repr(bb.transform).replace("\n", " "),
+        "layout": bb.layout.to_dict(), "d_model": bb.d_model, "n_layers": bb.n_layers,
+        "metrics": metrics, "metrics_at_init": baseline, "wall_time_s": round(time.time() - started, 2),
+    }
+    _write_log(out / "log.csv", rows)
+    write_json(out / "config.json", config)
+    write_json(out / "provenance.json", provenance(run_config, {"seed": seed}, started))
+    from safetensors.torch import save_file
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights_path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    return config
+
+
+def _train_loop(objective, model, head, opt, pixels, train_u8, labels, gen, total, batch, lr, warmup,
+                grad_clip, temperature, device, progress):
+    from tqdm import tqdm
+
+    n = len(train_u8)
+    steps_per_epoch = n // batch
+    rows: list[dict] = []
+    model.train()
+    if head is not None:
+        head.train()
+    bar = tqdm(total=total * batch, unit="img", unit_scale=True, desc=f"pretrain {objective}",
+               disable=(not sys.stderr.isatty()) if progress is None else not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    perm = None
+    last = float("nan")
+    t0 = time.perf_counter()
+    try:
+        for step in range(total):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if pos == 0:
+                perm = torch.randperm(n, generator=gen)
+            idx = perm[pos * batch:(pos + 1) * batch]
+            unit = pixels.to_unit(train_u8[idx]) if pixels.fast else None
+            cur_lr = _lr_at(step, total, lr, warmup)
+            for group in opt.param_groups:
+                group["lr"] = cur_lr
+            acc = None
+            if objective == "supervised":
+                x = pixels.normalise(flip_views(unit, gen)) if unit is not None else \
+                    pixels.batch(train_u8[idx])
+                y = labels[idx].to(device)
+                logits = model(x.to(device))
+                loss = F.cross_entropy(logits, y)
+                acc = round(float((logits.argmax(1) == y).float().mean()), 4)
+            else:
+                if unit is None:
+                    unit = pixels.batch(train_u8[idx]) * pixels.std + pixels.mean
+                v1 = pixels.normalise(simclr_views(unit, gen)).to(device)
+                v2 = pixels.normalise(simclr_views(unit, gen)).to(device)
+                f = model.forward_head(model.forward_features(torch.cat([v1, v2])), pre_logits=True)
+                z = head(f)
+                loss = nt_xent(z[:len(idx)], z[len(idx):], temperature)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise VisaeError(
+                    f"pretrain {objective}: loss became {value} at step {step + 1} of {total} "
+                    f"(lr {cur_lr:.3g}): lower --lr; nothing was written"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip > 0:
+                params = [p for g in opt.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            last = round(value, 6)
+            rows.append({"step": step + 1, "epoch": epoch, "images": (step + 1) * batch, "loss": last,
+                         "lr": cur_lr, "batch_acc": acc})
+            bar.update(batch)
+            bar.set_postfix_str(f"loss {value:.4f}", refresh=False)
+    finally:
+        bar.close()
+    return rows, time.perf_counter() - t0, last
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if k == "lr" else r[k])) for k in LOG_COLUMNS})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        _positive("threads", args.threads)
+        torch.set_num_threads(args.threads)
+    cfg = pretrain(
+        args.objective, args.out, arch=args.arch, image_size=args.image_size, patch_size=args.patch_size,
+        depth=args.depth, embed_dim=args.embed_dim, heads=args.heads, mlp_ratio=args.mlp_ratio,
+        epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, temperature=args.temperature, seed=args.seed,
+        max_images=args.max_images, eval_train=args.eval_train, eval_test=args.eval_test,
+        init_baseline=not args.no_baseline, data_root=args.data, device=args.device,
+        progress=False if args.quiet else None,
+    )
+    m = cfg["metrics"]
+    accs = ", ".join(f"{k} {m[k]:.3f}" for k in ("head_acc", "knn_acc", "linear_probe_acc") if k in m)
+    print(f"pretrain {cfg['objective']}: {cfg['hyperparameters']['steps']} steps in {m['train_time_s']:.1f} s, "
+          f"loss {m['train_loss_first']:.4f} -> {m['train_loss_final_mean']:.4f}; test {accs}; wrote {args.out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    d = DEFAULTS
+    p = subparsers.add_parser(
+        "pretrain", help="train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--objective", required=True, help=f"one of {', '.join(OBJECTIVES)}")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--arch", default=d["arch"], help="timm ViT architecture")
+    p.add_argument("--image-size", type=int, default=d["image_size"])
+    p.add_argument("--patch-size", type=int, default=d["patch_size"])
+    p.add_argument("--depth", type=int, default=d["depth"])
+    p.add_argument("--embed-dim", type=int, default=d["embed_dim"])
+    p.add_argument("--heads", type=int, default=d["heads"])
+    p.add_argument("--mlp-ratio", type=float, default=d["mlp_ratio"])
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training images (default: supervised "
+                             f"{OBJECTIVE_DEFAULTS['supervised']['epochs']}, simclr {OBJECTIVE_DEFAULTS['simclr']['epochs']})")
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per step (default: supervised {OBJECTIVE_DEFAULTS['supervised']['batch_size']}, "
+                        f"simclr {OBJECTIVE_DEFAULTS['simclr']['batch_size']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default: supervised {OBJECTIVE_DEFAULTS['supervised']['lr']}, "
+                        f"simclr {OBJECTIVE_DEFAULTS['simclr']['lr']})")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="NT-Xent temperature (simclr)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-images", type=int, default=d["max_images"], help="first N training images")
+    p.add_argument("--eval-train", type=int, default=d["eval_train"],
+                   help="training images used as kNN bank / probe training set")
+    p.add_argument("--eval-test", type=int, default=d["eval_test"], help="test images scored")
+    p.add_argument("--no-baseline", action="store_true", help="skip scoring the random init")
+    p.add_argument("--data", type=Path, default=None,
+                   help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's own, one per core); give the job's "
+                        "share of the cores when jobs run side by side: oversubscribed threads spin")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd)
