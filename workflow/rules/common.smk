@@ -19,6 +19,8 @@ def check_config():
                     f"models.{name}.pretrain.dataset: {entry['pretrain']['dataset']!r} is not a key of "
                     f"datasets ({', '.join(config['datasets'])})"
                 )
+            if config["datasets"][entry["pretrain"]["dataset"]]["format"] != "fashion-mnist":
+                raise WorkflowError(f"models.{name}.pretrain.dataset must be a fashion-mnist dataset")
         elif entry["source"] == "pretrain" and not entry.get("weights"):
             raise WorkflowError(f"models.{name}: source pretrain needs pretrain: or weights:")
     for dataset in config["extract"]["datasets"]:
@@ -99,11 +101,17 @@ def pretrain_args(wildcards):
         "--depth": kwargs.get("depth"),
         "--embed-dim": kwargs.get("embed_dim"),
         "--heads": kwargs.get("num_heads"),
+        # timm's default, so that extraction builds the same architecture from model_kwargs
+        "--mlp-ratio": kwargs.get("mlp_ratio", 4.0),
         "--steps": job.get("steps"),
+        "--epochs": job.get("epochs"),
         "--batch-size": job.get("batch_size"),
         "--lr": job.get("lr"),
         "--max-images": job.get("max_images"),
         "--seed": job.get("seed", 0),
+        "--eval-train": job.get("eval_train"),
+        "--eval-test": job.get("eval_test"),
+        "--data": config["datasets"][job["dataset"]].get("root"),
     }
     return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
 

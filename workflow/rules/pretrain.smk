@@ -6,10 +6,8 @@ rule pretrain:
         f"{RESULTS}/pretrain/{{model}}/model.safetensors",
     params:
         args=pretrain_args,
-        dataset=lambda wc: config["models"][wc.model]["pretrain"]["dataset"],
         out=lambda wc: f"{RESULTS}/pretrain/{wc.model}",
         env=lambda wc, threads: threads_env(threads),
-        config_file=CONFIG_FILE,
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
     benchmark:
@@ -18,8 +16,8 @@ rule pretrain:
     resources:
         mem_mb=2000,
     shell:
-        "{params.env} visae pretrain --config {params.config_file:q} --dataset {params.dataset} {params.args}"
-        " --out {params.out:q} > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        "{params.env} visae pretrain {params.args} --out {params.out:q} --quiet"
+        " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
 
 
 rule pretrain_all:

@@ -156,6 +156,9 @@ def load_backbone(spec: dict[str, Any]) -> Backbone:
     weights = spec.get("weights")
     if weights is not None:
         weights = _check_weights_file(weights)
+    if source == "pretrain" and weights is not None:
+        spec = _with_pretrain_architecture(spec, weights)
+        arch, image_size = spec["arch"], spec.get("image_size")
     model_kwargs = dict(spec.get("model_kwargs") or {})
     pretrained = spec.get("pretrained")
     if source == "open_clip" and model_kwargs:
@@ -173,6 +176,22 @@ def load_backbone(spec: dict[str, Any]) -> Backbone:
             bb = _load_timm(source, arch, pretrained, weights, image_size, model_kwargs)
     bb.name = spec.get("name") or bb.name
     return bb
+
+
+def _with_pretrain_architecture(spec: dict[str, Any], weights: str) -> dict[str, Any]:
+    """A `visae pretrain` checkpoint states its own architecture in the config.json beside it
+    (e.g. the supervised model's 10-class head); that wins over the config entry."""
+    import json
+
+    config = Path(weights).with_name("config.json")
+    if not config.is_file():
+        return spec
+    try:
+        saved = json.loads(config.read_text()).get("model_spec") or {}
+    except ValueError:
+        raise VisaeError(f"{config} is not valid JSON") from None
+    keys = ("arch", "image_size", "model_kwargs")
+    return {**spec, **{k: saved[k] for k in keys if k in saved}}
 
 
 # --------------------------------------------------------------------------- open_clip

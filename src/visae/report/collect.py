@@ -130,9 +130,14 @@ def _from_path(path: Path) -> dict:
     return {}
 
 
+def _named(value):
+    """Stores describe their model and dataset as dicts (from meta.json); rows use the name."""
+    return value.get("name") if isinstance(value, dict) else value
+
+
 def _pick(origin: dict, name: str, sources: list[tuple[str, dict]]):
     for label, src in sources:
-        value = src.get(name)
+        value = _named(src.get(name))
         if value is not None and value != "":
             origin[name] = label
             return value
@@ -251,7 +256,7 @@ def load_log(path: str | Path) -> tuple[dict, pd.DataFrame]:
     guess = _from_path(path)
     ident = {}
     for name in ("model", "dataset", "layer"):
-        ident[name] = src.get(name) if src.get(name) not in (None, "") else guess.get(name)
+        ident[name] = _named(src.get(name)) if _named(src.get(name)) not in (None, "") else guess.get(name)
         if ident[name] is None:
             raise VisaeError(f"training log {path}: cannot tell its {name} (no config.json beside it with "
                              f"source.{name}, path not .../<model>/<dataset>/layer_<L>/<sae>/log.csv)")
