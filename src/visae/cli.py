@@ -17,6 +17,7 @@ from visae.errors import VisaeError
 COMMAND_MODULES = [
     "visae.data.cli",
     "visae.models.cli",
+    "visae.pretrain",
     "visae.extract",
     "visae.store.cli",
     "visae.bench",
@@ -24,6 +25,7 @@ COMMAND_MODULES = [
     "visae.sae.train",
     "visae.evaluate",
     "visae.container",
+    "visae.report.cli",
 ]
 
 
