@@ -286,3 +286,56 @@ def test_relu_manual_backward_zero_sparsity_and_no_firing():
     assert torch.allclose(loss, lb, rtol=1e-5)
     for p, g in zip(sae.parameters(), grads):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_topk_manual_backward_reused_buffers_match_autograd():
+    """The TopK step reuses buffers shared with ReLU SAEs of the same shape (and per-k ones):
+    over several steps, a ReLU SAE and two TopK SAEs of different k stepped in turn, batch-size
+    changes and zero_grad(set_to_none=False), every gradient and metric equals autograd's."""
+    saes = [TopKSAE(16, 64, k=5, seed=4), ReLUSAE(16, 64, seed=1), TopKSAE(16, 64, k=3, seed=6)]
+    refs = [TopKSAE(16, 64, k=5, seed=4), ReLUSAE(16, 64, seed=1), TopKSAE(16, 64, k=3, seed=6)]
+    with torch.no_grad():
+        for i, s in enumerate(saes + refs):
+            s.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(i % 3))
+            s.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(10 + i % 3))
+    opts = [torch.optim.Adam(s.parameters(), lr=1e-2) for s in saes]
+    ref_opts = [torch.optim.Adam(s.parameters(), lr=1e-2) for s in refs]
+    for step, n in enumerate((64, 64, 48, 64)):
+        x = _data(n=n, seed=step)
+        for s, r, o, ro in zip(saes, refs, opts, ref_opts):
+            o.zero_grad(set_to_none=False)
+            la, ma = s.compute_grads(x, 3e-3)
+            lb, mb, grads = _autograd_grads(r, x, 3e-3)
+            assert torch.allclose(la, lb, rtol=1e-5)
+            assert torch.allclose(ma["mse"], mb["mse"], rtol=1e-5)
+            assert float(ma["l0"]) == float(mb["l0"])
+            assert torch.equal(ma["fired"], mb["fired"])
+            for p, g in zip(s.parameters(), grads):
+                assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+            for p, q in zip(s.parameters(), r.parameters()):
+                q.grad = p.grad.clone()
+            for sae, opt in ((s, o), (r, ro)):
+                sae.remove_parallel_grad()
+                opt.step()
+                sae.normalise_decoder()
+            for p, q in zip(s.parameters(), r.parameters()):
+                assert torch.equal(p, q)
+
+
+def test_topk_manual_backward_inactive_kept_entries():
+    """Tokens whose top-k pre-activations are ≤ 0 keep zeros: L0 < k, no gradient through them,
+    and `fired` only counts positive entries — as autograd (ReLU after top-k) has it."""
+    x = _data(n=64)
+    a, b = TopKSAE(16, 64, k=5, seed=2), TopKSAE(16, 64, k=5, seed=2)
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_enc[:61] = -1e3  # only 3 latents can fire: every token keeps ≥ 2 zeros
+            s.b_enc[61] = -0.05
+    la, ma = a.compute_grads(x)
+    lb, mb, grads = _autograd_grads(b, x, 0.0)
+    assert float(ma["l0"]) == float(mb["l0"]) and float(ma["l0"]) <= 3
+    assert torch.equal(ma["fired"], mb["fired"]) and not bool(ma["fired"][:61].any())
+    assert torch.allclose(la, lb, rtol=1e-5)
+    for p, g in zip(a.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+    assert a.W_enc.grad[:, :61].abs().max() == 0 and a.W_dec.grad[:61].abs().max() == 0

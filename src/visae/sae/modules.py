@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -203,30 +204,59 @@ _WORKSPACES: dict = {}
 _MAX_WORKSPACES = 2
 
 
-def _relu_workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Buffers of one ReLU-L1 step: f and dL/df [B, h] (f's is reused for dL/dpre), x̂, the
-    K = d + 1 augmented inputs and weights, the augmented decoder gradient. On CPU they are kept and
-    shared by every SAE of that shape (a grid steps its SAEs one after the other): a fresh
-    [B, h] tensor costs a page-faulting pass of its own, as much as an elementwise op. Other
-    devices have caching allocators, so they get fresh tensors."""
+def _workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The buffers of one training step shape, filled in by each step kind as it needs them.
+    On CPU they are kept and shared by every SAE of that shape (a grid steps its SAEs one after
+    the other): a fresh [B, h] tensor costs a page-faulting pass of its own, as much as an
+    elementwise op. Other devices have caching allocators, so they get fresh tensors."""
     key = (B, d, h, device, dtype)
     ws = _WORKSPACES.get(key)
     if ws is not None:
         return ws
-
-    def empty(*shape):
-        return torch.empty(*shape, device=device, dtype=dtype)
-
-    ws = {"F": empty(B, h), "G": empty(B, h), "xhat": empty(B, d), "xa": empty(B, d + 1),
-          "ga": empty(B, d + 1), "We": empty(d + 1, h), "Wd": empty(h, d + 1),
-          "gWd": empty(h, d + 1)}
-    ws["xa"][:, d] = 1
-    ws["ga"][:, d] = 1
+    ws = {}
     if device.type == "cpu":
         while len(_WORKSPACES) >= _MAX_WORKSPACES:
             _WORKSPACES.pop(next(iter(_WORKSPACES)))
         _WORKSPACES[key] = ws
     return ws
+
+
+def _common_buffers(ws: dict, B: int, d: int, h: int, device, dtype) -> None:
+    """[B, h] scratch, the K = d + 1 augmented inputs (a column of ones after x − b_dec and after
+    dL/dx̂), the augmented encoder weights [W_enc; b_enc] and a [h, d + 1] gradient buffer."""
+    if "F" not in ws:
+        ws.update(F=torch.empty(B, h, device=device, dtype=dtype), xa=torch.empty(B, d + 1, device=device, dtype=dtype),
+                  ga=torch.empty(B, d + 1, device=device, dtype=dtype),
+                  We=torch.empty(d + 1, h, device=device, dtype=dtype),
+                  gWd=torch.empty(h, d + 1, device=device, dtype=dtype))
+        ws["xa"][:, d] = 1
+        ws["ga"][:, d] = 1
+
+
+def _relu_workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Buffers of one ReLU-L1 step: f and dL/df [B, h] (f's is reused for dL/dpre), x̂, the
+    K = d + 1 augmented inputs and weights, the augmented decoder gradient."""
+    ws = _workspace(B, d, h, device, dtype)
+    _common_buffers(ws, B, d, h, device, dtype)
+    if "G" not in ws:
+        ws.update(G=torch.empty(B, h, device=device, dtype=dtype), xhat=torch.empty(B, d, device=device, dtype=dtype),
+                  Wd=torch.empty(h, d + 1, device=device, dtype=dtype))
+    return ws
+
+
+def _topk_workspace(B: int, d: int, h: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """Buffers of one TopK step: the pre-activations (ReLU's f buffer), the augmented inputs and
+    encoder weights, the residual, the augmented encoder gradient, the kept values and indices."""
+    ws = _workspace(B, d, h, device, dtype)
+    _common_buffers(ws, B, d, h, device, dtype)
+    if "gWe" not in ws:
+        ws.update(gWe=torch.empty(h, d + 1, device=device, dtype=dtype), err=torch.empty(B, d, device=device, dtype=dtype))
+    per_k = ws.get(("topk", k))
+    if per_k is None:
+        per_k = ws[("topk", k)] = {"vals": torch.empty(B, k, device=device, dtype=dtype),
+                                   "idx": torch.empty(B, k, device=device, dtype=torch.int64),
+                                   "crow_b": torch.arange(0, B * k + 1, k, device=device)}
+    return {**ws, **per_k}
 
 
 def clear_workspaces() -> None:
@@ -300,53 +330,68 @@ class TopKSAE(_AuxKMixin, SAE):
         return torch.zeros_like(pre).scatter_(1, idx, vals)
 
     def compute_grads(self, xn, sparsity_coeff=0.0):
-        """Hand-written sparse backward: only the dense encoder matmul touches all h latents;
-        decoder, dL/df and both weight gradients cost O(B·k·d) (gathers and index_add)."""
+        """Hand-written sparse backward (CPU): only the encoder matmul and the top-k selection
+        touch all h latents; decoding, dL/df and both weight gradients cost O(B·k·d).
+
+        The encoder bias rides in the matmul as an extra inner row (K = d + 1, as in ReLU's
+        step). With S the codes as CSR [B, h] (k entries per row, straight from topk):
+        x̂ = embedding_bag(S) + b_dec; dL/df at the kept entries is (dL/dx̂) W_decᵀ sampled on S's
+        pattern (sampled_addmm), masked by f > 0 (ReLU) into G; dL/dW_dec = Sᵀ dL/dx̂ and
+        [dL/dW_encᵀ, dL/db_enc] = Gᵀ [xc, 1], with Sᵀ and Gᵀ CSR [h, B] on one pattern (entries
+        grouped by latent: a stable radix argsort of the latent ids, in numpy). The [B, k]
+        bookkeeping runs in numpy, single-threaded: on a busy machine every OpenMP region of a
+        small op costs a scheduling quantum. Buffers are reused across steps (shared with ReLU
+        SAEs of the same shape). Dead latents (AuxK), other devices, autocast: autograd."""
         if (type(self) is not TopKSAE or not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype
-                or bool(self.dead_mask().any())):
+                or xn.dim() != 2 or xn.device.type != "cpu" or self.W_enc.device.type != "cpu"
+                or torch.is_autocast_enabled("cpu") or bool(self.dead_mask().any())):
             return super().compute_grads(xn, sparsity_coeff)
         with torch.no_grad():
             B, d = xn.shape
-            k = self.k
-            xc = xn - self.b_dec
-            pre = torch.addmm(self.b_enc, xc, self.W_enc)
-            vals, idx = pre.topk(k, dim=1, sorted=False)
-            del pre
-            vals.relu_()
-            flat = idx.reshape(-1)
-            xhat = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum").add_(self.b_dec)
-            err = xhat.sub_(xn)
-            mse = err.pow(2).mean()
-            g_x = err.mul_(2.0 / (B * d))
-            for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            h, k = self.width, self.k
+            ws = _topk_workspace(B, d, h, k, xn.device, xn.dtype)
+            xa, pre, vals, idx, err = ws["xa"], ws["F"], ws["vals"], ws["idx"], ws["err"]
+            xc = torch.sub(xn, self.b_dec, out=xa[:, :d])
+            ws["We"][:d].copy_(self.W_enc)
+            ws["We"][d].copy_(self.b_enc)
+            torch.mm(xa, ws["We"], out=pre)  # pre-activations [B, h]
+            torch.topk(pre, k, dim=1, sorted=False, out=(vals, idx))
+            flat, v = idx.numpy().reshape(-1), vals.numpy().reshape(-1)
+            np.maximum(v, 0, out=v)  # ReLU
+            torch.sub(F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum"), xc, out=err)
+            mse = torch.dot(err.view(-1), err.view(-1)) / (B * d)  # err = x̂ − x; dL/dx̂ = c·err
+            c = 2.0 / (B * d)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-                crow_b = torch.arange(0, B * k + 1, k, device=xn.device)
-                S = torch.sparse_csr_tensor(crow_b, flat, vals.reshape(-1), size=(B, self.width))
-                # dL/df only at the kept entries: (g_x W_decᵀ) sampled on S's pattern
-                g_vals = torch.sparse.sampled_addmm(S, g_x, self.W_dec.t(), beta=0.0).values().view(B, k)
-                g_vals.mul_(vals > 0)
-                # the transposed pattern [h, B], built once (positions carried as values)
-                rows_b = torch.arange(B, device=xn.device).repeat_interleave(k)
-                coo = torch.sparse_coo_tensor(torch.stack([flat, rows_b]), torch.arange(B * k, device=xn.device),
-                                              (self.width, B)).coalesce()
-                ind, perm = coo.indices(), coo.values()
-                crow_h = torch._convert_indices_from_coo_to_csr(ind[0], self.width)
-
-                def transposed(v):
-                    return torch.sparse_csr_tensor(crow_h, ind[1], v.reshape(-1)[perm], size=(self.width, B))
-
-                # dL/dW_dec = Sᵀ g_x; dL/dW_enc = (Gᵀ xc)ᵀ with G the sparse dL/dpre
-                self.W_dec.grad.copy_(torch.sparse.mm(transposed(vals), g_x))
-                self.W_enc.grad.copy_(torch.sparse.mm(transposed(g_vals), xc).t())
-            self.b_enc.grad.zero_().index_add_(0, flat, g_vals.reshape(-1))
-            torch.sum(g_x, 0, out=self.b_dec.grad)
-            self.b_dec.grad.sub_(self.W_enc @ self.b_enc.grad)
-            fired = torch.zeros(self.width, dtype=torch.bool, device=xn.device)
-            fired[flat[vals.reshape(-1) > 0]] = True
-            l0 = (vals > 0).sum(1).float().mean()
+                S = torch.sparse_csr_tensor(ws["crow_b"], idx.view(-1), vals.view(-1), size=(B, h))
+                g_vals = torch.sparse.sampled_addmm(S, err, self.W_dec.t(), beta=0.0, alpha=c)
+            gv = g_vals.values().numpy()
+            kept = v > 0
+            gv *= kept  # ReLU's gradient mask: dL/dpre = dL/df where f > 0
+            fired = np.zeros(h, dtype=bool)
+            fired[flat[kept]] = True
+            # the transposed pattern: entries grouped by latent (stable radix argsort of the ids)
+            perm = np.argsort(flat.astype(np.int16 if h <= 2**15 else np.int32), kind="stable")
+            crow_h = np.zeros(h + 1, dtype=np.int64)
+            np.cumsum(np.bincount(flat, minlength=h), out=crow_h[1:])
+            crow_h, rows = torch.from_numpy(crow_h), torch.from_numpy(perm // k)
+            for p in (self.W_enc, self.b_enc, self.W_dec, self.b_dec):
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                St = torch.sparse_csr_tensor(crow_h, rows, torch.from_numpy(v.take(perm)), size=(h, B))
+                Gt = torch.sparse_csr_tensor(crow_h, rows, torch.from_numpy(gv.take(perm)), size=(h, B))
+                # dL/dW_dec = Sᵀ dL/dx̂; [dL/dW_encᵀ, dL/db_enc] = Gᵀ [xc, 1]
+                torch.addmm(self.W_dec.grad, St, err, beta=0.0, alpha=c, out=self.W_dec.grad)
+                gWe = torch.addmm(ws["gWe"], Gt, xa, beta=0.0, out=ws["gWe"])
+            self.W_enc.grad.copy_(gWe[:, :d].t())
+            self.b_enc.grad.copy_(gWe[:, d])
+            # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
+            torch.sum(err, 0, out=self.b_dec.grad)
+            torch.addmv(self.b_dec.grad, self.W_enc, self.b_enc.grad, beta=c, alpha=-1.0, out=self.b_dec.grad)
+            l0 = mse.new_tensor(float(np.count_nonzero(kept)) / B)
+            fired = torch.from_numpy(fired)
         return mse, {"mse": mse, "aux": mse.new_zeros(()), "l0": l0, "fired": fired,
                      "dead": self.dead_mask().float().mean()}
 
