@@ -339,3 +339,46 @@ def test_topk_manual_backward_inactive_kept_entries():
     for p, g in zip(a.parameters(), grads):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
     assert a.W_enc.grad[:, :61].abs().max() == 0 and a.W_dec.grad[:61].abs().max() == 0
+
+
+@pytest.mark.parametrize("B,h,k", [(64, 256, 4), (33, 512, 16), (8, 128, 1), (16, 1024, 32)])
+def test_two_level_row_topk_matches_torch_topk(B, h, k):
+    """The TopK step's two-level selection (chunk maxima, then the top k of the k best
+    chunks) returns torch.topk's values and, without ties, its indices — including rows with
+    many entries in one chunk, and rows with ties (where the kept values still agree)."""
+    from visae.sae.modules import _row_topk, _row_topk_buffers
+    g = torch.Generator().manual_seed(h + k)
+    pre = torch.randn(B, h, generator=g)
+    pre[0, ::h // 8] += 10  # row 0: the top entries all in one strided chunk
+    pre[1, : 2 * k] += 10  # row 1: the top entries all in different chunks
+    pre[2] = pre[2].round()  # row 2: many ties, at the k-th value too
+    pre[3] = 0.0  # row 3: all equal
+    bufs = _row_topk_buffers(B, h, k, pre.dtype)
+    assert bufs is not None
+    vals, idx = torch.empty(B, k), torch.empty(B, k, dtype=torch.int64)
+    _row_topk(pre, k, vals, idx, bufs)
+    ref_v, ref_i = pre.topk(k, dim=1)
+    assert torch.equal(vals.sort(1, descending=True).values, ref_v)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # k distinct latents per row
+    exact = [b for b in range(B) if b not in (2, 3)]
+    assert torch.equal(idx[exact].sort(1).values, ref_i[exact].sort(1).values)
+
+
+def test_topk_manual_backward_two_level_selection_matches_autograd():
+    """At a width where the step selects in two levels, gradients and metrics are autograd's."""
+    x = _data(n=96)
+    a, b = TopKSAE(16, 512, k=8, seed=7), TopKSAE(16, 512, k=8, seed=7)
+    from visae.sae.modules import _row_topk_buffers
+    assert _row_topk_buffers(96, 512, 8, torch.float32) is not None
+    with torch.no_grad():
+        for s in (a, b):
+            s.b_enc.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+            s.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        la, ma = a.compute_grads(x)
+        lb, mb, grads = _autograd_grads(b, x, 0.0)
+        assert torch.allclose(la, lb, rtol=1e-5)
+        assert float(ma["l0"]) == float(mb["l0"]) and torch.equal(ma["fired"], mb["fired"])
+        for p, g in zip(a.parameters(), grads):
+            assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)

@@ -255,13 +255,55 @@ def _topk_workspace(B: int, d: int, h: int, k: int, device: torch.device, dtype:
     if per_k is None:
         per_k = ws[("topk", k)] = {"vals": torch.empty(B, k, device=device, dtype=dtype),
                                    "idx": torch.empty(B, k, device=device, dtype=torch.int64),
-                                   "crow_b": torch.arange(0, B * k + 1, k, device=device)}
+                                   "crow_b": torch.arange(0, B * k + 1, k, device=device),
+                                   "topk2": _row_topk_buffers(B, h, k, dtype)}
     return {**ws, **per_k}
 
 
 def clear_workspaces() -> None:
     """Free the cached CPU buffers of the ReLU training step."""
     _WORKSPACES.clear()
+
+
+_TOPK_CHUNKS = 8
+
+
+def _row_topk(pre: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor, bufs: tuple | None) -> None:
+    """torch.topk(pre, k, dim=1, sorted=False) into (vals, idx) [B, k], for a CPU [B, h] pre,
+    in two levels, with ~1/c of topk's per-element work: split each row into m = h / c
+    strided chunks {j, j + m, ..., j + (c − 1)m}, take each chunk's max (an elementwise max of
+    c contiguous slices, at memory speed), keep the k chunks with the largest maxima, and take
+    the top k of their c·k entries. Exact: the k kept chunk maxima are k distinct entries ≥ t,
+    the smallest of them, so every entry of the row's top k is ≥ t; an entry > t lies in a
+    chunk whose max is > t, and fewer than k chunks have that, so all are kept; hence the
+    candidates hold the row's top-k VALUES (the same multiset as torch.topk; which of several
+    entries equal to the k-th value is taken is as arbitrary as topk's own choice).
+    `bufs` from `_row_topk_buffers` (None: plain torch.topk)."""
+    if bufs is None:
+        torch.topk(pre, k, dim=1, sorted=False, out=(vals, idx))
+        return
+    B, h = pre.shape
+    c = _TOPK_CHUNKS
+    m = h // c
+    cmax, cval, cidx, cand, pos = bufs
+    p3 = pre.view(B, c, m)
+    torch.amax(p3, 1, out=cmax)
+    torch.topk(cmax, k, dim=1, sorted=False, out=(cval, cidx))
+    torch.gather(p3, 2, cidx.unsqueeze(1).expand(B, c, k), out=cand)
+    torch.topk(cand.view(B, c * k), k, dim=1, sorted=False, out=(vals, pos))
+    # candidate (i, j) is entry i·m + cidx[b, j] of the row; small index work, in numpy
+    p, ci, out = pos.numpy(), cidx.numpy(), idx.numpy()
+    np.add(np.take_along_axis(ci, p % k, 1), (p // k) * m, out=out)
+
+
+def _row_topk_buffers(B: int, h: int, k: int, dtype: torch.dtype) -> tuple | None:
+    """Scratch of the two-level `_row_topk`; None where it would not pay (fewer than 4k chunks)."""
+    c = _TOPK_CHUNKS
+    m = h // c
+    if h % c or m < 4 * k:
+        return None
+    return (torch.empty(B, m, dtype=dtype), torch.empty(B, k, dtype=dtype), torch.empty(B, k, dtype=torch.int64),
+            torch.empty(B, c, k, dtype=dtype), torch.empty(B, k, dtype=torch.int64))
 
 
 class _AuxKMixin:
@@ -355,7 +397,7 @@ class TopKSAE(_AuxKMixin, SAE):
             ws["We"][:d].copy_(self.W_enc)
             ws["We"][d].copy_(self.b_enc)
             torch.mm(xa, ws["We"], out=pre)  # pre-activations [B, h]
-            torch.topk(pre, k, dim=1, sorted=False, out=(vals, idx))
+            _row_topk(pre, k, vals, idx, ws["topk2"])
             flat, v = idx.numpy().reshape(-1), vals.numpy().reshape(-1)
             np.maximum(v, 0, out=v)  # ReLU
             torch.sub(F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum"), xc, out=err)
