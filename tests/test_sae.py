@@ -382,3 +382,15 @@ def test_topk_manual_backward_two_level_selection_matches_autograd():
         assert float(ma["l0"]) == float(mb["l0"]) and torch.equal(ma["fired"], mb["fired"])
         for p, g in zip(a.parameters(), grads):
             assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_topk_manual_backward_width_beyond_uint16_matches_autograd():
+    """Latent ids ≥ 2**16 (the radix argsort's key type changes there)."""
+    x = _data(n=16, d=4, atoms=8)
+    a, b = TopKSAE(4, 70_000, k=3, seed=1), TopKSAE(4, 70_000, k=3, seed=1)
+    la, ma = a.compute_grads(x)
+    lb, mb, grads = _autograd_grads(b, x, 0.0)
+    assert torch.allclose(la, lb, rtol=1e-5)
+    assert float(ma["l0"]) == float(mb["l0"]) and torch.equal(ma["fired"], mb["fired"])
+    for p, g in zip(a.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)

@@ -413,7 +413,7 @@ class TopKSAE(_AuxKMixin, SAE):
             fired = np.zeros(h, dtype=bool)
             fired[flat[kept]] = True
             # the transposed pattern: entries grouped by latent (stable radix argsort of the ids)
-            perm = np.argsort(flat.astype(np.int16 if h <= 2**15 else np.int32), kind="stable")
+            perm = np.argsort(flat.astype(np.uint16 if h <= 2**16 else np.int64), kind="stable")
             crow_h = np.zeros(h + 1, dtype=np.int64)
             np.cumsum(np.bincount(flat, minlength=h), out=crow_h[1:])
             crow_h, rows = torch.from_numpy(crow_h), torch.from_numpy(perm // k)
