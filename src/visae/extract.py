@@ -289,7 +289,7 @@ def _new_buffers(plan: ExtractPlan, n: int, with_patch_labels: bool) -> dict:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="SOURCE:ARCH (e.g. open_clip:ViT-B-16, timm:vit_base_patch14_reg4_dinov2) "
-                        "or a name under models: in --config")
+                        "or a name under models: in --config, or that entry as a JSON object with its name")
     p.add_argument("--weights", help="local weights file (.safetensors/.pt/.bin)")
     p.add_argument("--pretrained", help="hub tag to download (e.g. openai); default: random init")
     p.add_argument("--image-size", type=int, help="input resolution override")
@@ -314,6 +314,16 @@ def resolve_dataset_spec(args) -> dict:
 
 
 def _named(args, section: str, name: str) -> dict | None:
+    """A config entry: given inline as a JSON object with its name (what the workflow passes, so
+    a job's command changes only when its own entry does), or looked up by name in --config."""
+    if name.lstrip().startswith("{"):
+        try:
+            entry = json.loads(name)
+        except ValueError as err:
+            raise VisaeError(f"--{section[:-1]} is not valid JSON ({err})") from None
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise VisaeError(f"--{section[:-1]} as JSON must be an object with a name")
+        return entry
     if not getattr(args, "config", None):
         return None
     import yaml
@@ -353,9 +363,11 @@ def _in_config(args, section: str, name: str, opener, spec: dict):
     try:
         return opener(spec)
     except VisaeError as err:
-        if _named(args, section, name) is None:
+        entry = _named(args, section, name)
+        if entry is None:
             raise
-        raise VisaeError(f"{section}.{name} in {args.config}: {err}") from None
+        where = f" in {args.config}" if getattr(args, "config", None) else ""
+        raise VisaeError(f"{section}.{entry['name']}{where}: {err}") from None
 
 
 def _cli(args) -> int:

@@ -4,8 +4,6 @@ import os
 from snakemake.exceptions import WorkflowError
 
 RESULTS = config["results"]
-# The config file(s) given to Snakemake, passed on to `visae` so it reads the same entries.
-CONFIG_FILE = workflow.overwrite_configfiles[-1] if workflow.overwrite_configfiles else "config/config.yaml"
 
 
 def check_config():
@@ -69,6 +67,13 @@ def sae_entry(sae):
     return entry
 
 
+def entry_json(section, name):
+    """A config entry as the JSON object `visae` takes, so a job's command (and Snakemake's
+    params check) changes only when that entry does. Workflow-only keys are left out."""
+    entry = {k: v for k, v in config[section][name].items() if k not in ("layers", "pretrain")}
+    return json.dumps({"name": name, **entry}, sort_keys=True)
+
+
 def threads_env(threads):
     return f"OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
 
@@ -111,6 +116,7 @@ def pretrain_args(wildcards):
         "--seed": job.get("seed", 0),
         "--eval-train": job.get("eval_train"),
         "--eval-test": job.get("eval_test"),
+        "--threads": 1,
         "--data": config["datasets"][job["dataset"]].get("root"),
     }
     return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
@@ -164,4 +170,4 @@ def report_outputs():
         for kind in ("frontier", "latent_freq", "training")
         for ext in ("png", "pdf")
     ]
-    return [f"{RESULTS}/tables/saes.{ext}" for ext in ("md", "csv", "tex")] + figures
+    return [f"{RESULTS}/tables/saes.{ext}" for ext in ("md", "csv", "tex", "json")] + figures

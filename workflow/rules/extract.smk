@@ -16,7 +16,8 @@ rule extract:
         ),
         out=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}",
         env=lambda wc, threads: threads_env(threads),
-        config_file=CONFIG_FILE,
+        model=lambda wc: entry_json("models", wc.model),
+        dataset=lambda wc: entry_json("datasets", wc.dataset),
         tokens=config["extract"]["tokens"],
         dtype=config["extract"]["dtype"],
         batch_size=config["extract"]["batch_size"],
@@ -25,13 +26,14 @@ rule extract:
         f"{RESULTS}/logs/extract/{{model}}/{{dataset}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/extract/{{model}}/{{dataset}}.tsv"
-    threads: workflow.cores
+    # CPU jobs run single-threaded: the same numbers on every machine, parallel across jobs
+    threads: 1 if config["extract"]["device"] == "cpu" else workflow.cores
     resources:
         gpu=1 if config["extract"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "{params.env} visae extract --config {params.config_file:q} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --layers {params.layers} {params.weights}"
+        "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
+        " --layers {params.layers} {params.weights}"
         " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
         " {params.max_images} --device {params.device} --out {params.out:q} --no-progress"
         " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"

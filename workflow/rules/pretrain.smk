@@ -12,7 +12,7 @@ rule pretrain:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain/{{model}}.tsv"
-    threads: workflow.cores
+    threads: 1  # two single-threaded pretrainings beat two that share both cores
     resources:
         mem_mb=2000,
     shell:

@@ -8,6 +8,7 @@ rule tables:
         md=report(f"{RESULTS}/tables/saes.md", category="Tables", labels={"table": "SAEs (Markdown)"}),
         csv=report(f"{RESULTS}/tables/saes.csv", category="Tables", labels={"table": "SAEs (CSV)"}),
         tex=f"{RESULTS}/tables/saes.tex",
+        json=f"{RESULTS}/tables/saes.json",
     params:
         out=lambda wc, output: os.path.dirname(output.md),
     log:

@@ -24,14 +24,14 @@ rule train:
         f"{RESULTS}/logs/train/{{model}}/{{dataset}}/{{layer}}/{{pass_}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/{{model}}/{{dataset}}/{{layer}}/{{pass_}}.tsv"
-    threads: 1 if config["train"]["device"] == "cpu" and len(config["saes"]) > 1 else workflow.cores
+    threads: 1 if config["train"]["device"] == "cpu" else workflow.cores
     resources:
         gpu=1 if config["train"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
         "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
         " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
-        " --token-kind {params.token_kind} --device {params.device}"
+        " --token-kind {params.token_kind} --device {params.device} --restart-stale"
         " {params.checkpoint} > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
 
 

@@ -23,6 +23,7 @@ Outputs (stable names, embedded in the Snakemake report):
   - `DIR/saes.csv`: every row, full float precision (the machine-readable table);
   - `DIR/saes.md`: the same rows, rounded, as a Markdown (pipe) table;
   - `DIR/saes.tex`: the same rows, rounded, as a LaTeX booktabs tabular;
+  - `DIR/saes.json`: the numbers keyed by `model/dataset/layer_L/sae` (what `dvc metrics` reads);
   - `DIR/provenance.json`.
 - `visae report figures --metrics ... [--latents ...] [--logs ...] --out DIR`, per model `<m>`
   (the model name with characters outside `[A-Za-z0-9._-]` replaced by `_`):

@@ -29,7 +29,7 @@ COLUMNS = [
 ]
 NUMERIC_FROM = 5  # columns from here on are right-aligned numbers
 MISSING = "-"
-FILES = ("saes.csv", "saes.md", "saes.tex")
+FILES = ("saes.csv", "saes.md", "saes.tex", "saes.json")
 
 
 def rows_frame(rows: list[Row]) -> pd.DataFrame:
@@ -70,13 +70,26 @@ def latex(df: pd.DataFrame) -> str:
     return styler.to_latex(hrules=True, column_format=fmt)
 
 
+def metrics_json(df) -> str:
+    """The numbers keyed by model/dataset/layer/sae: the nested JSON that `dvc metrics` reads."""
+    import json
+    import math
+
+    numbers = ("l0", "mse", "nmse", "explained_variance", "dead_fraction", "dense_fraction")
+    out = {}
+    for row in df.to_dict("records"):
+        key = f"{row['model']}/{row['dataset']}/layer_{row['layer']}/{row['sae']}"
+        out[key] = {k: float(row[k]) for k in numbers if row.get(k) is not None and not math.isnan(float(row[k]))}
+    return json.dumps(out, indent=2, sort_keys=True) + "\n"
+
+
 def write_tables(rows: list[Row], out: str | Path) -> dict[str, Path]:
     """Write saes.csv, saes.md and saes.tex under `out`, each atomically; return their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     df = rows_frame(rows)
     texts = {"saes.csv": df.to_csv(index=False, na_rep="", lineterminator="\n"),
-             "saes.md": markdown(df), "saes.tex": latex(df)}
+             "saes.md": markdown(df), "saes.tex": latex(df), "saes.json": metrics_json(df)}
     paths = {}
     for name in FILES:
         with atomic_path(out / name) as tmp:

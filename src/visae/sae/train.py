@@ -243,7 +243,8 @@ def _version() -> str:
 
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
                device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, token_kind: str | None = None,
-               norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None) -> dict:
+               norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None,
+               restart_stale: bool = False) -> dict:
     """Train every SAE of `grid` on the store; returns {name: status}. Raises VisaeError after the
     run if any SAE failed (the others are finished and saved)."""
     from visae.store import ActivationStore, TokenLoader
@@ -272,8 +273,11 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         if state["run_hash"] != run_hash:
-            raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
-                             f"remove it or choose another --out")
+            if not restart_stale:
+                raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
+                                 f"remove it, choose another --out, or pass --restart-stale")
+            state_path.unlink()  # the workflow reruns a job whose settings changed: start afresh
+            state = None
     if state is None:
         # Normalisation constants from a seeded sample of the training split.
         n = min(norm_tokens, loader.tokens_per_epoch)
@@ -371,7 +375,8 @@ def _cmd(args) -> int:
         grid = load_grid(args.grid)
     statuses = train_grid(args.store, grid, args.out, tokens=args.tokens, checkpoint_every=args.checkpoint_every,
                           device=args.device, heldout=args.heldout, data_seed=args.seed,
-                          token_kind=None if args.token_kind == "all" else args.token_kind)
+                          token_kind=None if args.token_kind == "all" else args.token_kind,
+                          restart_stale=args.restart_stale)
     print(f"trained {len(statuses)} SAE(s) into {args.out}")
     return 0
 
@@ -389,5 +394,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--heldout", type=float, default=0.1, help="last fraction of images kept out of training")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--restart-stale", action="store_true",
+                   help="if --out holds an unfinished run with other settings, discard it and start over")
     p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])
     p.set_defaults(func=_cmd)

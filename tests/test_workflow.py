@@ -1,0 +1,218 @@
+"""The real Snakemake workflow and DVC pipeline, run on a tiny copy of the demo config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.usefixtures("fashion_mnist_dir")
+
+
+def tiny_config() -> dict:
+    """The demo config shrunk to seconds: few pretraining steps, few images, few tokens."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for entry in config["models"].values():
+        entry["model_kwargs"] = {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
+        entry["pretrain"].update(steps=3, batch_size=32, max_images=256, eval_train=200, eval_test=200)
+        entry["layers"] = [1]
+    config["extract"].update(max_images=120, batch_size=40)
+    config["train"].update(tokens=3000, batch_size=100, lr_warmup=5, l1_warmup=5)
+    config["saes"] = {name: config["saes"][name] for name in ("relu-l1-0.01", "topk-16")}
+    return config
+
+
+def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def copy_project(dst: Path, config: dict) -> Path:
+    """The repo's tracked files (as in a fresh clone) with the given config, as a new git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith("tests/"):
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dst / name)
+    (dst / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    run(dst, "git", "init", "-q")
+    run(dst, "git", "add", "-A")
+    run(dst, *git, "commit", "-qm", "copy")
+    return dst
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job in a dry run's plan."""
+    jobs, rule = [], None
+    for line in proc.stdout.splitlines():
+        if m := re.match(r"^(?:localrule|rule) (\w+):", line.strip()):
+            rule = m.group(1)
+            jobs.append((rule, {}))
+        elif (m := re.match(r"^wildcards: (.*)$", line.strip())) and jobs:
+            jobs[-1] = (rule, dict(kv.split("=", 1) for kv in m.group(1).split(", ")))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the project that has run the full DAG once."""
+    root = copy_project(tmp_path_factory.mktemp("project"), tiny_config())
+    run(root, "snakemake", "--cores", "2")
+    return root
+
+
+def test_full_dag_writes_tables_figures_and_provenance(project):
+    results = project / "results"
+    table = (results / "tables" / "saes.md").read_text()
+    for model in ("vit-supervised", "vit-simclr"):
+        for sae in ("relu-l1-0.01", "topk-16"):
+            assert re.search(rf"{model}.*{sae}|{sae}.*{model}", table), (model, sae)
+        for kind in ("frontier", "latent_freq", "training"):
+            for ext in ("png", "pdf"):
+                assert (results / "figures" / f"{kind}_{model}.{ext}").stat().st_size > 1000
+    assert "\\toprule" in (results / "tables" / "saes.tex").read_text()
+    dirs = [results / "pretrain" / "vit-simclr", results / "activations" / "vit-simclr" / "fmnist-test" / "layer_1",
+            results / "saes" / "vit-simclr" / "fmnist-test" / "layer_1" / "topk-16",
+            results / "evaluate" / "vit-simclr" / "fmnist-test" / "layer_1" / "topk-16",
+            results / "tables", results / "figures"]
+    for d in dirs:
+        prov = json.loads((d / "provenance.json").read_text())
+        assert {"git", "config_hash", "packages", "device", "seeds"} <= set(prov), d
+    metrics = json.loads((results / "evaluate" / "vit-supervised" / "fmnist-test" / "layer_1" / "topk-16"
+                          / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(16.0)
+    again = run(project, "snakemake", "--cores", "2")
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_lint_is_clean(project):
+    proc = run(project, "snakemake", "--lint")
+    assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
+
+
+def test_paper_config_plans_the_whole_dag(project):
+    proc = run(project, "snakemake", "-n", "--configfile", "config/paper.yaml")
+    counts = {}
+    for rule, _ in planned_jobs(proc):
+        counts[rule] = counts.get(rule, 0) + 1
+    # 2 models x ImageNet, the 9-SAE grid trained in one pass per store, 18 evaluations
+    assert counts == {"extract": 2, "train": 2, "evaluate": 18, "tables": 1, "figures": 1, "all": 1}
+
+
+def test_paper_run_without_data_names_the_missing_input(tmp_path, project):
+    proc = run(project, "snakemake", "--cores", "1", "--configfile", "config/paper.yaml", "--until", "extract",
+               check=False)
+    assert proc.returncode != 0
+    assert re.search(r"visae: error: (datasets|models)\.[\w-]+: .*(not found|does not exist)",
+                     proc.stdout + proc.stderr)
+
+
+def test_adding_a_model_plans_only_its_jobs(project, tmp_path):
+    config = tiny_config()
+    config["models"]["vit-random"] = {"source": "timm", "arch": "vit_tiny_patch16_224", "image_size": 28,
+                                      "model_kwargs": {"patch_size": 7, "depth": 2, "embed_dim": 32,
+                                                       "num_heads": 2}, "layers": [0]}
+    path = project / "config" / "three.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run(project, "snakemake", "-n", "--configfile", str(path)))
+    per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
+    assert per_model and all(wc["model"] == "vit-random" for _, wc in per_model)
+    assert sorted(rule for rule, wc in per_model) == ["evaluate", "evaluate", "extract", "train", "train"]
+    # the cross-model jobs that now include the new model
+    assert sorted(rule for rule, wc in jobs if "model" not in wc) == ["all", "figures", "tables"]
+
+
+def test_changing_one_sae_replans_only_that_sae(project):
+    config = tiny_config()
+    config["saes"]["relu-l1-0.01"]["lr"] = 0.002
+    path = project / "config" / "lr.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run(project, "snakemake", "-n", "--configfile", str(path)))
+    trained = sorted((rule, wc.get("pass_", wc.get("sae")), wc["model"]) for rule, wc in jobs if "model" in wc)
+    assert trained == [("evaluate", "relu-l1-0.01", "vit-simclr"), ("evaluate", "relu-l1-0.01", "vit-supervised"),
+                       ("train", "relu-l1-0.01", "vit-simclr"), ("train", "relu-l1-0.01", "vit-supervised")]
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"modles": {}}, "modles"),
+    ({"extract": {"datasets": ["fmnist-test"], "dtype": "fp8"}}, "dtype"),
+    ({"saes": {"bad": {"architecture": "gated"}}}, "architecture"),
+])
+def test_bad_config_fails_before_any_job(project, change, key):
+    config = {**tiny_config(), **change}
+    path = project / "config" / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run(project, "snakemake", "-n", "--configfile", str(path), check=False)
+    assert proc.returncode != 0 and key in proc.stdout + proc.stderr
+    assert "Job stats" not in proc.stdout
+
+
+def test_snakemake_report_embeds_figures(project):
+    run(project, "snakemake", "--report", "results/report.html")
+    html = (project / "results" / "report.html").read_text(errors="replace")
+    assert "frontier_vit-supervised.png" in html and "saes.csv" in html
+
+
+def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
+    first = run(project, "dvc", "repro")
+    assert "Nothing to be done" in first.stdout + first.stderr
+    second = run(project, "dvc", "repro")
+    assert second.stdout.count("didn't change, skipping") == 5
+
+    config = yaml.safe_load((project / "config" / "config.yaml").read_text())
+    config["saes"]["relu-l1-0.01"]["lr"] = 0.002
+    (project / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    third = run(project, "dvc", "repro")
+    out = third.stdout
+    assert "Stage 'pretrain' didn't change, skipping" in out and "Stage 'extract' didn't change, skipping" in out
+    assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'tables'" in out
+
+    # push to a local directory remote, lose the results, pull them back
+    table = (project / "results" / "tables" / "saes.md").read_bytes()
+    run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    run(project, "dvc", "push")
+    shutil.rmtree(project / "results" / "tables")
+    shutil.rmtree(project / ".dvc" / "cache")
+    run(project, "dvc", "pull")
+    assert (project / "results" / "tables" / "saes.md").read_bytes() == table
+    run(project, "snakemake", "--touch", "--cores", "1")
+    assert "Nothing to be done" in run(project, "snakemake", "-n").stdout
+
+
+def test_dvc_exp_run_sets_a_param(project):
+    proc = run(project, "dvc", "exp", "run", "-S", "config/config.yaml:saes.topk-16.k=8")
+    assert "Running stage 'train'" in proc.stdout
+    metrics = json.loads((project / "results" / "evaluate" / "vit-supervised" / "fmnist-test" / "layer_1"
+                          / "topk-16" / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(8.0)
+
+
+def test_two_clean_runs_give_identical_metrics(tmp_path):
+    config = tiny_config()
+    del config["models"]["vit-simclr"]
+    del config["saes"]["relu-l1-0.01"]
+    target = "results/evaluate/vit-supervised/fmnist-test/layer_1/topk-16/metrics.json"
+    outputs = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        root.mkdir()
+        copy_project(root, config)
+        run(root, "snakemake", "--cores", "2", target)
+        outputs.append((root / target).read_bytes())
+    assert outputs[0] == outputs[1]
