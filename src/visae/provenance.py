@@ -10,7 +10,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
 
 PACKAGES = ["visae", "torch", "torchvision", "timm", "open_clip_torch", "numpy", "safetensors"]
 
@@ -38,7 +37,21 @@ def git_state(cwd: Path | None = None) -> dict:
         return {"sha": None, "dirty": None}
 
 
+def count_gpus() -> int:
+    """GPUs this process may use, without importing CUDA: CUDA_VISIBLE_DEVICES, else /dev/nvidiaN.
+    The workflow caps its `gpu` resource at this, one GPU job per card."""
+    import glob
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def device_info() -> dict:
+    import torch
+
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
     if info["cuda"]:
