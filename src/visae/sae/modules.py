@@ -261,7 +261,7 @@ def _topk_workspace(B: int, d: int, h: int, k: int, device: torch.device, dtype:
 
 
 def clear_workspaces() -> None:
-    """Free the cached CPU buffers of the ReLU training step."""
+    """Free the cached CPU buffers of the ReLU and TopK training steps."""
     _WORKSPACES.clear()
 
 
