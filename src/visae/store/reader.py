@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -59,6 +60,7 @@ class ActivationStore:
         self._acts = [self._open(shard_name("acts", s["index"]),
                                  (s["stop"] - s["start"], self.tokens_per_image, self.d_model))
                       for s in self.meta["shards"]]
+        self._tensors: list[torch.Tensor] | None = None
         self.labels = np.concatenate([np.load(self.root / shard_name("labels", s["index"]))
                                       for s in self.meta["shards"]])
         has_patch = any(shard_name("patch_labels", 0) == n for n in self.meta["shards"][0]["files"])
@@ -81,6 +83,18 @@ class ActivationStore:
     @property
     def shard_arrays(self) -> list[np.ndarray]:
         return self._acts
+
+    @property
+    def shard_tensors(self) -> list[torch.Tensor]:
+        """Each shard as a read-only [images*tokens, d] torch view of its memory map (bf16 as
+        int16 bits). Never written to; torch just has no read-only tensors."""
+        if self._tensors is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self._tensors = [torch.from_numpy(
+                    (a.view(np.int16) if self.dtype_name == "bfloat16" else np.asarray(a)).reshape(-1, self.d_model))
+                    for a in self._acts]
+        return self._tensors
 
     @property
     def layout(self) -> dict:
@@ -282,10 +296,14 @@ class TokenLoader:
         return rows
 
     def _gather(self, segments) -> torch.Tensor:
-        """One batch from (window chunks, chunk offsets, chunk rows, positions) segments."""
+        """One batch from (window chunks, chunk offsets, chunk rows, positions) segments.
+
+        torch.index_select into the batch tensor: one pass, multi-threaded, ~3x numpy's
+        fancy indexing on fp16 rows."""
         store, per = self.store, self.store.tokens_per_image
+        shards = store.shard_tensors
         n = sum(len(pos) for *_, pos in segments)
-        out = np.empty((n, store.d_model), dtype=store.shard_arrays[0].dtype)
+        out = torch.empty((n, store.d_model), dtype=shards[0].dtype)
         at = 0
         for chunks, offsets, rows, pos in segments:
             pos = np.sort(pos)
@@ -297,12 +315,10 @@ class TokenLoader:
                 local = pos[a:b] - offsets[k]
                 if rows[k] is not None:
                     local = rows[k][local]
-                flat = store.shard_arrays[c.shard].reshape(-1, store.d_model)
-                out[at + a:at + b] = flat[local + c.lo * per]
+                torch.index_select(shards[c.shard], 0, torch.from_numpy(local + c.lo * per),
+                                   out=out[at + a:at + b])
             at += len(pos)
-        if store.dtype_name == "float16" and self.dtype == torch.float32:
-            return torch.from_numpy(out.astype(np.float32))  # numpy's cast is vectorised; torch's is not
-        data = from_storage(out, store.dtype_name)
+        data = out.view(torch.bfloat16) if store.dtype_name == "bfloat16" else out
         return data if data.dtype == self.dtype else data.to(self.dtype)
 
     def _readahead(self, chunks: list[_Chunk]) -> None:
