@@ -4,6 +4,15 @@ import os
 from snakemake.exceptions import WorkflowError
 
 RESULTS = config["results"]
+# Where `visae fetch fashion-mnist` puts the demo data (a dataset whose root is this folder
+# depends on that rule; any other root is used as it is).
+FASHION_MNIST_ROOT = "resources/fashion-mnist"
+FASHION_MNIST_FILES = [
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+]
 
 
 def check_config():
@@ -84,6 +93,14 @@ wildcard_constraints:
     layer="layer_-?[0-9]+",
     sae="[^/]+",
     pass_="[^/]+",
+
+
+def dataset_files(name):
+    """Files a job reading this dataset must wait for: the fetched demo data, if it is that."""
+    entry = config["datasets"][name]
+    if entry["format"] == "fashion-mnist" and os.path.normpath(entry.get("root", "")) == FASHION_MNIST_ROOT:
+        return [f"{FASHION_MNIST_ROOT}/{file}" for file in FASHION_MNIST_FILES]
+    return []
 
 
 def pretrain_outputs():

@@ -6,6 +6,7 @@
 rule extract:
     input:
         unpack(extract_weights),
+        data=lambda wc: dataset_files(wc.dataset),
     output:
         f"{RESULTS}/activations/{{model}}/{{dataset}}/extract.json",
     params:

@@ -2,6 +2,8 @@
 
 
 rule pretrain:
+    input:
+        lambda wc: dataset_files(config["models"][wc.model]["pretrain"]["dataset"]),
     output:
         f"{RESULTS}/pretrain/{{model}}/model.safetensors",
     params:

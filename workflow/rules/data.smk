@@ -1,0 +1,16 @@
+# Demo data: Fashion-MNIST copied from Debian's dataset-fashion-mnist package, or downloaded
+# from the official release, each file checked against its published MD5 sum.
+
+
+rule fetch_fashion_mnist:
+    output:
+        [f"{FASHION_MNIST_ROOT}/{name}" for name in FASHION_MNIST_FILES],
+    params:
+        out=lambda wc, output: os.path.dirname(output[0]),
+    log:
+        f"{RESULTS}/logs/data/fashion-mnist.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/data/fashion-mnist.tsv"
+    shell:
+        "visae fetch fashion-mnist --out {params.out:q} > {log:q} 2>&1"
+        " || (tail -n 1 {log:q} >&2; exit 1)"
