@@ -15,6 +15,15 @@ FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread, then restore the count."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _shared(name: str) -> Path:
     path = SHARED_DATA / name
     if not path.is_dir():

@@ -10,13 +10,8 @@ from visae.sae import (BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSA
 from visae.synth import make_atoms, synth_tokens
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=512, d=16, atoms=48, k=3, seed=0):

@@ -16,12 +16,8 @@ from visae.store import ActivationStore
 from visae.synth import load_atoms, recovery
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_synth_store_is_valid_and_resumable(tmp_path):

@@ -24,12 +24,8 @@ RUN = ("import sys, torch; torch.set_num_threads(1); from visae.cli import main;
        "sys.exit(main(sys.argv[1:]))")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
