@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from unittest import mock
@@ -576,28 +575,29 @@ def test_real_engine_run(engine, client, visae_image, user_repo, monkeypatch, ca
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # the first one builds the base image and the image: ~3-4 min cold
-def test_real_engine_ctrl_c_stops_and_removes(engine, client, visae_image, user_repo, monkeypatch):
+def test_real_engine_ctrl_c_stops_and_removes(engine, client, visae_image, user_repo):
+    """Ctrl-C as a terminal sends it: SIGINT to a separate `visae container run` process."""
     repo, uid, gid = user_repo
-    monkeypatch.setenv("DOCKER_HOST", engine)
     label = {"label": f"org.visae.repo={repo}"}
-    sent = threading.Event()
-
-    def interrupt_once_running():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if client.containers.list(filters={**label, "status": "running"}):
-                time.sleep(2)  # let snakemake start the job
-                sent.set()
-                os.kill(os.getpid(), signal.SIGINT)
-                return
+    cmd = [sys.executable, "-m", "visae.cli", "container", "run", "--image", visae_image, "--repo", str(repo),
+           "--cache", str(repo.parent / "cache"), "--gpus", "0", "--network", "none",
+           "--user", f"{uid}:{gid}", "--", "--cores", "1", "slow"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "DOCKER_HOST": engine},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not client.containers.list(filters={**label, "status": "running"}):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.1)
-
-    threading.Thread(target=interrupt_once_running, daemon=True).start()
-    t0 = time.monotonic()
-    rc = visae(["container", "run", "--image", visae_image, "--repo", str(repo), "--cache",
-                str(repo.parent / "cache"), "--gpus", "0", "--network", "none",
-                "--user", f"{uid}:{gid}", "--", "--cores", "1", "slow"])
-    assert sent.is_set() and rc == 130
+        time.sleep(3)  # let snakemake start the job
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=vc.STOP_GRACE_S + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert "visae: interrupted" in err
     assert time.monotonic() - t0 < vc.STOP_GRACE_S + 20
     assert client.containers.list(all=True, filters=label) == []
     assert not (repo / "results" / "slow.txt").exists()
