@@ -582,8 +582,11 @@ def test_real_engine_ctrl_c_stops_and_removes(engine, client, visae_image, user_
     cmd = [sys.executable, "-m", "visae.cli", "container", "run", "--image", visae_image, "--repo", str(repo),
            "--cache", str(repo.parent / "cache"), "--gpus", "0", "--network", "none",
            "--user", f"{uid}:{gid}", "--", "--cores", "1", "slow"]
+    # A shell without job control starts background jobs with SIGINT ignored, and children
+    # inherit that; a terminal's foreground process has the default, which is what we test.
     proc = subprocess.Popen(cmd, env={**os.environ, "DOCKER_HOST": engine},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not client.containers.list(filters={**label, "status": "running"}):
