@@ -231,6 +231,30 @@ def _autograd_grads(sae, x, lam):
     return loss.detach(), m, [p.grad.clone() for p in sae.parameters()]
 
 
+def _step_matches_autograd(s, r, opt, ref_opt, x, lam, check_l1=False):
+    """One hand-written step of `s` against autograd on its twin `r`: equal loss, metrics and
+    gradients; then the same update on both, so later steps compare at the same weights."""
+    opt.zero_grad(set_to_none=False)
+    la, ma = s.compute_grads(x, lam)
+    lb, mb, grads = _autograd_grads(r, x, lam)
+    assert torch.allclose(la, lb, rtol=1e-5)
+    assert torch.allclose(ma["mse"], mb["mse"], rtol=1e-5)
+    if check_l1:
+        assert torch.allclose(ma["l1"], mb["l1"], rtol=1e-5)
+    assert float(ma["l0"]) == float(mb["l0"])
+    assert torch.equal(ma["fired"], mb["fired"])
+    for p, g in zip(s.parameters(), grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
+    for p, q in zip(s.parameters(), r.parameters()):
+        q.grad = p.grad.clone()
+    for sae, o in ((s, opt), (r, ref_opt)):
+        sae.remove_parallel_grad()
+        o.step()
+        sae.normalise_decoder()
+    for p, q in zip(s.parameters(), r.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_relu_manual_backward_reused_buffers_match_autograd():
     """The hand-written step keeps buffers between calls (shared by SAEs of one shape) and
     writes the encoder grads into views of its own storage: over several steps, two SAEs
@@ -244,25 +268,7 @@ def test_relu_manual_backward_reused_buffers_match_autograd():
         x = _data(n=n, seed=step)
         lam = 3e-3 * (step + 1)
         for s, r, o, ro in zip((a, b), (ref_a, ref_b), opts, ref_opts):
-            o.zero_grad(set_to_none=False)
-            la, ma = s.compute_grads(x, lam)
-            lb, mb, grads = _autograd_grads(r, x, lam)
-            assert torch.allclose(la, lb, rtol=1e-5)
-            assert torch.allclose(ma["mse"], mb["mse"], rtol=1e-5)
-            assert torch.allclose(ma["l1"], mb["l1"], rtol=1e-5)
-            assert float(ma["l0"]) == float(mb["l0"])
-            assert torch.equal(ma["fired"], mb["fired"])
-            for p, g in zip(s.parameters(), grads):
-                assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
-            # the same update on both, so later steps compare at the same weights
-            for p, q in zip(s.parameters(), r.parameters()):
-                q.grad = p.grad.clone()
-            for sae, opt in ((s, o), (r, ro)):
-                sae.remove_parallel_grad()
-                opt.step()
-                sae.normalise_decoder()
-            for p, q in zip(s.parameters(), r.parameters()):
-                assert torch.equal(p, q)
+            _step_matches_autograd(s, r, o, ro, x, lam, check_l1=True)
 
 
 def test_relu_manual_backward_zero_sparsity_and_no_firing():
@@ -298,23 +304,7 @@ def test_topk_manual_backward_reused_buffers_match_autograd():
     for step, n in enumerate((64, 64, 48, 64)):
         x = _data(n=n, seed=step)
         for s, r, o, ro in zip(saes, refs, opts, ref_opts):
-            o.zero_grad(set_to_none=False)
-            la, ma = s.compute_grads(x, 3e-3)
-            lb, mb, grads = _autograd_grads(r, x, 3e-3)
-            assert torch.allclose(la, lb, rtol=1e-5)
-            assert torch.allclose(ma["mse"], mb["mse"], rtol=1e-5)
-            assert float(ma["l0"]) == float(mb["l0"])
-            assert torch.equal(ma["fired"], mb["fired"])
-            for p, g in zip(s.parameters(), grads):
-                assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
-            for p, q in zip(s.parameters(), r.parameters()):
-                q.grad = p.grad.clone()
-            for sae, opt in ((s, o), (r, ro)):
-                sae.remove_parallel_grad()
-                opt.step()
-                sae.normalise_decoder()
-            for p, q in zip(s.parameters(), r.parameters()):
-                assert torch.equal(p, q)
+            _step_matches_autograd(s, r, o, ro, x, 3e-3)
 
 
 def test_topk_manual_backward_inactive_kept_entries():

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -232,15 +233,12 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
             if filled == len(buffers[plan.layers[0]]["labels"]):
                 jobs.put((shard, buffers))
                 shard, filled, buffers = shard + 1, 0, None
-    except BaseException:
-        jobs.put(None)
-        writer_thread.join()
-        _remove_empty(writers.values(), out)
-        raise
     finally:
-        jobs.put(None)
+        jobs.put(None)  # the writer finishes the shards already queued, then stops
         writer_thread.join()
         bar.close()
+        if sys.exc_info()[0] is not None:
+            _remove_empty(writers.values(), out)
     if failure:
         raise failure[0]
     if shard != n_shards:

@@ -7,9 +7,9 @@ Layout of a store directory:
     patch_labels_00000.npy  [images, patches] int16 per-patch labels (segmentation sets only)
 """
 
-from visae.store.format import FORMAT, SHARD_KINDS, shard_name
+from visae.store.format import FORMAT, shard_name
 from visae.store.reader import ActivationStore, TokenLoader, verify_store
 from visae.store.writer import StoreWriter
 
-__all__ = ["FORMAT", "SHARD_KINDS", "shard_name", "ActivationStore", "TokenLoader",
+__all__ = ["FORMAT", "shard_name", "ActivationStore", "TokenLoader",
            "StoreWriter", "verify_store"]

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 FORMAT = "visae-activations/1"
-SHARD_KINDS = ("acts", "labels", "patch_labels")
 
 # numpy has no bfloat16: bf16 shards are stored as uint16 bit patterns and viewed back.
 STORE_DTYPES = {"float16": (np.float16, torch.float16),

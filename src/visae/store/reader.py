@@ -142,15 +142,7 @@ class ActivationStore:
 
     def verify(self) -> list[str]:
         """Re-hash every file; return one line per problem (empty when the store is intact)."""
-        problems = []
-        for shard in self.meta["shards"]:
-            for name, sha in sorted(shard["files"].items()):
-                path = self.root / name
-                if not path.is_file():
-                    problems.append(f"{name}: missing")
-                elif sha256_file(path) != sha:
-                    problems.append(f"{name}: checksum mismatch (truncated or tampered)")
-        return problems
+        return _file_problems(self.root, self.meta)
 
 
 def verify_store(root: str | Path) -> list[str]:
@@ -163,6 +155,11 @@ def verify_store(root: str | Path) -> list[str]:
     problems = []
     if not meta.get("complete"):
         problems.append(f"incomplete: {len(meta.get('shards', []))} of {meta.get('n_shards')} shards")
+    return problems + _file_problems(root, meta)
+
+
+def _file_problems(root: Path, meta: dict) -> list[str]:
+    problems = []
     for shard in meta.get("shards", []):
         for name, sha in sorted(shard["files"].items()):
             path = root / name
