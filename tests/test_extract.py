@@ -314,6 +314,12 @@ def test_resume_refuses_a_store_made_by_another_model(tmp_path, cifar10_dir):
         run_extract(plan(files[1]), out, progress=False)
     with pytest.raises(VisaeError, match="made by another model \\(different init_seed, weights_sha256\\)"):
         run_extract(plan_extract(SMALL, spec, [2], batch_size=2, max_images=6, shard_images=2), out, progress=False)
+    # a store from before identities were recorded is not taken as this model's
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["model"]["identity"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VisaeError, match="made by another model \\(the store records no model identity\\)"):
+        run_extract(plan(moved), out, progress=False)
 
 
 def test_paper_patch_vote_reaches_the_store(tmp_path, camvid_dir, clip):

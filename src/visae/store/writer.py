@@ -42,10 +42,18 @@ def _npy_header(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def identity_difference(made_by: dict | None, now: dict) -> str:
+def model_identity(meta: dict) -> dict | None:
+    """meta.json's model.identity: which model made the activations (None for synthetic stores)."""
+    model = meta.get("model")
+    return model.get("identity") if isinstance(model, dict) else None
+
+
+def identity_difference(made_by: dict | None, now: dict | None) -> str:
     """Why two model identities (meta.json's model.identity) differ, in a few words."""
     if not isinstance(made_by, dict):
-        return "its meta.json records no model identity"
+        return "the store records no model identity"
+    if not isinstance(now, dict):
+        return "the new model has no recorded identity"
     keys = sorted(k for k in set(made_by) | set(now) if made_by.get(k) != now.get(k))
     return "different " + ", ".join(keys)
 
@@ -78,7 +86,7 @@ class StoreWriter:
                 old = json.loads(self.meta_path.read_text())
             except (OSError, ValueError) as err:
                 raise VisaeError(f"{self.meta_path} is unreadable ({err}): remove {self.root} and rerun") from None
-            made_by, now = (old.get("model") or {}).get("identity"), self.meta["model"]["identity"]
+            made_by, now = model_identity(old), model_identity(self.meta)
             if made_by != now:
                 raise VisaeError(f"{self.root} holds a store made by another model "
                                  f"({identity_difference(made_by, now)}): remove it or choose another output folder")
