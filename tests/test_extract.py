@@ -335,3 +335,9 @@ def test_paper_patch_vote_reaches_the_store(tmp_path, camvid_dir, clip):
         assert np.array_equal(store.patch_labels[i], patch_labels(mask, (14, 14), 11, "all-pixel-mode"))
         differ += int((store.patch_labels[i] != patch_labels(mask, (14, 14), 11)).sum())
     assert differ > 0  # CamVid's void pixels win some patches under the paper's vote
+    # the CLI's --patch-vote sets the same dataset key
+    import argparse
+
+    from visae.extract import resolve_dataset_spec
+    args = argparse.Namespace(dataset=f"camvid:{camvid_dir}", split=None, patch_vote="all-pixel-mode", config=None)
+    assert resolve_dataset_spec(args) == {"format": "camvid", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"}

@@ -361,17 +361,21 @@ def _mlp_act(bb: Backbone) -> str:
     return type(bb.model.transformer.resblocks[0].mlp.gelu).__name__
 
 
-def test_clip_builds_the_activation_its_weights_were_trained_with(clip16, clip16_weights, monkeypatch):
+def test_clip_builds_the_activation_its_weights_were_trained_with(clip16, clip16_weights, monkeypatch, tmp_path,
+                                                                  imagenet_sample_dir):
     """OpenAI's CLIP was trained with QuickGELU; open_clip's ViT-B-16 config builds GELU."""
     import hashlib
+    import json
 
     import open_clip.factory
     from huggingface_hub import constants
     from safetensors.torch import load_file
 
+    from visae.extract import plan_extract, run_extract
+
     assert _mlp_act(clip16) == "GELU" and clip16.activation == "GELU"  # no tag: the config's GELU
-    # a local weights file (the paper config's path) with the tag that names them
-    openai = load_backbone({**_spec("open_clip", "ViT-B-16"), "pretrained": "openai", "weights": str(clip16_weights)})
+    # config/paper.yaml's entry: the openai tag and a local weights file
+    openai = load_backbone({**_paper_model("clip-b16"), "weights": str(clip16_weights)})
     laion = load_backbone({**_spec("open_clip", "ViT-B-16"), "pretrained": "laion2b_s34b_b88k",
                            "weights": str(clip16_weights)})
     assert _mlp_act(openai) == "QuickGELU" and openai.activation == "QuickGELU"
@@ -386,6 +390,12 @@ def test_clip_builds_the_activation_its_weights_were_trained_with(clip16, clip16
         "init_seed": None, "model_kwargs": {}, "image_size": [224, 224], "activation": "QuickGELU",
         "transform": " ".join(repr(openai.transform).split())}
     assert openai.to_dict()["activation"] == "QuickGELU" and openai.to_dict()["identity"] == openai.identity
+    # and a store says so
+    plan = plan_extract({}, {"format": "imagenet-sample", "root": str(imagenet_sample_dir)}, [0], max_images=1,
+                        backbone=openai)
+    (store,) = run_extract(plan, tmp_path / "store", progress=False, num_workers=0)
+    model = json.loads((store / "meta.json").read_text())["model"]
+    assert model["activation"] == "QuickGELU" and model["identity"] == openai.identity
 
     # the hub path: open_clip "downloads" the tag's weights (here: our file) and builds the model
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
