@@ -192,7 +192,8 @@ def test_patch_vote_is_a_dataset_option(camvid_dir, fashion_mnist_dir):
         open_dataset({"format": "camvid", "root": str(camvid_dir), "patch_vote": "mode"})
     with pytest.raises(VisaeError, match=r"unknown key\(s\) patch_vote for dataset format imagefolder"):
         open_dataset({"format": "imagefolder", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"})
-    with pytest.raises(VisaeError, match="patch_vote needs segmentation masks, and this fashion-mnist dataset has none"):
+    with pytest.raises(VisaeError, match="patch_vote needs segmentation masks, and this fashion-mnist dataset "
+                                         "has none"):
         open_dataset({"format": "fashion-mnist", "root": str(fashion_mnist_dir), "patch_vote": "all-pixel-mode"})
 
 

@@ -439,7 +439,8 @@ def test_dinov2_paper_transform_is_saevs(dino_paper, dino_reg, imagenet_sample_d
     assert squash.transform.transforms[0].size == (256, 256)
     for spec, msg in (
         (_spec("timm", "vit_small_patch14_dinov2", crop_pct=1.5), r"^crop_pct must be a number in \(0, 1\]"),
-        (_spec("timm", "vit_small_patch14_dinov2", crop_mode="crop"), "^crop_mode must be one of center, squash, border"),
+        (_spec("timm", "vit_small_patch14_dinov2", crop_mode="crop"),
+         "^crop_mode must be one of center, squash, border"),
         (_spec("timm", "vit_small_patch14_dinov2", interpolation="lanczos"), "^interpolation must be one of bilinear"),
         (_spec("open_clip", "ViT-B-16", crop_pct=0.875), "^crop_pct and crop_mode are only supported for timm"),
     ):

@@ -276,7 +276,8 @@ def _check_fp16_range(acts: torch.Tensor, layer: int, model_name: str) -> None:
     peak = float(acts.abs().amax()) if acts.numel() else 0.0
     if peak > FP16_MAX:
         raise Fp16Overflow(f"layer {layer} of {model_name} has activations up to {peak:.4g}, beyond float16's "
-                           f"±65,504: extract with dtype bf16 or fp32 (--dtype, or dtype: under extract: in the config)")
+                           f"±65,504: extract with dtype bf16 or fp32 "
+                           f"(--dtype, or dtype: under extract: in the config)")
 
 
 def _remove_empty(writers, out: Path, unfinishable: bool = False) -> None:

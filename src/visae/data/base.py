@@ -73,6 +73,7 @@ class ImageDataset:
             "classes": len(self.classes),
             "has_masks": self.has_masks,
             "ignore_index": self.ignore_index,
+            "patch_vote": self.patch_vote if self.has_masks else None,
         }
 
     def __repr__(self) -> str:
