@@ -149,6 +149,75 @@ def test_patch_labels_matches_loop_on_real_camvid(camvid_dir):
     assert set(out.tolist()) <= set(range(12)) and len(set(out.tolist())) >= 5
 
 
+def test_patch_votes_differ_where_background_wins():
+    """labelled-majority (visae) drops the ignore label; all-pixel-mode (the paper's) counts it."""
+    bg = 0  # ADE20K's "other", its ignore label
+    m = np.zeros((4, 6), dtype=np.int64)  # grid 2x3 of 2x2 patches
+    m[0:2, 0:2] = [[bg, bg], [bg, 5]]  # 3 background, 1 object: votes differ
+    m[0:2, 2:4] = [[7, 7], [bg, 3]]  # object majority either way
+    m[0:2, 4:6] = bg  # all background
+    m[2:4, 0:2] = [[bg, bg], [4, 4]]  # a tie between background and 4: the smaller label
+    m[2:4, 2:4] = [[9, 8], [bg, bg]]  # 2 background, 1 each of 8 and 9
+    m[2:4, 4:6] = [[2, 2], [2, bg]]
+    assert patch_labels(m, (2, 3), bg).tolist() == [5, 7, bg, 4, 8, 2]
+    assert patch_labels(m, (2, 3), bg, "labelled-majority").tolist() == [5, 7, bg, 4, 8, 2]
+    assert patch_labels(m, (2, 3), bg, "all-pixel-mode").tolist() == [bg, 7, bg, bg, bg, 2]
+    # a non-zero ignore label (CamVid's void, 11) wins under the paper's vote too
+    assert patch_labels(np.where(m == bg, 11, m), (2, 3), 11, "all-pixel-mode").tolist() == [11, 7, 11, 4, 11, 2]
+    with pytest.raises(VisaeError, match="unknown patch_vote 'mode': use one of labelled-majority, all-pixel-mode"):
+        patch_labels(m, (2, 3), bg, "mode")
+
+
+def test_all_pixel_mode_is_saevs_vote(camvid_dir):
+    """saev 2284f52 (contrib/semseg): pixels rearranged per patch, then torch's mode (CPU)."""
+    import torch
+
+    ds = open_dataset({"format": "camvid", "root": str(camvid_dir)})
+    rng = np.random.default_rng(0)
+    masks = [ds[0].mask[:, 60:420], rng.integers(0, 3, size=(360, 360))]  # the random one has many ties
+    for mask in masks:
+        t = torch.from_numpy(mask).reshape(24, 15, 24, 15).permute(0, 2, 1, 3).reshape(24, 24, 225)
+        saev = t.mode(dim=-1).values.reshape(-1)
+        assert patch_labels(mask, (24, 24), 11, "all-pixel-mode").tolist() == saev.tolist()
+    assert (patch_labels(masks[0], (24, 24), 11, "all-pixel-mode")
+            != patch_labels(masks[0], (24, 24), 11)).any()  # real void pixels change some labels
+
+
+def test_patch_vote_is_a_dataset_option(camvid_dir, fashion_mnist_dir):
+    assert open_dataset({"format": "camvid", "root": str(camvid_dir)}).patch_vote == "labelled-majority"
+    ds = open_dataset({"format": "camvid", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"})
+    assert ds.patch_vote == "all-pixel-mode" and ds.spec["patch_vote"] == "all-pixel-mode"
+    with pytest.raises(VisaeError, match="^dataset key patch_vote must be one of labelled-majority, all-pixel-mode; "
+                                         "got 'mode'$"):
+        open_dataset({"format": "camvid", "root": str(camvid_dir), "patch_vote": "mode"})
+    with pytest.raises(VisaeError, match=r"unknown key\(s\) patch_vote for dataset format imagefolder"):
+        open_dataset({"format": "imagefolder", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"})
+    with pytest.raises(VisaeError, match="patch_vote needs segmentation masks, and this fashion-mnist dataset "
+                                         "has none"):
+        open_dataset({"format": "fashion-mnist", "root": str(fashion_mnist_dir), "patch_vote": "all-pixel-mode"})
+
+
+def test_16bit_greyscale_png_is_scaled_not_clipped(tmp_path, imagenet_sample_dir):
+    from visae.data.base import decode_image
+
+    grey = Image.open(sorted(imagenet_sample_dir.glob("*.JPEG"))[0]).convert("L")  # a real photo, 8-bit
+    wide = np.asarray(grey).astype(np.uint16) * 257  # the same photo at 16 bits (255 -> 65535)
+    path = tmp_path / "photo16.png"
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as im:
+        assert im.mode in ("I;16", "I") and np.asarray(im).max() > 255  # it really is a 16-bit PNG
+    out = decode_image(path)
+    assert out.mode == "RGB" and np.array_equal(np.asarray(out), np.asarray(grey.convert("RGB")))
+    # every 16-bit level rounds to the nearest 8-bit one (not all >= 255 to white)
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(path)
+    got = np.asarray(decode_image(path.read_bytes(), name="ramp"))[:, :, 0].astype(np.int64)
+    assert np.array_equal(got, np.round(ramp / 257).astype(np.int64))
+    # a 32-bit integer greyscale image (PIL mode I), as some PNG loaders give 16-bit PNGs
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "photo32.tif")
+    assert np.array_equal(np.asarray(decode_image(tmp_path / "photo32.tif")), np.asarray(grey.convert("RGB")))
+
+
 # --- ADE20K and CUB layouts, built from real images --------------------------------------------
 
 

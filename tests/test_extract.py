@@ -13,12 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from visae.cli import main
 from visae.data import open_dataset, patch_labels
+from visae.errors import VisaeError
 from visae.extract import plan_extract, run_extract
 from visae.models import load_backbone
 from visae.store import ActivationStore, verify_store
+from visae.store.writer import StoreWriter
 
 REPO = Path(__file__).resolve().parents[1]
 DINO = {"source": "timm", "arch": "vit_base_patch14_reg4_dinov2", "image_size": 224}
@@ -185,3 +188,156 @@ def test_bad_inputs_fail_with_one_line_and_no_output(tmp_path, capsys, cifar10_d
     assert "acts_00001.npy: checksum mismatch" in capsys.readouterr().err
     with pytest.raises(Exception, match="acts_00001.npy is truncated"):
         ActivationStore(out / "layer_1")
+
+
+# --- fidelity: fp16 range, the model's identity, the patch vote --------------------------------
+
+SMALL = {"source": "timm", "arch": "vit_tiny_patch16_224", "image_size": 32,
+         "model_kwargs": {"patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}}
+
+
+def _grey_then_real(root: Path, cifar: Path) -> dict:
+    """An image folder: two flat grey images (pixels at the model's mean: no patch signal), then
+    four real photos."""
+    folder = root / "imgs" / "c"
+    folder.mkdir(parents=True)
+    for i in range(2):
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(folder / f"a{i}.png")
+    for i, jpg in enumerate(sorted(cifar.glob("*/*.jpg"))[:4]):
+        (folder / f"b{i}.jpg").write_bytes(jpg.read_bytes())
+    return {"format": "imagefolder", "root": str(root / "imgs")}
+
+
+def test_fp16_overflow_is_refused_and_leaves_no_store(tmp_path, cifar10_dir, monkeypatch):
+    # block 2's MLP scaled up: the residual stream overflows float16 from layer 2 on, not before
+    bb = load_backbone(SMALL)
+    with torch.no_grad():
+        bb.model.blocks[2].mlp.fc2.weight.mul_(1e7)
+    spec = _grey_then_real(tmp_path, cifar10_dir)
+    plan = plan_extract(SMALL, spec, [1, 2], batch_size=2, max_images=2, backbone=bb)
+    with pytest.raises(VisaeError) as err:
+        run_extract(plan, tmp_path / "a", progress=False, num_workers=0)
+    msg = str(err.value)
+    assert msg.startswith("layer 2 of vit_tiny_patch16_224 has activations up to ")
+    assert msg.endswith("beyond float16's ±65,504: extract with dtype bf16 or fp32 "
+                        "(--dtype, or dtype: under extract: in the config)") and "\n" not in msg
+    assert not (tmp_path / "a").exists()
+
+    # the patch embedding scaled up instead: the grey images fit, the photos overflow, so the
+    # first shard is finished before the second fails, and it goes too (it can never be completed)
+    bb = load_backbone(SMALL)
+    with torch.no_grad():
+        bb.model.patch_embed.proj.weight.mul_(1e5)
+        bb.model.patch_embed.proj.bias.zero_()
+    out = tmp_path / "b"
+    plan = plan_extract(SMALL, spec, [-1], batch_size=2, shard_images=2, max_images=4, backbone=bb)
+    written = []
+    write_shard = StoreWriter.write_shard
+    monkeypatch.setattr(StoreWriter, "write_shard", lambda w, i, a: written.append(i) or write_shard(w, i, a))
+    with pytest.raises(VisaeError, match="^layer -1 of vit_tiny_patch16_224 has activations up to"):
+        run_extract(plan, out, progress=False, num_workers=0)
+    assert written == [0] and not out.exists()
+    # bf16 holds them
+    plan = plan_extract(SMALL, spec, [-1], batch_size=2, shard_images=2, max_images=4, dtype="bf16", backbone=bb)
+    (path,) = run_extract(plan, out, progress=False, num_workers=0)
+    acts = ActivationStore(path).images(0, 4).float()
+    assert torch.isfinite(acts).all() and acts.abs().max() > 65504 and verify_store(path) == []
+
+
+def _interrupted(plan, out: Path, after_calls: int) -> None:
+    """Run an extraction that is stopped (as by Ctrl-C) after `after_calls` forward passes."""
+    record, calls = plan.backbone.record, []
+
+    def stop(px, layers):
+        if len(calls) == after_calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return record(px, layers)
+
+    plan.backbone.record = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_extract(plan, out, progress=False, num_workers=0)
+    finally:
+        del plan.backbone.record
+
+
+def test_resume_refuses_a_store_made_by_another_model(tmp_path, cifar10_dir):
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    files = {}
+    for seed in (0, 1):  # two weights files for the same architecture
+        torch.manual_seed(seed)
+        tiny = load_backbone({**SMALL, "init_seed": seed})
+        files[seed] = tmp_path / f"w{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in tiny.model.state_dict().items()}, str(files[seed]))
+    spec = _grey_then_real(tmp_path, cifar10_dir)
+
+    def plan(weights):
+        return plan_extract({**SMALL, "weights": str(weights)}, spec, [2], batch_size=2, max_images=6,
+                            shard_images=2)
+
+    ref = run_extract(plan(files[0]), tmp_path / "ref", progress=False)[0]
+    out = tmp_path / "out"
+    _interrupted(plan(files[0]), out, after_calls=1)
+    meta = json.loads((out / "layer_2" / "meta.json").read_text())
+    assert meta["complete"] is False and len(meta["shards"]) == 1
+    identity = meta["model"]["identity"]
+    assert identity["weights_sha256"] == hashlib.sha256(files[0].read_bytes()).hexdigest()
+    assert identity["init_seed"] is None and identity["activation"] == "GELU"
+    assert meta["model"]["weights"] == str(files[0])
+
+    # other weights: refused, one line, and the partial store is left as it was
+    before = {p.name: p.read_bytes() for p in (out / "layer_2").iterdir()}
+    with pytest.raises(VisaeError) as err:
+        run_extract(plan(files[1]), out, progress=False)
+    assert str(err.value) == (f"{out / 'layer_2'} holds a store made by another model (different weights_sha256): "
+                              f"remove it or choose another output folder")
+    assert {p.name: p.read_bytes() for p in (out / "layer_2").iterdir()} == before
+
+    # the same weights, moved: resumes at shard 1 and ends as the uninterrupted run
+    moved = tmp_path / "moved.safetensors"
+    files[0].rename(moved)
+    resumed = plan(moved)
+    calls = []
+    record = resumed.backbone.record
+    resumed.backbone.record = lambda px, layers: calls.append(1) or record(px, layers)
+    (path,) = run_extract(resumed, out, progress=False)
+    assert len(calls) == 2  # shards 1 and 2 only
+    for name in sorted(p.name for p in ref.glob("*.npy")):
+        assert (ref / name).read_bytes() == (path / name).read_bytes(), name
+    assert json.loads((path / "meta.json").read_text())["model"]["weights"] == str(moved)
+    # a finished store is not reused by another model either (nor by another random init)
+    with pytest.raises(VisaeError, match="made by another model \\(different weights_sha256\\)"):
+        run_extract(plan(files[1]), out, progress=False)
+    with pytest.raises(VisaeError, match="made by another model \\(different init_seed, weights_sha256\\)"):
+        run_extract(plan_extract(SMALL, spec, [2], batch_size=2, max_images=6, shard_images=2), out, progress=False)
+    # a store from before identities were recorded is not taken as this model's
+    meta = json.loads((path / "meta.json").read_text())
+    del meta["model"]["identity"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VisaeError, match="made by another model \\(the store records no model identity\\)"):
+        run_extract(plan(moved), out, progress=False)
+
+
+def test_paper_patch_vote_reaches_the_store(tmp_path, camvid_dir, clip):
+    spec = {"format": "camvid", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"}
+    plan = plan_extract(CLIP, spec, [1], batch_size=2, max_images=2, backbone=clip)
+    (path,) = run_extract(plan, tmp_path, progress=False)
+    store = ActivationStore(path)
+    assert store.meta["dataset"]["patch_vote"] == "all-pixel-mode"
+    dataset = open_dataset(spec)
+    differ = 0
+    for i in range(2):
+        mask = clip.mask_transform(dataset[i].mask)
+        assert np.array_equal(store.patch_labels[i], patch_labels(mask, (14, 14), 11, "all-pixel-mode"))
+        differ += int((store.patch_labels[i] != patch_labels(mask, (14, 14), 11)).sum())
+    assert differ > 0  # CamVid's void pixels win some patches under the paper's vote
+    # the CLI's --patch-vote sets the same dataset key
+    import argparse
+
+    from visae.extract import resolve_dataset_spec
+    args = argparse.Namespace(dataset=f"camvid:{camvid_dir}", split=None, patch_vote="all-pixel-mode", config=None)
+    assert resolve_dataset_spec(args) == {"format": "camvid", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"}

@@ -289,7 +289,7 @@ def vit_crop09() -> Backbone:
     return _load(_spec("timm", "vit_small_patch16_224.augreg_in21k_ft_in1k"))
 
 
-@pytest.mark.parametrize("which", ["clip16", "dino_reg", "vit_crop09"])
+@pytest.mark.parametrize("which", ["clip16", "dino_reg", "vit_crop09", "dino_paper"])
 def test_mask_transform_follows_image_geometry(which, request, camvid_dir):
     bb: Backbone = request.getfixturevalue(which)
     name = sorted((camvid_dir / "valannot").glob("*.png"))[0].name
@@ -313,7 +313,7 @@ def test_mask_transform_follows_image_geometry(which, request, camvid_dir):
     src = bb.mask_transform(coords)
     rows, cols = src // w, src % w
     assert (np.diff(rows, axis=0) >= 0).all() and (np.diff(cols, axis=1) >= 0).all()
-    short = 224 if which != "vit_crop09" else 248
+    short = {"vit_crop09": 248, "dino_paper": 256}.get(which, 224)
     rh, rw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # torchvision Resize(int)
     top, left = round((rh - 224) / 2), round((rw - 224) / 2)
     ii, jj = np.meshgrid(np.arange(224), np.arange(224), indexing="ij")
@@ -343,3 +343,106 @@ def test_cli_models_show(capsys, tmp_path, dino_small):
     assert (shown["source"], shown["d_model"], shown["n_layers"], shown["patch_size"]) == ("timm", 384, 12, [14, 14])
     assert main(["models", "show", "timm:vit_small_patch14_dinov2", "--weights", str(tmp_path / "x.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- fidelity to the weights
+
+@pytest.fixture(scope="module")
+def clip16_weights(tmp_path_factory, clip16) -> Path:
+    """A ViT-B-16 visual-tower state dict (random init, fp16 to keep the file small)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("clip") / "ViT-B-16.safetensors"
+    save_file({k: v.half().contiguous() for k, v in clip16.model.state_dict().items()}, str(path))
+    return path
+
+
+def _mlp_act(bb: Backbone) -> str:
+    return type(bb.model.transformer.resblocks[0].mlp.gelu).__name__
+
+
+def test_clip_builds_the_activation_its_weights_were_trained_with(clip16, clip16_weights, monkeypatch, tmp_path,
+                                                                  imagenet_sample_dir):
+    """OpenAI's CLIP was trained with QuickGELU; open_clip's ViT-B-16 config builds GELU."""
+    import hashlib
+    import json
+
+    import open_clip.factory
+    from huggingface_hub import constants
+    from safetensors.torch import load_file
+
+    from visae.extract import plan_extract, run_extract
+
+    assert _mlp_act(clip16) == "GELU" and clip16.activation == "GELU"  # no tag: the config's GELU
+    # config/paper.yaml's entry: the openai tag and a local weights file
+    openai = load_backbone({**_paper_model("clip-b16"), "weights": str(clip16_weights)})
+    laion = load_backbone({**_spec("open_clip", "ViT-B-16"), "pretrained": "laion2b_s34b_b88k",
+                           "weights": str(clip16_weights)})
+    assert _mlp_act(openai) == "QuickGELU" and openai.activation == "QuickGELU"
+    assert all(type(b.mlp.gelu).__name__ == "QuickGELU" for b in openai.model.transformer.resblocks)
+    assert _mlp_act(laion) == "GELU" and laion.activation == "GELU"
+    # the same weights through the two activations give other numbers: the choice matters
+    px = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(openai.record(px, [3])[3], laion.record(px, [3])[3], atol=1e-3)
+    sha = hashlib.sha256(clip16_weights.read_bytes()).hexdigest()
+    assert openai.identity == {
+        "source": "open_clip", "arch": "ViT-B-16", "pretrained": "openai", "weights_sha256": sha,
+        "init_seed": None, "model_kwargs": {}, "image_size": [224, 224], "activation": "QuickGELU",
+        "transform": " ".join(repr(openai.transform).split())}
+    assert openai.to_dict()["activation"] == "QuickGELU" and openai.to_dict()["identity"] == openai.identity
+    # and a store says so
+    plan = plan_extract({}, {"format": "imagenet-sample", "root": str(imagenet_sample_dir)}, [0], max_images=1,
+                        backbone=openai)
+    (store,) = run_extract(plan, tmp_path / "store", progress=False, num_workers=0)
+    model = json.loads((store / "meta.json").read_text())["model"]
+    assert model["activation"] == "QuickGELU" and model["identity"] == openai.identity
+
+    # the hub path: open_clip "downloads" the tag's weights (here: our file) and builds the model
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(clip16_weights))
+    monkeypatch.setattr(open_clip.factory, "load_checkpoint",
+                        lambda model, path, **kw: model.visual.load_state_dict(load_file(path)))
+    hub = load_backbone({**_spec("open_clip", "ViT-B-16"), "pretrained": "openai"})
+    assert _mlp_act(hub) == "QuickGELU" and hub.identity["activation"] == "QuickGELU"
+    assert hub.identity["init_seed"] is None and hub.identity["weights_sha256"] is None
+    torch.testing.assert_close(hub.record(px, [3])[3], openai.record(px, [3])[3], atol=0, rtol=0)
+
+
+def _paper_model(name: str) -> dict:
+    import yaml
+
+    entry = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())["models"][name]
+    return {k: v for k, v in entry.items() if k not in ("weights", "layers")}  # no weights here: random init
+
+
+@pytest.fixture(scope="module")
+def dino_paper() -> Backbone:
+    """DINOv2 as config/paper.yaml builds it (the paper's Resize(256) + CenterCrop(224))."""
+    return _load(_paper_model("dinov2-b14-reg"))
+
+
+def test_dinov2_paper_transform_is_saevs(dino_paper, dino_reg, imagenet_sample_dir):
+    from torchvision.transforms import v2
+
+    steps = dino_paper.transform.transforms
+    assert (steps[0].size, steps[1].size) == (256, (224, 224)) and dino_paper.image_size == (224, 224)
+    assert (dino_reg.transform.transforms[0].size, dino_reg.transform.transforms[1].size) == (224, (224, 224))
+    # saev 2284f52's DINOv2 transform (activations.make_img_transform), pixel for pixel
+    saev = v2.Compose([v2.Resize(size=256), v2.CenterCrop(size=(224, 224)), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean=[0.4850, 0.4560, 0.4060], std=[0.2290, 0.2240, 0.2250])])
+    for path in _imagenet(imagenet_sample_dir, 2):
+        img = Image.open(path).convert("RGB")
+        torch.testing.assert_close(dino_paper.transform(img), saev(img), atol=1e-6, rtol=0)
+    assert dino_paper.identity["transform"] != dino_reg.identity["transform"]
+    squash = _load(_spec("timm", "vit_small_patch14_dinov2", image_size=224, crop_pct=0.875, crop_mode="squash"))
+    assert squash.transform.transforms[0].size == (256, 256)
+    for spec, msg in (
+        (_spec("timm", "vit_small_patch14_dinov2", crop_pct=1.5), r"^crop_pct must be a number in \(0, 1\]"),
+        (_spec("timm", "vit_small_patch14_dinov2", crop_mode="crop"),
+         "^crop_mode must be one of center, squash, border"),
+        (_spec("timm", "vit_small_patch14_dinov2", interpolation="lanczos"), "^interpolation must be one of bilinear"),
+        (_spec("open_clip", "ViT-B-16", crop_pct=0.875), "^crop_pct and crop_mode are only supported for timm"),
+    ):
+        with pytest.raises(VisaeError, match=msg):
+            load_backbone(spec)

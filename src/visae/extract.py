@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from visae.atomic import write_json
+from visae.data.patches import VOTES
 from visae.errors import VisaeError
 from visae.provenance import package_versions, provenance
 from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
@@ -29,6 +30,11 @@ from visae.store.writer import StoreWriter
 
 TOKEN_CHOICES = ("patches", "cls", "all")
 SHARD_BYTES = 256 << 20  # default shard size target
+FP16_MAX = 65504.0  # beyond it a float16 is inf
+
+
+class Fp16Overflow(VisaeError):
+    """An activation a float16 store cannot hold: the store can never be completed in fp16."""
 
 
 @dataclass
@@ -112,7 +118,7 @@ class _Samples(torch.utils.data.Dataset):
     def __init__(self, dataset, backbone):
         self.dataset, self.transform = dataset, backbone.transform
         self.mask_transform, self.grid = backbone.mask_transform, backbone.layout.grid
-        self.ignore = getattr(dataset, "ignore_index", None)
+        self.ignore, self.vote = getattr(dataset, "ignore_index", None), dataset.patch_vote
 
     def __len__(self):
         return len(self.dataset)
@@ -123,7 +129,7 @@ class _Samples(torch.utils.data.Dataset):
             sample = self.dataset[i]
             pixels = self.transform(sample.image)
             plabels = (None if sample.mask is None else
-                       patch_labels(self.mask_transform(sample.mask), tuple(self.grid), self.ignore))
+                       patch_labels(self.mask_transform(sample.mask), tuple(self.grid), self.ignore, self.vote))
             return pixels, int(sample.label), plabels, None
         except Exception as err:  # noqa: BLE001 - reported by the main process
             return None, None, None, str(err) if isinstance(err, VisaeError) else f"image {i}: {err!r}"
@@ -158,22 +164,26 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     started = time.time()
     backbone, dataset = plan.backbone, plan.dataset
     out = Path(out)
+    # `identity` says which model made the activations (a resume by another model is refused);
+    # the weights' path is beside it, not in it, so that a moved file still resumes.
     model_info = {"name": backbone.name, "source": backbone.source, "arch": backbone.arch,
                   "d_model": backbone.d_model, "n_layers": backbone.n_layers,
                   "patch_size": list(backbone.patch_size), "image_size": list(backbone.image_size),
-                  "spec": getattr(backbone, "spec", None)}
+                  "activation": backbone.activation, "weights": backbone.weights,
+                  "identity": backbone.identity}
+    has_masks = bool(getattr(dataset, "has_masks", False))
     dataset_info = {"name": dataset.name, "spec": getattr(dataset, "spec", None),
                     "n_images_total": len(dataset), "classes": list(dataset.classes),
                     "ignore_index": getattr(dataset, "ignore_index", None),
-                    "has_masks": bool(getattr(dataset, "has_masks", False))}
+                    "has_masks": has_masks, "patch_vote": dataset.patch_vote if has_masks else None}
     writers = {}
     for layer, requested in zip(plan.layers, plan.requested):
         meta = {"model": model_info, "layer": layer, "layer_requested": requested,
                 "dataset": dataset_info, "transform": repr(backbone.transform), "dtype": plan.dtype,
                 "d_model": backbone.d_model, "layout": plan.layout, "packages": package_versions()}
-        job = {"model": model_info, "dataset": dataset_info, "layer": layer, "layout": plan.layout,
-               "dtype": plan.dtype, "n_images": plan.n_images, "batch_size": plan.batch_size,
-               "shard_images": plan.shard_images}
+        job = {"model": {k: v for k, v in model_info.items() if k != "weights"}, "dataset": dataset_info,
+               "layer": layer, "layout": plan.layout, "dtype": plan.dtype, "n_images": plan.n_images,
+               "batch_size": plan.batch_size, "shard_images": plan.shard_images}
         # Named as requested (layer_-2), so a workflow can name the folder without loading the model.
         writers[layer] = StoreWriter(out / f"layer_{requested}", meta, job, plan.shard_images, plan.n_images)
     (out / "extract.json").unlink(missing_ok=True)
@@ -223,8 +233,11 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                 buffers = _new_buffers(plan, hi - lo, plabels is not None)
             acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
             n = len(labels)
-            for layer in plan.layers:
-                buffers[layer]["acts"][filled:filled + n] = to_storage(acts[layer][:, token_idx], plan.dtype)
+            for layer, requested in zip(plan.layers, plan.requested):
+                kept = acts[layer][:, token_idx]
+                if plan.dtype == "float16":
+                    _check_fp16_range(kept, requested, backbone.name)
+                buffers[layer]["acts"][filled:filled + n] = to_storage(kept, plan.dtype)
                 buffers[layer]["labels"][filled:filled + n] = labels
                 if plabels is not None:
                     buffers[layer]["patch_labels"][filled:filled + n] = plabels
@@ -238,7 +251,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
         writer_thread.join()
         bar.close()
         if sys.exc_info()[0] is not None:
-            _remove_empty(writers.values(), out)
+            _remove_empty(writers.values(), out, unfinishable=isinstance(sys.exc_info()[1], Fp16Overflow))
     if failure:
         raise failure[0]
     if shard != n_shards:
@@ -259,10 +272,21 @@ def _store_hash(writer: StoreWriter) -> str:
     return ActivationStore(writer.root).store_hash
 
 
-def _remove_empty(writers, out: Path) -> None:
-    """After a failure, delete stores that hold no finished shard (nothing worth resuming)."""
+def _check_fp16_range(acts: torch.Tensor, layer: int, model_name: str) -> None:
+    peak = float(acts.abs().amax()) if acts.numel() else 0.0
+    if peak > FP16_MAX:
+        raise Fp16Overflow(f"layer {layer} of {model_name} has activations up to {peak:.4g}, beyond float16's "
+                           f"±65,504: extract with dtype bf16 or fp32 "
+                           f"(--dtype, or dtype: under extract: in the config)")
+
+
+def _remove_empty(writers, out: Path, unfinishable: bool = False) -> None:
+    """After a failure, delete stores that hold no finished shard (nothing worth resuming), or
+    every store of the run when it can never be completed (an fp16 overflow recurs on resume)."""
     for w in writers:
-        if not w.shards and w.meta_path.exists():
+        if unfinishable:
+            w.remove()
+        elif not w.shards and w.meta_path.exists():
             w.meta_path.unlink()
             if not any(w.root.iterdir()):
                 w.root.rmdir()
@@ -308,6 +332,8 @@ def resolve_dataset_spec(args) -> dict:
     spec = _named(args, "datasets", args.dataset) or parse_dataset_arg(args.dataset)
     if getattr(args, "split", None):
         spec["split"] = args.split
+    if getattr(args, "patch_vote", None):
+        spec["patch_vote"] = args.patch_vote
     return spec
 
 
@@ -341,6 +367,9 @@ def add_cli(sub) -> None:
     p.add_argument("--dataset", required=True,
                    help="FORMAT[:ROOT] (e.g. imagefolder:DIR, camvid:DIR, fashion-mnist) or a name in --config")
     p.add_argument("--split", help="dataset split (train/test/val...)")
+    p.add_argument("--patch-vote", choices=VOTES,
+                   help="how per-patch labels are voted from masks: labelled-majority (default: the most "
+                        "frequent label but the ignore label) or all-pixel-mode (the paper's: every pixel)")
     p.add_argument("--layers", type=int, nargs="+", required=True,
                    help="blocks whose output (residual stream) to record; negative counts from the end")
     p.add_argument("--tokens", choices=TOKEN_CHOICES, default="patches", help="which tokens to keep")

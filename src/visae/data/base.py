@@ -34,12 +34,14 @@ class ImageDataset:
 
     Subclasses set `name`, `classes`, `ignore_index`, `has_masks` and implement `__len__`,
     `_load(i)` and `label_array()`. `spec` keeps the resolved spec dict, for provenance.
+    `patch_vote` says how extraction votes per-patch labels from masks (see data.patches.VOTES).
     """
 
     name: str = ""
     classes: list[str]
     ignore_index: int | None = None
     has_masks: bool = False
+    patch_vote: str = "labelled-majority"
     spec: dict
 
     def __len__(self) -> int:
@@ -71,6 +73,7 @@ class ImageDataset:
             "classes": len(self.classes),
             "has_masks": self.has_masks,
             "ignore_index": self.ignore_index,
+            "patch_vote": self.patch_vote if self.has_masks else None,
         }
 
     def __repr__(self) -> str:
@@ -85,11 +88,20 @@ def decode_image(source: str | os.PathLike | bytes, name: str | os.PathLike | No
         fh = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with Image.open(fh) as im:
             im.load()
-            return im.convert("RGB")
+            return _to_8bit(im).convert("RGB")
     except FileNotFoundError as err:
         raise VisaeError(f"image file missing: {name}") from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise VisaeError(f"cannot decode image {name}: {err}") from err
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit greyscale (PIL modes I;16*, and I, which PNG loaders also use for it) scaled to
+    8 bits: convert("RGB") would clip every value above 255 to white."""
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return im
+    wide = np.clip(np.asarray(im).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))  # mode L
 
 
 def decode_mask(path: str | os.PathLike) -> np.ndarray:

@@ -6,14 +6,25 @@ import numpy as np
 
 from visae.errors import VisaeError
 
+# How a patch's label is voted from its pixels:
+# - labelled-majority (visae's default): the most frequent label among the pixels that are not
+#   the ignore label, so a patch half background, half "person" is "person";
+# - all-pixel-mode (the paper's, saev 2284f52's semseg probe): the mode over every pixel of the
+#   patch, the ignore/background label included.
+VOTES = ("labelled-majority", "all-pixel-mode")
 
-def patch_labels(mask: np.ndarray, grid: tuple[int, int], ignore_index: int | None) -> np.ndarray:
-    """Majority label of each patch's non-ignore pixels, row-major, as (gh*gw,) int16.
+
+def patch_labels(mask: np.ndarray, grid: tuple[int, int], ignore_index: int | None,
+                 vote: str = "labelled-majority") -> np.ndarray:
+    """Label of each patch by `vote` (see VOTES), row-major, as (gh*gw,) int16.
 
     `mask` is (H, W) already resized/cropped to the model input, H = gh*ph and W = gw*pw.
-    Ties go to the smallest label; a patch whose pixels are all `ignore_index` gets
-    `ignore_index`. One bincount over (patch, label) codes: no Python loop over patches.
+    Ties go to the smallest label (as torch.mode on CPU, what saev ran); under labelled-majority
+    a patch whose pixels are all `ignore_index` gets `ignore_index`. One bincount over
+    (patch, label) codes: no Python loop over patches.
     """
+    if vote not in VOTES:
+        raise VisaeError(f"unknown patch_vote {vote!r}: use one of {', '.join(VOTES)}")
     mask = np.asarray(mask)
     gh, gw = (int(g) for g in grid)
     if mask.ndim != 2:
@@ -25,7 +36,7 @@ def patch_labels(mask: np.ndarray, grid: tuple[int, int], ignore_index: int | No
     m = mask.astype(np.int64, copy=False)
     # patch index of every pixel, row-major over the grid
     patch = (np.arange(h) // ph)[:, None] * gw + (np.arange(w) // pw)[None, :]
-    if ignore_index is None:
+    if ignore_index is None or vote == "all-pixel-mode":
         valid_labels, valid_patch = m.ravel(), patch.ravel()
     else:
         keep = m != ignore_index

@@ -9,6 +9,7 @@ from visae.data.base import ImageDataset
 from visae.data.cub import open_cub
 from visae.data.fashion_mnist import DEBIAN_DIR, open_fashion_mnist
 from visae.data.folders import open_imagefolder, open_imagenet_1k, open_imagenet_sample
+from visae.data.patches import VOTES
 from visae.data.segfolder import open_ade20k, open_camvid, open_segfolder
 from visae.errors import VisaeError
 
@@ -25,6 +26,8 @@ FORMATS = {
     "imagenet-1k": (open_imagenet_1k, ("hf_disk",), None),
     "imagenet-sample": (open_imagenet_sample, (), None),
 }
+# Formats that can carry segmentation masks take patch_vote: how a patch's label is voted.
+MASK_FORMATS = ("fashion-mnist", "segfolder", "ade20k", "camvid")
 
 
 def open_dataset(spec: dict) -> ImageDataset:
@@ -35,12 +38,15 @@ def open_dataset(spec: dict) -> ImageDataset:
     if fmt not in FORMATS:
         raise VisaeError(f"unknown dataset format: {fmt!r}; allowed: {', '.join(FORMATS)}")
     opener, options, default_root = FORMATS[fmt]
-    unknown = sorted(set(spec) - set(COMMON_KEYS) - set(options))
+    allowed = COMMON_KEYS + tuple(options) + (("patch_vote",) if fmt in MASK_FORMATS else ())
+    unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise VisaeError(
-            f"unknown key(s) {', '.join(unknown)} for dataset format {fmt}; allowed: "
-            f"{', '.join(COMMON_KEYS + tuple(options))}"
+            f"unknown key(s) {', '.join(unknown)} for dataset format {fmt}; allowed: {', '.join(allowed)}"
         )
+    vote = spec.get("patch_vote")
+    if vote is not None and vote not in VOTES:
+        raise VisaeError(f"dataset key patch_vote must be one of {', '.join(VOTES)}; got {vote!r}")
     root = spec.get("root") or default_root
     if root is None:
         raise VisaeError(f"dataset format {fmt} needs root: the folder that holds it")
@@ -49,7 +55,12 @@ def open_dataset(spec: dict) -> ImageDataset:
         raise VisaeError(f"dataset key split must be a string; got {split!r}")
     resolved = dict(spec, root=str(root))
     opts = {k: spec[k] for k in options if k in spec}
-    return opener(Path(root).expanduser(), split, opts, resolved)
+    dataset = opener(Path(root).expanduser(), split, opts, resolved)
+    if vote is not None:
+        if not dataset.has_masks:
+            raise VisaeError(f"dataset key patch_vote needs segmentation masks, and this {fmt} dataset has none")
+        dataset.patch_vote = vote
+    return dataset
 
 
 def parse_dataset_arg(text: str) -> dict:

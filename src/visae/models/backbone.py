@@ -104,6 +104,9 @@ class Backbone:
         self.layout = layout
         self.pretrained = pretrained
         self.weights = weights
+        self.activation = mlp_activation(blocks[0])
+        # Set by `load_backbone`: what made the weights (see registry._identity).
+        self.identity: dict[str, Any] | None = None
         self._blocks = blocks
         self._run = run
         self._batch_first = batch_first
@@ -138,6 +141,8 @@ class Backbone:
             "n_layers": self.n_layers,
             "layout": self.layout.to_dict(),
             "transform": repr(self.transform),
+            "activation": self.activation,
+            "identity": self.identity,
         }
 
     def resolve_layer(self, layer: int) -> int:
@@ -233,6 +238,17 @@ class Backbone:
                 f"mask transform of {self.name} gave {list(out.shape)}, expected {list(self.image_size)}"
             )
         return out
+
+
+def mlp_activation(block: torch.nn.Module) -> str:
+    """The MLP nonlinearity of a transformer block, by class name (QuickGELU or GELU matters for
+    CLIP: its weights only fit the one they were trained with). open_clip names it `gelu`, timm `act`."""
+    mlp = getattr(block, "mlp", None)
+    act = getattr(mlp, "act", None) or getattr(mlp, "gelu", None)
+    if act is None:
+        return "unknown"
+    approximate = getattr(act, "approximate", "none")
+    return type(act).__name__ + (f"(approximate={approximate})" if approximate != "none" else "")
 
 
 def _nearest():

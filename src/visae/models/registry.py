@@ -26,8 +26,13 @@ from visae.models.backbone import Backbone, TokenLayout
 
 SOURCES = ("open_clip", "timm", "pretrain")
 # The keys of a model spec this module reads (a config entry may carry others).
-SPEC_KEYS = ("source", "arch", "pretrained", "weights", "name", "image_size", "model_kwargs")
+SPEC_KEYS = ("source", "arch", "pretrained", "weights", "name", "image_size", "model_kwargs", "init_seed",
+             "crop_pct", "crop_mode", "interpolation")
 HUB_PROBE_TIMEOUT_S = 3.0
+# Preprocessing a model entry may override (timm's names; the paper's DINOv2 is Resize(256) +
+# CenterCrop(224), bilinear: crop_pct 0.875, crop_mode center, interpolation bilinear).
+CROP_MODES = ("center", "squash", "border")
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 
 # --------------------------------------------------------------------------- spec parsing
@@ -167,15 +172,52 @@ def load_backbone(spec: dict[str, Any]) -> Backbone:
         raise VisaeError(
             f"source pretrain needs weights: the checkpoint written by `visae pretrain` for {arch}"
         )
+    preprocess = _preprocess_options(spec, source)
     # Random init is seeded (init_seed, default 0) so that every process builds the same model.
+    init_seed = int(spec.get("init_seed", 0))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(spec.get("init_seed", 0)))
+        torch.manual_seed(init_seed)
         if source == "open_clip":
-            bb = _load_open_clip(arch, pretrained, weights, image_size)
+            bb = _load_open_clip(arch, pretrained, weights, image_size, preprocess)
         else:
-            bb = _load_timm(source, arch, pretrained, weights, image_size, model_kwargs)
+            bb = _load_timm(source, arch, pretrained, weights, image_size, model_kwargs, preprocess)
     bb.name = spec.get("name") or bb.name
+    bb.identity = _identity(bb, weights, init_seed, model_kwargs)
     return bb
+
+
+def _preprocess_options(spec: dict[str, Any], source: str) -> dict[str, Any]:
+    """The entry's crop_pct / crop_mode / interpolation, checked; None where the weights' own apply."""
+    crop_pct, crop_mode, interp = (spec.get(k) for k in ("crop_pct", "crop_mode", "interpolation"))
+    if crop_pct is not None and (isinstance(crop_pct, bool) or not isinstance(crop_pct, int | float)
+                                 or not 0 < crop_pct <= 1):
+        raise VisaeError(f"crop_pct must be a number in (0, 1], e.g. 0.875 for Resize(256) + CenterCrop(224); "
+                         f"got {crop_pct!r}")
+    if crop_mode is not None and crop_mode not in CROP_MODES:
+        raise VisaeError(f"crop_mode must be one of {', '.join(CROP_MODES)}; got {crop_mode!r}")
+    if interp is not None and interp not in INTERPOLATIONS:
+        raise VisaeError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {interp!r}")
+    if source == "open_clip" and (crop_pct is not None or crop_mode is not None):
+        raise VisaeError("crop_pct and crop_mode are only supported for timm and pretrain sources "
+                         "(open_clip resizes as its pretrained config says)")
+    return {"crop_pct": crop_pct, "crop_mode": crop_mode, "interpolation": interp}
+
+
+def _identity(bb: Backbone, weights: str | None, init_seed: int, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What makes this model's activations what they are: a store records it, and a store made
+    by a model with another identity is never resumed or reused. The weights' path is left out
+    (the same file may move); their sha256 is in."""
+    from visae.store.format import sha256_file
+
+    random_init = weights is None and bb.pretrained is None
+    return {
+        "source": bb.source, "arch": bb.arch, "pretrained": bb.pretrained,
+        "weights_sha256": sha256_file(Path(weights)) if weights is not None else None,
+        "init_seed": init_seed if random_init else None,
+        "model_kwargs": model_kwargs, "image_size": list(bb.image_size),
+        "activation": bb.activation,
+        "transform": " ".join(repr(bb.transform).split()),  # one line, so messages stay one line
+    }
 
 
 def _with_pretrain_architecture(spec: dict[str, Any], weights: str) -> dict[str, Any]:
@@ -219,7 +261,19 @@ def _open_clip_preprocess_cfg(open_clip, arch: str, tag: str | None) -> dict[str
     }
 
 
-def _load_open_clip(arch: str, tag, weights: str | None, image_size: int | None) -> Backbone:
+def _open_clip_quick_gelu(open_clip, arch: str, tag: str | None) -> bool:
+    """Whether the weights a tag names were trained with QuickGELU (OpenAI's CLIP, DFN, MetaCLIP).
+
+    open_clip's plain configs (ViT-B-16) build GELU and only warn on a hub download, and say
+    nothing when the weights come from a local file: the tag's pretrained config decides, on both.
+    """
+    if not tag or arch.startswith(("hf-hub:", "local-dir:")):
+        return False
+    return bool((open_clip.get_pretrained_cfg(arch, tag) or {}).get("quick_gelu"))
+
+
+def _load_open_clip(arch: str, tag, weights: str | None, image_size: int | None,
+                    preprocess: dict[str, Any]) -> Backbone:
     import open_clip
 
     if not arch.startswith(("hf-hub:", "local-dir:")) and arch not in open_clip.list_models():
@@ -235,6 +289,10 @@ def _load_open_clip(arch: str, tag, weights: str | None, image_size: int | None)
     kwargs: dict[str, Any] = {"force_image_size": image_size} if image_size else {}
     if not arch.startswith(("hf-hub:", "local-dir:")):
         kwargs.update({k: v for k, v in _open_clip_preprocess_cfg(open_clip, arch, tag).items() if v is not None})
+    if preprocess["interpolation"] is not None:
+        kwargs["image_interpolation"] = preprocess["interpolation"]
+    if _open_clip_quick_gelu(open_clip, arch, tag):
+        kwargs["force_quick_gelu"] = True
     download = bool(tag) and weights is None
     try:
         with _quiet_open_clip(), _hub_access() if download else contextlib.nullcontext():
@@ -341,7 +399,7 @@ def _timm_vit_parts(model: torch.nn.Module, what: str) -> dict[str, Any]:
 
 
 def _load_timm(source: str, arch: str, tag, weights: str | None, image_size: int | None,
-               model_kwargs: dict[str, Any]) -> Backbone:
+               model_kwargs: dict[str, Any], preprocess: dict[str, Any]) -> Backbone:
     import timm
 
     base, _, arch_tag = arch.partition(".")
@@ -390,6 +448,7 @@ def _load_timm(source: str, arch: str, tag, weights: str | None, image_size: int
     model.eval()
     cfg = timm.data.resolve_data_config({}, model=model)
     cfg["input_size"] = (cfg["input_size"][0], *parts["image_size"])  # honour img_size overrides
+    cfg.update({k: v for k, v in preprocess.items() if v is not None})
     transform = timm.data.create_transform(**cfg, is_training=False)
     return Backbone(
         name=arch, source=source, arch=full, model=model, transform=transform,

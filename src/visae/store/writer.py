@@ -42,6 +42,22 @@ def _npy_header(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def model_identity(meta: dict) -> dict | None:
+    """meta.json's model.identity: which model made the activations (None for synthetic stores)."""
+    model = meta.get("model")
+    return model.get("identity") if isinstance(model, dict) else None
+
+
+def identity_difference(made_by: dict | None, now: dict | None) -> str:
+    """Why two model identities (meta.json's model.identity) differ, in a few words."""
+    if not isinstance(made_by, dict):
+        return "the store records no model identity"
+    if not isinstance(now, dict):
+        return "the new model has no recorded identity"
+    keys = sorted(k for k in set(made_by) | set(now) if made_by.get(k) != now.get(k))
+    return "different " + ", ".join(keys)
+
+
 class StoreWriter:
     """Writes one store directory. `job` identifies the settings; a resume must match it."""
 
@@ -70,6 +86,10 @@ class StoreWriter:
                 old = json.loads(self.meta_path.read_text())
             except (OSError, ValueError) as err:
                 raise VisaeError(f"{self.meta_path} is unreadable ({err}): remove {self.root} and rerun") from None
+            made_by, now = model_identity(old), model_identity(self.meta)
+            if made_by != now:
+                raise VisaeError(f"{self.root} holds a store made by another model "
+                                 f"({identity_difference(made_by, now)}): remove it or choose another output folder")
             if old.get("job") != self.job:
                 raise VisaeError(f"{self.root} holds a store made with other settings: "
                                  f"remove it or choose another output folder")
@@ -86,6 +106,17 @@ class StoreWriter:
         self.shards = done
         self._write_meta(complete=len(done) == self.n_shards)
         return len(done)
+
+    def remove(self) -> None:
+        """Delete this store (one that can never be completed): meta.json first, so that nothing
+        left behind looks like a store."""
+        self.meta_path.unlink(missing_ok=True)
+        for shard in self.shards:
+            for name in shard["files"]:
+                (self.root / name).unlink(missing_ok=True)
+        self.shards = []
+        if self.root.is_dir() and not any(self.root.iterdir()):
+            self.root.rmdir()
 
     def shard_range(self, index: int) -> tuple[int, int]:
         start = index * self.shard_images
