@@ -49,6 +49,10 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(model)) or "_"
 
 
+def _join(base: str, *names: str) -> str:
+    return str(PurePosixPath(base, *names))
+
+
 class Layout:
     """Paths under one results folder (the config's `results:`), as POSIX strings."""
 
@@ -81,23 +85,23 @@ class Layout:
         return self._path("saes", model, dataset, layer_dir(layer), pass_)
 
     def sae_pass_marker(self, model: str, dataset: str, layer, pass_: str) -> str:
-        return self._path(self.sae_pass(model, dataset, layer, pass_), "provenance.json")
+        return _join(self.sae_pass(model, dataset, layer, pass_), "provenance.json")
 
     def sae(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
-        return self._path(self.sae_pass(model, dataset, layer, pass_), sae)
+        return _join(self.sae_pass(model, dataset, layer, pass_), sae)
 
     def sae_log(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
-        return self._path(self.sae(model, dataset, layer, pass_, sae), "log.csv")
+        return _join(self.sae(model, dataset, layer, pass_, sae), "log.csv")
 
     # -- analyses of one SAE on one store
     def evaluation(self, model: str, dataset: str, layer, sae: str) -> str:
         return self._path("evaluate", model, dataset, layer_dir(layer), sae)
 
     def metrics(self, model: str, dataset: str, layer, sae: str) -> str:
-        return self._path(self.evaluation(model, dataset, layer, sae), "metrics.json")
+        return _join(self.evaluation(model, dataset, layer, sae), "metrics.json")
 
     def latents(self, model: str, dataset: str, layer, sae: str) -> str:
-        return self._path(self.evaluation(model, dataset, layer, sae), "latents.csv")
+        return _join(self.evaluation(model, dataset, layer, sae), "latents.csv")
 
     def latent_index(self, model: str, dataset: str, layer, sae: str) -> str:
         return self._path("latents", model, dataset, layer_dir(layer), sae)
