@@ -98,5 +98,5 @@ def test_every_report_output_has_a_caption_and_every_rule_tails_its_log():
                 captions += 1
         for block in re.split(r"\n(?=rule )", text):
             if "shell:" in block:
-                assert "+ LOG_TAIL" in block and "tail -n" not in block, f"{path.name}: {block.split(':')[0]}"
+                assert "logged(" in block and "tail -n" not in block, f"{path.name}: {block.split(':')[0]}"
     assert captions >= 5

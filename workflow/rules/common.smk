@@ -11,6 +11,12 @@ RESULTS = Layout(config["results"])
 # Every shell command ends so: its output goes to the job's log, and a failure shows the log's
 # last line (the one-line `visae: error: ...`).
 LOG_TAIL = " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+
+
+def logged(command):
+    """A rule's shell command with LOG_TAIL appended."""
+    return command + LOG_TAIL
+
 # Where `visae fetch fashion-mnist` puts the demo data (a dataset whose root is this folder
 # depends on that rule; any other root is used as it is).
 FASHION_MNIST_ROOT = "resources/fashion-mnist"

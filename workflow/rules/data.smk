@@ -12,4 +12,4 @@ rule fetch_fashion_mnist:
     benchmark:
         RESULTS.benchmark("data", "fashion-mnist")
     shell:
-        "visae fetch fashion-mnist --out {params.out:q}" + LOG_TAIL
+        logged("visae fetch fashion-mnist --out {params.out:q}")

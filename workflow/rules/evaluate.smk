@@ -21,8 +21,10 @@ rule evaluate:
     resources:
         mem_mb=2000,
     shell:
-        "{params.env} visae evaluate --store {params.store:q} --sae {params.sae:q} --out {params.out:q}"
-        " --batch-size {params.batch_size}" + LOG_TAIL
+        logged(
+            "{params.env} visae evaluate --store {params.store:q} --sae {params.sae:q} --out {params.out:q}"
+            " --batch-size {params.batch_size}"
+        )
 
 
 rule evaluate_all:

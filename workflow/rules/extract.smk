@@ -33,10 +33,12 @@ rule extract:
         gpu=1 if config["extract"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
-        " --layers {params.layers} {params.weights}"
-        " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
-        " {params.max_images} --device {params.device} --out {params.out:q} --no-progress" + LOG_TAIL
+        logged(
+            "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
+            " --layers {params.layers} {params.weights}"
+            " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
+            " {params.max_images} --device {params.device} --out {params.out:q} --no-progress"
+        )
 
 
 rule extract_all:

@@ -19,8 +19,10 @@ rule pretrain:
     resources:
         mem_mb=2000,
     shell:
-        "{params.env} visae pretrain --model {params.model:q} {params.data} --threads {threads}"
-        " --out {params.out:q} --quiet" + LOG_TAIL
+        logged(
+            "{params.env} visae pretrain --model {params.model:q} {params.data} --threads {threads}"
+            " --out {params.out:q} --quiet"
+        )
 
 
 rule pretrain_all:

@@ -19,7 +19,7 @@ rule tables:
     benchmark:
         RESULTS.benchmark("report", "tables")
     shell:
-        "visae report tables --metrics {input} --out {params.out:q}" + LOG_TAIL
+        logged("visae report tables --metrics {input} --out {params.out:q}")
 
 
 rule figures:
@@ -48,8 +48,10 @@ rule figures:
     benchmark:
         RESULTS.benchmark("report", "figures")
     shell:
-        "visae report figures --metrics {input.metrics} --latents {input.latents}"
-        " --logs {params.logs} --out {params.out:q}" + LOG_TAIL
+        logged(
+            "visae report figures --metrics {input.metrics} --latents {input.latents}"
+            " --logs {params.logs} --out {params.out:q}"
+        )
 
 
 rule report_all:

@@ -29,10 +29,12 @@ rule train:
         gpu=1 if config["train"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
-        " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
-        " --token-kind {params.token_kind} --device {params.device} --restart-stale"
-        " {params.checkpoint}" + LOG_TAIL
+        logged(
+            "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
+            " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
+            " --token-kind {params.token_kind} --device {params.device} --restart-stale"
+            " {params.checkpoint}"
+        )
 
 
 rule train_all:
