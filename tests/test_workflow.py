@@ -169,6 +169,9 @@ def test_snakemake_report_embeds_figures(project):
     run(project, "snakemake", "--report", report)
     html = (project / report).read_text(errors="replace")
     assert "frontier_vit-supervised.png" in html and "saes.csv" in html
+    for caption in sorted((project / "workflow" / "report").glob("*.rst")):
+        opening = " ".join(caption.read_text().split()[:3])
+        assert opening in html, f"{caption.name} is not in the report"
 
 
 def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
