@@ -17,6 +17,7 @@ def logged(command):
     """A rule's shell command with LOG_TAIL appended."""
     return command + LOG_TAIL
 
+
 # Where `visae fetch fashion-mnist` puts the demo data (a dataset whose root is this folder
 # depends on that rule; any other root is used as it is).
 FASHION_MNIST_ROOT = "resources/fashion-mnist"
