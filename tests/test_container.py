@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -359,6 +360,31 @@ def test_dockerfile_is_classic_builder_and_has_the_contract():
     assert "WORKDIR /workspace" in text
 
 
+def test_dockerfile_leaves_index_and_mirror_to_the_tools():
+    """pip and apt have their own defaults and configuration: the image names no host."""
+    code = "\n".join(line for line in (REPO_ROOT / "containers" / "Dockerfile").read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+    assert "://" not in code and "--index-url" not in code
+    assert "\nARG PIP_INDEX_URL\n" in code  # no default: set in RUN's environment only when given
+
+
+def test_host_debian_mirror_reads_both_apt_source_formats(tmp_path):
+    apt = tmp_path / "etc" / "apt"
+    (apt / "sources.list.d").mkdir(parents=True)
+    assert host_debian_mirror("bookworm", tmp_path) is None
+    (apt / "sources.list").write_text("# deb http://old.example/debian bookworm main\n"
+                                      "deb-src http://src.example/debian bookworm main\n"
+                                      "deb [arch=amd64] http://list.example/debian trixie main\n")
+    (apt / "sources.list.d" / "x.list.disabled").write_text("deb http://off.example/debian bookworm main\n")
+    assert host_debian_mirror("bookworm", tmp_path) is None
+    (apt / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb deb-src\n# a comment\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n")
+    assert host_debian_mirror("bookworm", tmp_path) == "http://mirror.example/debian"
+    assert host_debian_mirror("trixie", tmp_path) == "http://list.example/debian"
+
+
 def test_dockerignore_keeps_heavy_dirs_out_of_the_context():
     from docker.utils.build import exclude_paths
 
@@ -384,7 +410,32 @@ def test_slurm_profile_uses_the_image_through_apptainer():
 ENGINE_DIR = Path("/run/visae-test-docker")
 ENGINE_SOCK = f"unix://{ENGINE_DIR}/docker.sock"
 ENGINE_DATA = Path(os.environ.get("VISAE_TEST_DOCKER_ROOT", "/var/lib/visae-test-docker"))
-DEBIAN_MIRROR = os.environ.get("VISAE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+TEST_SUITE = "bookworm"
+
+
+def host_debian_mirror(suite: str, root: Path = Path("/")) -> str | None:
+    """The first `deb` source of the host's apt (one-line .list or deb822 .sources) that serves
+    `suite`, or None (then debootstrap uses its own default mirror)."""
+    apt = root / "etc" / "apt"
+    entries = []  # (types, uris, suites)
+    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                words = re.sub(r"\[[^\]]*\]", "", line.split("#", 1)[0]).split()
+                if len(words) >= 3:
+                    entries.append(([words[0]], [words[1]], [words[2]]))
+    for path in sorted((apt / "sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", path.read_text()):
+            fields = dict(re.findall(r"^([\w-]+):\s*(.*)$", stanza, re.M))
+            if fields.get("Enabled", "yes").lower() != "no":
+                entries.append(tuple(fields.get(k, "").split() for k in ("Types", "URIs", "Suites")))
+    for types, uris, suites in entries:
+        if "deb" in types and suite in suites and uris:
+            return uris[0]
+    return None
+
+
+DEBIAN_MIRROR = os.environ.get("VISAE_DEBIAN_MIRROR") or host_debian_mirror(TEST_SUITE)
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 TEST_IMAGE = "visae-test:light"
 
@@ -464,7 +515,7 @@ def base_image(client, tmp_path_factory):
         subprocess.run(
             [debootstrap, "--variant=minbase",
              "--include=python3,python3-venv,git,ca-certificates",
-             "bookworm", str(rootfs), DEBIAN_MIRROR],
+             TEST_SUITE, str(rootfs), *([DEBIAN_MIRROR] if DEBIAN_MIRROR else [])],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         if ca:
@@ -491,7 +542,9 @@ def visae_image(client, base_image):
     try:
         vc.build_image(
             client, context=REPO_ROOT, tag=TEST_IMAGE, network_mode="host", out=log,
-            buildargs={"BASE_IMAGE": base_image, "VISAE_DEPS": "light"},
+            # pip's index only if the caller's environment names one
+            buildargs={"BASE_IMAGE": base_image, "VISAE_DEPS": "light",
+                       **{k: os.environ[k] for k in ("PIP_INDEX_URL",) if os.environ.get(k)}},
         )
     except VisaeError:
         print(log.getvalue()[-4000:], file=sys.stderr)

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from visae.cli import main
-from visae.report import collect_rows
+from visae.errors import VisaeError
+from visae.layout import Layout
+from visae.report import collect_rows, match_latents
 from visae.synth import synth_store
 
 SAES = ["topk", "relu", "btk"]
-MODEL, LAYER = "synthetic", 0
+MODEL, LAYER, PASS = "synthetic", 0, "grid"
 COLUMNS = ["model", "dataset", "layer", "sae", "architecture", "width", "k", "lambda", "l0", "mse", "nmse",
            "explained_variance", "dead_fraction", "dense_fraction"]
 FIGURE_STEMS = ["frontier", "latent_freq"]
@@ -26,10 +27,23 @@ FIGURE_STEMS = ["frontier", "latent_freq"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _relabel(src: Path, dst: Path, **identity) -> Path:
+    """A copy of an evaluation's metrics.json and latents.csv with some identity fields changed."""
+    dst.mkdir(parents=True, exist_ok=True)
+    m = json.loads((src / "metrics.json").read_text())
+    m["identity"].update(identity)
+    (dst / "metrics.json").write_text(json.dumps(m))
+    df = pd.read_csv(src / "latents.csv", dtype=str)
+    for key, value in identity.items():
+        df[key] = str(value)
+    df.to_csv(dst / "latents.csv", index=False)
+    return dst / "metrics.json"
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """A workflow-shaped results/ tree: three real evaluations (identity from their checkpoints) plus a
-    copy of one under another model whose identity only its path gives."""
+    """A workflow-shaped results/ tree (paths from visae.layout): three real evaluations, plus a copy of
+    one whose files name another model, dataset and layer."""
     root = tmp_path_factory.mktemp("report")
     store = synth_store(root / "store", d=16, atoms=48, k=3, images=60, tokens_per_image=16, shard_images=32)
     dataset = json.loads((store / "meta.json").read_text())["dataset"]
@@ -39,20 +53,19 @@ def results(tmp_path_factory):
         {"name": "topk", "architecture": "topk", "k": 3, **common},
         {"name": "relu", "architecture": "relu", "l1": 3e-2, **common},
         {"name": "btk", "architecture": "batchtopk", "k": 5, **common}]))
-    saes = root / "results" / "saes" / MODEL / dataset / f"layer_{LAYER}"
-    assert main(["train", "--store", str(store), "--grid", str(grid), "--out", str(saes),
-                 "--tokens", "1600", "--heldout", "0.2"]) == 0
-    ev = root / "results" / "evaluate" / MODEL / dataset / f"layer_{LAYER}"
+    layout = Layout(root / "results")
+    assert main(["train", "--store", str(store), "--grid", str(grid), "--out",
+                 layout.sae_pass(MODEL, dataset, LAYER, PASS), "--tokens", "1600", "--heldout", "0.2"]) == 0
     for name in SAES:
-        assert main(["evaluate", "--store", str(store), "--sae", str(saes / name), "--out", str(ev / name)]) == 0
-    other = root / "results" / "evaluate" / "other-model" / "imgs" / "layer_3" / "topk"
-    other.mkdir(parents=True)
-    for f in ("metrics.json", "latents.csv"):
-        shutil.copy(ev / "topk" / f, other / f)
-    metrics = [ev / n / "metrics.json" for n in SAES] + [other / "metrics.json"]
+        assert main(["evaluate", "--store", str(store), "--sae", layout.sae(MODEL, dataset, LAYER, PASS, name),
+                     "--out", layout.evaluation(MODEL, dataset, LAYER, name)]) == 0
+    metrics = [Path(layout.metrics(MODEL, dataset, LAYER, n)) for n in SAES]
+    metrics.append(_relabel(metrics[0].parent, Path(layout.evaluation("other-model", "imgs", 3, "topk")),
+                            model="other-model", dataset="imgs", layer=3))
     latents = [p.parent / "latents.csv" for p in metrics]
-    logs = [saes / n / "log.csv" for n in SAES]
-    return {"root": root, "dataset": dataset, "metrics": metrics, "latents": latents, "logs": logs, "saes": saes}
+    logs = [Path(layout.sae_log(MODEL, dataset, LAYER, PASS, n)) for n in SAES]
+    return {"root": root, "dataset": dataset, "metrics": metrics, "latents": latents, "logs": logs,
+            "saes": Path(layout.sae_pass(MODEL, dataset, LAYER, PASS))}
 
 
 def _args(paths) -> list[str]:
@@ -84,8 +97,8 @@ def test_tables_match_metrics(results, tmp_path):
     assert by_key[(MODEL, "topk")]["k"] == 3 and by_key[(MODEL, "btk")]["k"] == 5
     assert by_key[(MODEL, "relu")]["lambda"] == cfg["relu"]["entry"]["l1"]
     assert pd.isna(by_key[(MODEL, "relu")]["k"]) and pd.isna(by_key[(MODEL, "topk")]["lambda"])
-    # the copied evaluation has no checkpoint: k is unknown, identity came from its path
-    assert pd.isna(by_key[("other-model", "topk")]["k"])
+    # the relabelled copy keeps its SAE's entry: k comes from the file
+    assert by_key[("other-model", "topk")]["k"] == 3
 
     md = (out / "saes.md").read_text()
     lines = md.splitlines()
@@ -109,19 +122,40 @@ def test_tables_match_metrics(results, tmp_path):
         assert (out / name).read_bytes() == (again / name).read_bytes(), name
 
 
-def test_identity_sources(results, tmp_path):
-    rows = {(r.model, r.sae): r for r in collect_rows(results["metrics"])}
-    assert rows[(MODEL, "topk")].origin["model"] == "checkpoint"
-    assert rows[("other-model", "topk")].origin["model"] == "path"
-    # the metrics' own content wins over checkpoint and path
+def test_identity_comes_from_the_files_never_the_path(results, tmp_path):
+    good = results["metrics"][0]
+    # a path that says another model, dataset, layer and SAE: the file's identity wins
     d = tmp_path / "evaluate" / "m" / "d" / "layer_1" / "x"
     d.mkdir(parents=True)
-    m = json.loads(results["metrics"][0].read_text())
-    m.update(source={"model": "from-metrics", "dataset": "ds", "layer": 7}, k=11)
-    (d / "metrics.json").write_text(json.dumps(m))
+    shutil.copy(good, d / "metrics.json")
     (row,) = collect_rows([d / "metrics.json"])
-    assert (row.model, row.dataset, row.layer, row.k) == ("from-metrics", "ds", 7, 11)
-    assert row.origin["model"] == "metrics"
+    assert (row.model, row.dataset, row.layer, row.sae) == (MODEL, results["dataset"], LAYER, "topk")
+    assert row.store_hash == json.loads(good.read_text())["identity"]["store_hash"]
+    # the latents file belongs to the metrics of the same identity, wherever it lies
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(good.parent / "latents.csv", elsewhere / "latents.csv")
+    freqs = match_latents([row], [elsewhere / "latents.csv"])
+    assert list(freqs) == [row.key] and len(freqs[row.key]) == row.width
+    # a file without identity is refused, naming itself, even at a path that would have told
+    m = json.loads(good.read_text())
+    del m["identity"]
+    (d / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(VisaeError, match=r"metrics file .*metrics\.json has no 'identity' block"):
+        collect_rows([d / "metrics.json"])
+    # the training log's identity is its checkpoint's config.json identity
+    from visae.report import load_log
+    ident, df = load_log(results["logs"][0])
+    assert (ident["model"], ident["dataset"], ident["layer"], ident["sae"]) == (MODEL, results["dataset"], LAYER,
+                                                                                 SAES[0])
+    assert len(df) > 0
+
+
+def test_latents_of_another_store_are_refused(results, tmp_path):
+    rows = collect_rows(results["metrics"][:1])
+    other = _relabel(results["metrics"][0].parent, tmp_path / "o", store_hash="0" * 64)
+    with pytest.raises(VisaeError, match="matches none of the --metrics"):
+        match_latents(rows, [other.parent / "latents.csv"])
 
 
 def test_figures_written_and_deterministic(results, tmp_path):
@@ -179,9 +213,7 @@ def test_errors_are_one_line(results, tmp_path, capsys):
     msg = _error(capsys, ["report", "tables", "--metrics", str(bad), "--out", str(out)])
     assert str(bad) in msg and "JSON" in msg
 
-    stray = tmp_path / "stray" / "latents.csv"
-    stray.parent.mkdir()
-    shutil.copy(results["latents"][0], stray)
+    stray = _relabel(good.parent, tmp_path / "stray", sae="nobody").parent / "latents.csv"
     msg = _error(capsys, ["report", "figures", "--metrics", str(good), "--latents", str(stray), "--out", str(out)])
     assert str(stray) in msg
 
@@ -190,10 +222,11 @@ def test_errors_are_one_line(results, tmp_path, capsys):
     msg = _error(capsys, ["report", "figures", "--metrics", str(good), "--logs", str(broken_log), "--out", str(out)])
     assert str(broken_log) in msg and "'mse'" in msg
 
-    nohist = tmp_path / "nohist" / "m" / "d" / "layer_0" / "x" / "metrics.json"
+    nohist = tmp_path / "nohist" / "metrics.json"
     nohist.parent.mkdir(parents=True)
     m = json.loads(good.read_text())
     del m["log10_freq_hist"]
+    m["identity"]["sae"] = "x"
     nohist.write_text(json.dumps(m))
     figs = tmp_path / "figs"
     msg = _error(capsys, ["report", "figures", "--metrics", str(good), str(nohist), "--out", str(figs)])

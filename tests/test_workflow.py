@@ -13,23 +13,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from visae.layout import Layout
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# The test config's results tree: its one SAE pass per SAE, its layer 1, its one dataset.
+DATASET, LAYER = "fmnist-test", 1
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist_dir")
 
 
 def tiny_config() -> dict:
-    """The demo config shrunk to seconds: few pretraining steps, few images, few tokens."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for entry in config["models"].values():
-        entry["model_kwargs"] = {"patch_size": 7, "depth": 2, "embed_dim": 32, "num_heads": 2}
-        entry["pretrain"].update(steps=3, batch_size=32, max_images=256, eval_train=200, eval_test=200)
-        entry["layers"] = [1]
-    config["extract"].update(max_images=120, batch_size=40)
-    config["train"].update(tokens=3000, batch_size=100, lr_warmup=5, l1_warmup=5)
-    config["saes"] = {name: config["saes"][name] for name in ("relu-l1-0.01", "topk-16")}
-    return config
+    """The workflow's test config (.test/config/config.yaml): the demo shrunk to seconds."""
+    return yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
 
 
 def run(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -78,31 +74,36 @@ def project(tmp_path_factory):
 
 
 def test_full_dag_writes_tables_figures_and_provenance(project):
-    results = project / "results"
-    table = (results / "tables" / "saes.md").read_text()
+    results = Layout(project / "results")
+    table = Path(results.table("saes", "md")).read_text()
     for model in ("vit-supervised", "vit-simclr"):
         for sae in ("relu-l1-0.01", "topk-16"):
             assert re.search(rf"{model}.*{sae}|{sae}.*{model}", table), (model, sae)
         for kind in ("frontier", "latent_freq", "training"):
             for ext in ("png", "pdf"):
-                assert (results / "figures" / f"{kind}_{model}.{ext}").stat().st_size > 1000
-    assert "\\toprule" in (results / "tables" / "saes.tex").read_text()
-    dirs = [results / "pretrain" / "vit-simclr", results / "activations" / "vit-simclr" / "fmnist-test" / "layer_1",
-            results / "saes" / "vit-simclr" / "fmnist-test" / "layer_1" / "topk-16",
-            results / "evaluate" / "vit-simclr" / "fmnist-test" / "layer_1" / "topk-16",
-            results / "tables", results / "figures"]
+                assert Path(results.figure(kind, model, ext)).stat().st_size > 1000
+    assert "\\toprule" in Path(results.table("saes", "tex")).read_text()
+    dirs = [results.pretrain_dir("vit-simclr"), results.store("vit-simclr", DATASET, LAYER),
+            results.sae_pass("vit-simclr", DATASET, LAYER, "topk-16"),
+            results.evaluation("vit-simclr", DATASET, LAYER, "topk-16"), results.tables_dir(), results.figures_dir()]
     for d in dirs:
-        prov = json.loads((d / "provenance.json").read_text())
+        prov = json.loads((Path(d) / "provenance.json").read_text())
         assert {"git", "config_hash", "packages", "device", "seeds"} <= set(prov), d
-    metrics = json.loads((results / "evaluate" / "vit-supervised" / "fmnist-test" / "layer_1" / "topk-16"
-                          / "metrics.json").read_text())
+    metrics = json.loads(Path(results.metrics("vit-supervised", DATASET, LAYER, "topk-16")).read_text())
     assert metrics["l0"] == pytest.approx(16.0)
+    # every output names itself, and the names agree with the store it was made from
+    meta = json.loads((Path(results.store("vit-supervised", DATASET, LAYER)) / "meta.json").read_text())
+    identity = {"model": "vit-supervised", "dataset": DATASET, "layer": meta["layer"], "sae": "topk-16"}
+    assert {k: metrics["identity"][k] for k in identity} == identity
+    sae_config = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16"))
+                             / "config.json").read_text())
+    assert sae_config["identity"] == metrics["identity"]
     again = run(project, "snakemake", "--cores", "2")
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
 def test_lint_is_clean(project):
-    proc = run(project, "snakemake", "--lint")
+    proc = run(project, "snakemake", "--lint", "--configfile", ".test/config/config.yaml")
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
 
 
@@ -164,9 +165,13 @@ def test_bad_config_fails_before_any_job(project, change, key):
 
 
 def test_snakemake_report_embeds_figures(project):
-    run(project, "snakemake", "--report", "results/report.html")
-    html = (project / "results" / "report.html").read_text(errors="replace")
+    report = Layout("results").report_html()
+    run(project, "snakemake", "--report", report)
+    html = (project / report).read_text(errors="replace")
     assert "frontier_vit-supervised.png" in html and "saes.csv" in html
+    for caption in sorted((project / "workflow" / "report").glob("*.rst")):
+        opening = " ".join(caption.read_text().split()[:3])
+        assert opening in html, f"{caption.name} is not in the report"
 
 
 def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
@@ -184,13 +189,13 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out and "Running stage 'tables'" in out
 
     # push to a local directory remote, lose the results, pull them back
-    table = (project / "results" / "tables" / "saes.md").read_bytes()
+    table = Path(Layout(project / "results").table("saes", "md")).read_bytes()
     run(project, "dvc", "remote", "add", "-d", "local", str(tmp_path / "remote"))
     run(project, "dvc", "push")
-    shutil.rmtree(project / "results" / "tables")
+    shutil.rmtree(Layout(project / "results").tables_dir())
     shutil.rmtree(project / ".dvc" / "cache")
     run(project, "dvc", "pull")
-    assert (project / "results" / "tables" / "saes.md").read_bytes() == table
+    assert Path(Layout(project / "results").table("saes", "md")).read_bytes() == table
     run(project, "snakemake", "--touch", "--cores", "1")
     assert "Nothing to be done" in run(project, "snakemake", "-n").stdout
 
@@ -198,8 +203,8 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
 def test_dvc_exp_run_sets_a_param(project):
     proc = run(project, "dvc", "exp", "run", "-S", "config/config.yaml:saes.topk-16.k=8")
     assert "Running stage 'train'" in proc.stdout
-    metrics = json.loads((project / "results" / "evaluate" / "vit-supervised" / "fmnist-test" / "layer_1"
-                          / "topk-16" / "metrics.json").read_text())
+    metrics = json.loads(Path(Layout(project / "results").metrics("vit-supervised", DATASET, LAYER, "topk-16"))
+                         .read_text())
     assert metrics["l0"] == pytest.approx(8.0)
 
 
@@ -207,7 +212,7 @@ def test_two_clean_runs_give_identical_metrics(tmp_path):
     config = tiny_config()
     del config["models"]["vit-simclr"]
     del config["saes"]["relu-l1-0.01"]
-    target = "results/evaluate/vit-supervised/fmnist-test/layer_1/topk-16/metrics.json"
+    target = Layout("results").metrics("vit-supervised", DATASET, LAYER, "topk-16")
     outputs = []
     for name in ("a", "b"):
         root = tmp_path / name

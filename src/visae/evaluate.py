@@ -10,6 +10,8 @@ visae.sae.split); it must lie inside what training held out. Sums are accumulate
   on more than 1% of tokens;
 - per latent: firing frequency and mean activation when firing (`latents.csv`), and a
   histogram of log10 firing frequency (in metrics.json).
+Both files name what they are about, an `identity` (model, dataset, layer, SAE, store hash; see
+visae.layout.Identity), and metrics.json carries the SAE's grid `entry` (its k or λ).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from visae.atomic import atomic_path, write_json
 from visae.errors import VisaeError
+from visae.layout import Identity
 from visae.provenance import provenance
 from visae.sae import checkpoint as ckpt
 from visae.sae.split import split_images
@@ -91,6 +94,7 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     logf = np.log10(freq[fired]) if fired.any() else np.array([])
     counts, _ = np.histogram(np.clip(logf, HIST_EDGES[0], HIST_EDGES[-1]), bins=HIST_EDGES)
     metrics = {
+        "identity": Identity.of(store.meta, cfg.get("name"), store.store_hash).to_dict(), "entry": cfg.get("entry"),
         "sae": cfg.get("name"), "architecture": cfg.get("architecture"), "width": h, "d_model": d,
         "tokens": n, "heldout": heldout, "heldout_images": [a, b],
         "l0": l0_sum.item() / n, "mse": sq_err_n.item() / (n * d), "mse_raw": sq_err_raw.item() / (n * d),
@@ -108,14 +112,17 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
 
 
 def write_outputs(out, metrics: dict, latents: dict, config: dict, started: float) -> None:
+    """metrics.json and latents.csv each carry the evaluation's identity (latents.csv as leading
+    columns, so files of many SAEs concatenate into one table)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    identity = metrics["identity"]
     with atomic_path(out / "latents.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["latent", "frequency", "mean_activation"])
+            w.writerow([*identity, "latent", "frequency", "mean_activation"])
             for i, (fq, ma) in enumerate(zip(latents["frequency"], latents["mean_activation"])):
-                w.writerow([i, f"{fq:.9g}", f"{ma:.9g}"])
+                w.writerow([*identity.values(), i, f"{fq:.9g}", f"{ma:.9g}"])
     write_json(out / "provenance.json", provenance(config, seeds={}, started=started))
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished evaluation
 

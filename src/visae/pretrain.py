@@ -565,7 +565,48 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- CLI
 
+# A models: entry's keys (given as `--model JSON`) and the flag each stands for, with its type.
+ENTRY_FLAGS = {
+    ("arch",): ("arch", str), ("image_size",): ("image_size", int),
+    ("model_kwargs", "patch_size"): ("patch_size", int), ("model_kwargs", "depth"): ("depth", int),
+    ("model_kwargs", "embed_dim"): ("embed_dim", int), ("model_kwargs", "num_heads"): ("heads", int),
+    ("pretrain", "objective"): ("objective", str), ("pretrain", "steps"): ("steps", int),
+    ("pretrain", "epochs"): ("epochs", int), ("pretrain", "batch_size"): ("batch_size", int),
+    ("pretrain", "lr"): ("lr", float), ("pretrain", "max_images"): ("max_images", int),
+    ("pretrain", "seed"): ("seed", int), ("pretrain", "eval_train"): ("eval_train", int),
+    ("pretrain", "eval_test"): ("eval_test", int),
+}
+
+
+def apply_entry(args: argparse.Namespace) -> None:
+    """Fill `args` from `--model`, a models: entry as a JSON object with its name (what the workflow
+    passes, so a job's command changes only when its entry does); the entry's keys win over flags."""
+    import json
+
+    try:
+        entry = json.loads(args.model)
+    except ValueError as err:
+        raise VisaeError(f"--model is not valid JSON ({err})") from None
+    if not isinstance(entry, dict) or "name" not in entry or not isinstance(entry.get("pretrain"), dict):
+        raise VisaeError("--model must be a models: entry as a JSON object with its name and a pretrain: block")
+    for keys, (flag, kind) in ENTRY_FLAGS.items():
+        value = entry
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None:
+            try:
+                setattr(args, flag, kind(value))
+            except (TypeError, ValueError):
+                raise VisaeError(f"models.{entry['name']}.{'.'.join(keys)}: {value!r} is not {kind.__name__}") from None
+    # timm's default, so that extraction builds the same architecture from model_kwargs
+    args.mlp_ratio = float((entry.get("model_kwargs") or {}).get("mlp_ratio", 4.0))
+
+
 def _cmd(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        apply_entry(args)
+    if args.objective is None:
+        raise VisaeError(f"give --objective ({', '.join(OBJECTIVES)}) or --model with a pretrain: block")
     if args.threads is not None:
         _positive("threads", args.threads)
         torch.set_num_threads(args.threads)
@@ -590,7 +631,10 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--objective", required=True, help=f"one of {', '.join(OBJECTIVES)}")
+    p.add_argument("--objective", default=None, help=f"one of {', '.join(OBJECTIVES)}")
+    p.add_argument("--model", default=None, metavar="ENTRY_JSON",
+                   help="a models: entry as a JSON object with its name and pretrain: block (what the workflow "
+                        "passes); its arch, image_size, model_kwargs and pretrain: keys win over the flags below")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--arch", default=d["arch"], help="timm ViT architecture")
     p.add_argument("--image-size", type=int, default=d["image_size"])

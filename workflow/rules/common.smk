@@ -1,9 +1,23 @@
-# Names and paths the rules share, computed from the validated config.
+# Names and paths the rules share, computed from the validated config. Every results path comes
+# from visae.layout (one definition of the results tree, shared with the report and the tests).
 import json
 import os
+import shlex
 from snakemake.exceptions import WorkflowError
 
-RESULTS = config["results"]
+from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, TABLE_FORMATS, Layout
+
+RESULTS = Layout(config["results"])
+# Every shell command ends so: its output goes to the job's log, and a failure shows the log's
+# last line (the one-line `visae: error: ...`).
+LOG_TAIL = " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+
+
+def logged(command):
+    """A rule's shell command with LOG_TAIL appended."""
+    return command + LOG_TAIL
+
+
 # Where `visae fetch fashion-mnist` puts the demo data (a dataset whose root is this folder
 # depends on that rule; any other root is used as it is).
 FASHION_MNIST_ROOT = "resources/fashion-mnist"
@@ -104,87 +118,62 @@ def dataset_files(name):
 
 
 def pretrain_outputs():
-    return [
-        f"{RESULTS}/pretrain/{model}/model.safetensors"
-        for model, entry in config["models"].items()
-        if "pretrain" in entry
-    ]
+    return [RESULTS.pretrain_model(model) for model, entry in config["models"].items() if "pretrain" in entry]
 
 
-def pretrain_args(wildcards):
-    entry = config["models"][wildcards.model]
-    job = entry["pretrain"]
-    kwargs = entry.get("model_kwargs", {})
-    flags = {
-        "--objective": job["objective"],
-        "--arch": entry["arch"],
-        "--image-size": entry.get("image_size"),
-        "--patch-size": kwargs.get("patch_size"),
-        "--depth": kwargs.get("depth"),
-        "--embed-dim": kwargs.get("embed_dim"),
-        "--heads": kwargs.get("num_heads"),
-        # timm's default, so that extraction builds the same architecture from model_kwargs
-        "--mlp-ratio": kwargs.get("mlp_ratio", 4.0),
-        "--steps": job.get("steps"),
-        "--epochs": job.get("epochs"),
-        "--batch-size": job.get("batch_size"),
-        "--lr": job.get("lr"),
-        "--max-images": job.get("max_images"),
-        "--seed": job.get("seed", 0),
-        "--eval-train": job.get("eval_train"),
-        "--eval-test": job.get("eval_test"),
-        "--threads": 1,
-        "--data": config["datasets"][job["dataset"]].get("root"),
-    }
-    return " ".join(f"{flag} {value}" for flag, value in flags.items() if value is not None)
+def pretrain_json(model):
+    """A pretrain: model's entry as `visae pretrain --model` takes it (without the workflow's layers)."""
+    entry = {k: v for k, v in config["models"][model].items() if k != "layers"}
+    return json.dumps({"name": model, **entry}, sort_keys=True)
+
+
+def pretrain_data(model):
+    """`--data ROOT` for the pretrain: dataset's folder (none: `visae pretrain` uses Debian's copy)."""
+    root = config["datasets"][config["models"][model]["pretrain"]["dataset"]].get("root")
+    return f"--data {shlex.quote(root)}" if root else ""
 
 
 def extract_outputs():
-    return sorted(
-        {f"{RESULTS}/activations/{model}/{dataset}/extract.json" for model, dataset, _ in stores()}
-    )
+    return sorted({RESULTS.extract_marker(model, dataset) for model, dataset, _ in stores()})
 
 
 def extract_weights(wildcards):
     """A model trained by `visae pretrain` is extracted from that job's weights."""
     if "pretrain" in config["models"][wildcards.model]:
-        return {"weights": f"{RESULTS}/pretrain/{wildcards.model}/model.safetensors"}
+        return {"weights": RESULTS.pretrain_model(wildcards.model)}
     return {}
 
 
 def pass_outputs():
     return [
-        f"{RESULTS}/saes/{model}/{dataset}/{layer}/{name}/provenance.json"
+        RESULTS.sae_pass_marker(model, dataset, layer, name)
         for model, dataset, layer in stores()
         for name in sorted({sae_pass(sae) for sae in config["saes"]})
     ]
 
 
 def sae_dir(model, dataset, layer, sae):
-    return f"{RESULTS}/saes/{model}/{dataset}/{layer}/{sae_pass(sae)}/{sae}"
+    return RESULTS.sae(model, dataset, layer, sae_pass(sae), sae)
 
 
-def evaluate_outputs():
-    return [
-        f"{RESULTS}/evaluate/{model}/{dataset}/{layer}/{sae}/metrics.json"
-        for model, dataset, layer in stores()
-        for sae in config["saes"]
-    ]
+def evaluate_outputs(which="metrics"):
+    """Every evaluation's metrics.json (or latents.csv: which="latents")."""
+    path = getattr(RESULTS, which)
+    return [path(model, dataset, layer, sae) for model, dataset, layer in stores() for sae in config["saes"]]
 
 
 def sae_logs():
     return [
-        f"{sae_dir(model, dataset, layer, sae)}/log.csv"
+        RESULTS.sae_log(model, dataset, layer, sae_pass(sae), sae)
         for model, dataset, layer in stores()
         for sae in config["saes"]
     ]
 
 
+def figure_outputs(ext):
+    return [RESULTS.figure(kind, model, ext) for model in config["models"] for kind in FIGURE_KINDS]
+
+
 def report_outputs():
-    figures = [
-        f"{RESULTS}/figures/{kind}_{model}.{ext}"
-        for model in config["models"]
-        for kind in ("frontier", "latent_freq", "training")
-        for ext in ("png", "pdf")
-    ]
-    return [f"{RESULTS}/tables/saes.{ext}" for ext in ("md", "csv", "tex", "json")] + figures
+    figures = [path for ext in FIGURE_FORMATS for path in figure_outputs(ext)]
+    return [RESULTS.table("saes", ext) for ext in TABLE_FORMATS] + figures

@@ -8,9 +8,8 @@ rule fetch_fashion_mnist:
     params:
         out=lambda wc, output: os.path.dirname(output[0]),
     log:
-        f"{RESULTS}/logs/data/fashion-mnist.log",
+        RESULTS.log("data", "fashion-mnist"),
     benchmark:
-        f"{RESULTS}/benchmarks/data/fashion-mnist.tsv"
+        RESULTS.benchmark("data", "fashion-mnist")
     shell:
-        "visae fetch fashion-mnist --out {params.out:q} > {log:q} 2>&1"
-        " || (tail -n 1 {log:q} >&2; exit 1)"
+        logged("visae fetch fashion-mnist --out {params.out:q}")

@@ -8,14 +8,14 @@ rule extract:
         unpack(extract_weights),
         data=lambda wc: dataset_files(wc.dataset),
     output:
-        f"{RESULTS}/activations/{{model}}/{{dataset}}/extract.json",
+        RESULTS.extract_marker("{model}", "{dataset}"),
     params:
         layers=lambda wc: " ".join(str(l) for l in config["models"][wc.model]["layers"]),
         weights=lambda wc, input: f"--weights {input.weights}" if "weights" in input.keys() else "",
         max_images=lambda wc: (
             f"--max-images {config['extract']['max_images']}" if config["extract"].get("max_images") else ""
         ),
-        out=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}",
+        out=lambda wc, output: os.path.dirname(output[0]),
         env=lambda wc, threads: threads_env(threads),
         model=lambda wc: entry_json("models", wc.model),
         dataset=lambda wc: entry_json("datasets", wc.dataset),
@@ -24,20 +24,21 @@ rule extract:
         batch_size=config["extract"]["batch_size"],
         device=config["extract"]["device"],
     log:
-        f"{RESULTS}/logs/extract/{{model}}/{{dataset}}.log",
+        RESULTS.log("extract", "{model}", "{dataset}"),
     benchmark:
-        f"{RESULTS}/benchmarks/extract/{{model}}/{{dataset}}.tsv"
+        RESULTS.benchmark("extract", "{model}", "{dataset}")
     # CPU jobs run single-threaded: the same numbers on every machine, parallel across jobs
     threads: 1 if config["extract"]["device"] == "cpu" else workflow.cores
     resources:
         gpu=1 if config["extract"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
-        " --layers {params.layers} {params.weights}"
-        " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
-        " {params.max_images} --device {params.device} --out {params.out:q} --no-progress"
-        " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        logged(
+            "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
+            " --layers {params.layers} {params.weights}"
+            " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
+            " {params.max_images} --device {params.device} --out {params.out:q} --no-progress"
+        )
 
 
 rule extract_all:

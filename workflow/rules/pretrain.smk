@@ -5,21 +5,24 @@ rule pretrain:
     input:
         lambda wc: dataset_files(config["models"][wc.model]["pretrain"]["dataset"]),
     output:
-        f"{RESULTS}/pretrain/{{model}}/model.safetensors",
+        RESULTS.pretrain_model("{model}"),
     params:
-        args=pretrain_args,
-        out=lambda wc: f"{RESULTS}/pretrain/{wc.model}",
+        model=lambda wc: pretrain_json(wc.model),
+        data=lambda wc: pretrain_data(wc.model),
+        out=lambda wc, output: os.path.dirname(output[0]),
         env=lambda wc, threads: threads_env(threads),
     log:
-        f"{RESULTS}/logs/pretrain/{{model}}.log",
+        RESULTS.log("pretrain", "{model}"),
     benchmark:
-        f"{RESULTS}/benchmarks/pretrain/{{model}}.tsv"
+        RESULTS.benchmark("pretrain", "{model}")
     threads: 1  # two single-threaded pretrainings beat two that share both cores
     resources:
         mem_mb=2000,
     shell:
-        "{params.env} visae pretrain {params.args} --out {params.out:q} --quiet"
-        " > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        logged(
+            "{params.env} visae pretrain --model {params.model:q} {params.data} --threads {threads}"
+            " --out {params.out:q} --quiet"
+        )
 
 
 rule pretrain_all:

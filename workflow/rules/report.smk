@@ -1,55 +1,57 @@
-# Result tables and figures; `snakemake --report results/report.html` embeds them.
+# Result tables and figures; `snakemake --report results/report.html` embeds them, each with the
+# caption under workflow/report/.
 
 
 rule tables:
     input:
         evaluate_outputs(),
     output:
-        md=report(f"{RESULTS}/tables/saes.md", category="Tables", labels={"table": "SAEs (Markdown)"}),
-        csv=report(f"{RESULTS}/tables/saes.csv", category="Tables", labels={"table": "SAEs (CSV)"}),
-        tex=f"{RESULTS}/tables/saes.tex",
-        json=f"{RESULTS}/tables/saes.json",
+        md=report(RESULTS.table("saes", "md"), caption="../report/saes_md.rst", category="Tables",
+                  labels={"table": "SAEs (Markdown)"}),
+        csv=report(RESULTS.table("saes", "csv"), caption="../report/saes_csv.rst", category="Tables",
+                   labels={"table": "SAEs (CSV)"}),
+        tex=RESULTS.table("saes", "tex"),
+        json=RESULTS.table("saes", "json"),
     params:
         out=lambda wc, output: os.path.dirname(output.md),
     log:
-        f"{RESULTS}/logs/report/tables.log",
+        RESULTS.log("report", "tables"),
     benchmark:
-        f"{RESULTS}/benchmarks/report/tables.tsv"
+        RESULTS.benchmark("report", "tables")
     shell:
-        "visae report tables --metrics {input} --out {params.out:q} > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        logged("visae report tables --metrics {input} --out {params.out:q}")
 
 
 rule figures:
     input:
         metrics=evaluate_outputs(),
-        latents=[m.replace("metrics.json", "latents.csv") for m in evaluate_outputs()],
+        latents=evaluate_outputs("latents"),
         passes=pass_outputs(),  # the training logs below are written by these jobs
     output:
         [
             report(
-                f"{RESULTS}/figures/{kind}_{model}.png",
+                RESULTS.figure(kind, model, "png"),
+                caption=f"../report/{kind}.rst",
                 category="Figures",
                 subcategory=model,
                 labels={"model": model, "figure": kind},
             )
             for model in config["models"]
-            for kind in ("frontier", "latent_freq", "training")
+            for kind in FIGURE_KINDS
         ],
-        [
-            f"{RESULTS}/figures/{kind}_{model}.pdf"
-            for model in config["models"]
-            for kind in ("frontier", "latent_freq", "training")
-        ],
+        figure_outputs("pdf"),
     params:
         logs=sae_logs(),
         out=lambda wc, output: os.path.dirname(output[0]),
     log:
-        f"{RESULTS}/logs/report/figures.log",
+        RESULTS.log("report", "figures"),
     benchmark:
-        f"{RESULTS}/benchmarks/report/figures.tsv"
+        RESULTS.benchmark("report", "figures")
     shell:
-        "visae report figures --metrics {input.metrics} --latents {input.latents}"
-        " --logs {params.logs} --out {params.out:q} > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        logged(
+            "visae report figures --metrics {input.metrics} --latents {input.latents}"
+            " --logs {params.logs} --out {params.out:q}"
+        )
 
 
 rule report_all:

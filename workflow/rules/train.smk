@@ -4,13 +4,13 @@
 
 rule train:
     input:
-        f"{RESULTS}/activations/{{model}}/{{dataset}}/extract.json",
+        rules.extract.output,
     output:
-        f"{RESULTS}/saes/{{model}}/{{dataset}}/{{layer}}/{{pass_}}/provenance.json",
+        RESULTS.sae_pass_marker("{model}", "{dataset}", "{layer}", "{pass_}"),
     params:
         grid=lambda wc: json.dumps([sae_entry(sae) for sae in pass_members(wc.pass_)], sort_keys=True),
-        store=lambda wc: f"{RESULTS}/activations/{wc.model}/{wc.dataset}/{wc.layer}",
-        out=lambda wc: f"{RESULTS}/saes/{wc.model}/{wc.dataset}/{wc.layer}/{wc.pass_}",
+        store=lambda wc: RESULTS.store(wc.model, wc.dataset, wc.layer),
+        out=lambda wc, output: os.path.dirname(output[0]),
         checkpoint=lambda wc: (
             f"--checkpoint-every {config['train']['checkpoint_every']}"
             if config["train"].get("checkpoint_every") else ""
@@ -21,18 +21,20 @@ rule train:
         token_kind=config["train"]["token_kind"],
         device=config["train"]["device"],
     log:
-        f"{RESULTS}/logs/train/{{model}}/{{dataset}}/{{layer}}/{{pass_}}.log",
+        RESULTS.log("train", "{model}", "{dataset}", "{layer}", "{pass_}"),
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{model}}/{{dataset}}/{{layer}}/{{pass_}}.tsv"
+        RESULTS.benchmark("train", "{model}", "{dataset}", "{layer}", "{pass_}")
     threads: 1 if config["train"]["device"] == "cpu" else workflow.cores
     resources:
         gpu=1 if config["train"]["device"] == "cuda" else 0,
         mem_mb=4000,
     shell:
-        "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
-        " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
-        " --token-kind {params.token_kind} --device {params.device} --restart-stale"
-        " {params.checkpoint} > {log:q} 2>&1 || (tail -n 1 {log:q} >&2; exit 1)"
+        logged(
+            "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
+            " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
+            " --token-kind {params.token_kind} --device {params.device} --restart-stale"
+            " {params.checkpoint}"
+        )
 
 
 rule train_all:

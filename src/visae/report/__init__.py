@@ -2,21 +2,14 @@
 
 Inputs are explicit lists of files (Snakemake passes them):
 - `--metrics`: `metrics.json` files written by `visae evaluate`;
-- `--latents`: `latents.csv` files written by `visae evaluate`, each in the same folder as one of the
-  `--metrics` files (that is how a latents file is matched to its SAE);
+- `--latents`: `latents.csv` files written by `visae evaluate`;
 - `--logs`: `log.csv` files written by `visae train` (in an SAE checkpoint folder, beside `config.json`).
 
-Each evaluation is one row, identified by (model, dataset, layer, sae). The identity and the SAE's
-sparsity hyperparameters (k, λ) are recovered, per field, from the first of these that has them:
-1. the metrics file's own content: top-level `model`/`dataset`/`layer`/`k`/`lambda` keys, or a
-   `source` dict (`model`, `dataset`, `layer`) and `entry`/`hparams` dicts (`k`, `l1`, `l0`);
-2. the SAE checkpoint's `config.json` (its `source` and `entry`), found through the evaluation's
-   `provenance.json` (`config.sae`, the `--sae` that `visae evaluate` was given), or else by the
-   workflow layout, `results/evaluate/<m>/<d>/layer_<L>/<sae>/` → `results/saes/<m>/<d>/layer_<L>/<sae>/`;
-3. the metrics file's path, `.../<model>/<dataset>/layer_<L>/<sae>/metrics.json`.
-The SAE name is the metrics' `sae` key (else the folder name). Today `visae evaluate` writes no
-model/dataset/layer into metrics.json, so in practice they come from the checkpoint (2) or the path (3).
-A row whose model, dataset or layer cannot be found by any of these is an error.
+Each evaluation is one row, identified by (model, dataset, layer, sae). Every input names itself
+(visae.layout.Identity): a metrics file by its `identity` block (k and λ come from its `entry`), a
+latents file by its identity columns (it belongs to the metrics file of the same identity and store
+hash), a training log by the `identity` of the checkpoint's `config.json` beside it. Nothing is
+guessed from a path; an input without identity is an error that says which file.
 
 Outputs (stable names, embedded in the Snakemake report):
 - `visae report tables --metrics ... --out DIR`:
@@ -38,7 +31,8 @@ of the same inputs (PNG/PDF without timestamps; `provenance.json` records the ru
 
 # Submodules load on first use, so `visae --help` does not import seaborn/matplotlib.
 _EXPORTS = {"Row": "collect", "collect_rows": "collect", "load_latents": "collect", "load_log": "collect",
-            "model_slug": "collect", "rows_frame": "tables", "write_tables": "tables", "write_figures": "figures"}
+            "match_latents": "collect", "model_slug": "collect", "rows_frame": "tables", "write_tables": "tables",
+            "write_figures": "figures"}
 __all__ = sorted(_EXPORTS)
 
 

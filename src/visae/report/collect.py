@@ -1,19 +1,23 @@
 """Reading the report's inputs: metrics.json, latents.csv and log.csv, with one-line errors.
 
-See the package docstring for where each row's (model, dataset, layer, sae) and k/λ come from.
+Every input names itself: metrics.json has an `identity` block and the SAE's grid `entry` (k, λ),
+latents.csv has identity columns, and a training log.csv is described by the SAE checkpoint's
+config.json beside it (its `identity` block). Nothing is read from a file's path.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from visae.errors import VisaeError
+from visae.layout import Identity, layer_dir, model_slug
+
+__all__ = ["Row", "collect_rows", "load_latents", "load_log", "match_latents", "model_slug", "read_json"]
 
 # Keys a metrics.json must have, with the table column each feeds.
 REQUIRED_METRICS = ("architecture", "width", "l0", "mse", "nmse", "explained_variance", "dead_fraction",
@@ -21,7 +25,7 @@ REQUIRED_METRICS = ("architecture", "width", "l0", "mse", "nmse", "explained_var
 NUMERIC_METRICS = REQUIRED_METRICS[1:]
 # The λ key of penalised architectures in a grid entry (as in visae.sae.train.SPARSITY_KEY).
 SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}
-LAYER_DIR = re.compile(r"^layer_?(-?\d+)$")
+IDENTITY_COLUMNS = tuple(Identity.__dataclass_fields__)
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Row:
     dataset: str
     layer: int | str
     sae: str
+    store_hash: str
     architecture: str
     width: int
     k: int | None
@@ -44,7 +49,6 @@ class Row:
     dense_fraction: float
     path: Path
     hist: dict | None = None
-    origin: dict = field(default_factory=dict)  # field -> "metrics" | "checkpoint" | "path"
 
     @property
     def key(self) -> tuple:
@@ -57,22 +61,6 @@ class Row:
 
 def _layer_key(layer) -> tuple:
     return (0, layer, "") if isinstance(layer, int) else (1, 0, str(layer))
-
-
-def _as_layer(value):
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    s = str(value)
-    return int(s) if re.fullmatch(r"-?\d+", s) else s
-
-
-def model_slug(model: str) -> str:
-    """The model name as it appears in figure file names."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(model)) or "_"
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -93,103 +81,28 @@ def _number(path: Path, key: str, value) -> float:
     return value
 
 
-def _checkpoint_config(metrics_path: Path) -> dict | None:
-    """The SAE checkpoint's config.json for an evaluation, if it can be found (see package docstring)."""
-    candidates = []
-    prov = metrics_path.parent / "provenance.json"
-    if prov.is_file():
-        try:
-            sae = json.loads(prov.read_text()).get("config", {}).get("sae")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            sae = None
-        if isinstance(sae, str) and sae:
-            candidates.append(Path(sae))
-    parts = metrics_path.parent.parts
-    if "evaluate" in parts:
-        i = len(parts) - 1 - parts[::-1].index("evaluate")
-        candidates.append(Path(*parts[:i], "saes", *parts[i + 1:]))
-    for directory in candidates:
-        cfg = directory / "config.json"
-        if cfg.is_file():
-            try:
-                obj = json.loads(cfg.read_text())
-            except (ValueError, UnicodeDecodeError):
-                raise VisaeError(f"SAE config {cfg} (for {metrics_path}) is not valid JSON") from None
-            if isinstance(obj, dict):
-                return obj
-    return None
-
-
-def _from_path(path: Path) -> dict:
-    """model/dataset/layer/sae from `.../<model>/<dataset>/layer_<L>/<sae>/<file>`, where it matches."""
-    parts = path.parent.parts
-    if len(parts) >= 4:
-        m = LAYER_DIR.match(parts[-2])
-        if m:
-            return {"model": parts[-4], "dataset": parts[-3], "layer": int(m.group(1)), "sae": parts[-1]}
-    return {}
-
-
-def _named(value):
-    """Stores describe their model and dataset as dicts (from meta.json); rows use the name."""
-    return value.get("name") if isinstance(value, dict) else value
-
-
-def _pick(origin: dict, name: str, sources: list[tuple[str, dict]]):
-    for label, src in sources:
-        value = _named(src.get(name))
-        if value is not None and value != "":
-            origin[name] = label
-            return value
-    return None
-
-
-def _dicts(obj: dict, *keys: str) -> list[dict]:
-    out = [obj]
-    for key in keys:
-        sub = obj.get(key)
-        if isinstance(sub, dict):
-            out.append(sub)
-    return out
-
-
 def load_metrics(path: str | Path) -> Row:
     path = Path(path)
     m = read_json(path, "metrics file")
+    ident = Identity.from_file(m, f"metrics file {path}")
     for key in REQUIRED_METRICS:
         if key not in m:
             raise VisaeError(f"metrics file {path} lacks required key {key!r}")
     for key in NUMERIC_METRICS:
         _number(path, key, m[key])
     arch = str(m["architecture"])
-    cfg = _checkpoint_config(path) or {}
-    from_path = _from_path(path)
-    origin: dict = {}
-    # identity: metrics content, then checkpoint config, then path
-    ident_sources = [("metrics", d) for d in _dicts(m, "source")] + \
-                    [("checkpoint", d) for d in _dicts(cfg, "source")] + [("path", from_path)]
-    ident = {name: _pick(origin, name, ident_sources) for name in ("model", "dataset", "layer")}
-    missing = [name for name, v in ident.items() if v is None]
-    if missing:
-        raise VisaeError(f"metrics file {path}: cannot tell its {'/'.join(missing)} (not in the file, no SAE "
-                         f"checkpoint config found, path not .../<model>/<dataset>/layer_<L>/<sae>/metrics.json)")
-    sae = _pick(origin, "sae", [("metrics", m), ("checkpoint", {"sae": cfg.get("name")}),
-                               ("path", {"sae": path.parent.name})])
-    # hyperparameters: metrics content, then checkpoint config
-    hp_sources = [("metrics", d) for d in _dicts(m, "entry", "hparams")] + \
-                 [("checkpoint", d) for d in _dicts(cfg, "entry", "hparams")]
-    k = _pick(origin, "k", hp_sources)
-    lam = _pick(origin, "lambda", [(lbl, {"lambda": d.get("lambda", d.get(SPARSITY_KEY.get(arch, "lambda")))})
-                                   for lbl, d in hp_sources])
+    entry = m.get("entry") if isinstance(m.get("entry"), dict) else {}
+    k = entry.get("k")
+    lam = entry.get(SPARSITY_KEY.get(arch, "lambda"))
     hist = m.get("log10_freq_hist")
-    return Row(model=str(ident["model"]), dataset=str(ident["dataset"]), layer=_as_layer(ident["layer"]),
-               sae=str(sae), architecture=arch, width=int(m["width"]),
+    return Row(model=ident.model, dataset=ident.dataset, layer=ident.layer, sae=ident.sae,
+               store_hash=ident.store_hash, architecture=arch, width=int(m["width"]),
                k=None if k is None else int(_number(path, "k", k)),
                lam=None if lam is None else float(_number(path, "lambda", lam)),
                l0=float(m["l0"]), mse=float(m["mse"]), nmse=float(m["nmse"]),
                explained_variance=float(m["explained_variance"]), dead_fraction=float(m["dead_fraction"]),
                dense_fraction=float(m["dense_fraction"]), path=path,
-               hist=hist if isinstance(hist, dict) else None, origin=origin)
+               hist=hist if isinstance(hist, dict) else None)
 
 
 def collect_rows(paths) -> list[Row]:
@@ -204,11 +117,12 @@ def collect_rows(paths) -> list[Row]:
     return rows
 
 
-def _read_csv(path: Path, what: str, columns: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The CSV at `path`, checking that `columns` are numeric; `text` columns are read as strings."""
     if not path.is_file():
         raise VisaeError(f"{what} {path} does not exist")
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(path, dtype={c: str for c in text})
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as err:
         raise VisaeError(f"{what} {path} is not a readable CSV ({str(err).splitlines()[0]})") from None
     for col in columns:
@@ -219,26 +133,38 @@ def _read_csv(path: Path, what: str, columns: tuple[str, ...]) -> pd.DataFrame:
     return df
 
 
-def load_latents(path: str | Path) -> np.ndarray:
-    """Per-latent firing frequencies from an evaluation's latents.csv."""
+def load_latents(path: str | Path) -> tuple[Identity, np.ndarray]:
+    """(identity, per-latent firing frequencies) of an evaluation's latents.csv."""
     path = Path(path)
-    df = _read_csv(path, "latents file", ("latent", "frequency"))
+    df = _read_csv(path, "latents file", ("latent", "frequency"), text=IDENTITY_COLUMNS)
+    missing = [c for c in IDENTITY_COLUMNS if c not in df.columns]
+    if missing:
+        raise VisaeError(f"latents file {path} lacks identity column(s) {', '.join(missing)}: it was written "
+                         f"by an older visae; rerun visae evaluate")
+    values = {}
+    for col in IDENTITY_COLUMNS:
+        distinct = df[col].drop_duplicates().tolist()
+        if len(distinct) != 1:
+            raise VisaeError(f"latents file {path}: column {col!r} must hold one value, has {len(distinct)}")
+        values[col] = distinct[0]
+    ident = Identity.from_file({"identity": values}, f"latents file {path}")
     freq = df["frequency"].to_numpy(dtype=np.float64)
     if len(freq) == 0 or not np.all(np.isfinite(freq)) or (freq < 0).any() or (freq > 1).any():
         raise VisaeError(f"latents file {path}: frequencies must be a non-empty list in [0, 1]")
-    return freq
+    return ident, freq
 
 
 def match_latents(rows: list[Row], latents) -> dict[tuple, np.ndarray]:
-    """Map each latents.csv to the row whose metrics.json is in the same folder."""
-    by_dir = {r.path.parent.resolve(): r for r in rows}
+    """Map each latents.csv to the row of the same identity (model, dataset, layer, SAE, store hash)."""
+    by_ident = {(r.model, r.dataset, layer_dir(r.layer), r.sae, r.store_hash): r for r in rows}
     out = {}
     for p in latents or []:
         p = Path(p)
-        row = by_dir.get(p.parent.resolve())
+        ident, freq = load_latents(p)
+        row = by_ident.get((ident.model, ident.dataset, layer_dir(ident.layer), ident.sae, ident.store_hash))
         if row is None:
-            raise VisaeError(f"latents file {p} has no metrics.json among --metrics in its folder")
-        freq = load_latents(p)
+            raise VisaeError(f"latents file {p} ({ident.key}, store {ident.store_hash[:12]}) matches none of "
+                             f"the --metrics files")
         if len(freq) != row.width:
             raise VisaeError(f"latents file {p} has {len(freq)} latents but {row.path} says width {row.width}")
         out[row.key] = freq
@@ -247,21 +173,11 @@ def match_latents(rows: list[Row], latents) -> dict[tuple, np.ndarray]:
 
 def load_log(path: str | Path) -> tuple[dict, pd.DataFrame]:
     """(identity, per-step frame) of an SAE's training log.csv; identity from the checkpoint's
-    config.json beside it, else from the path."""
+    config.json beside it (the folder is one checkpoint, and config.json describes it)."""
     path = Path(path)
     df = _read_csv(path, "training log", ("tokens", "mse", "l0"))
     cfg_path = path.parent / "config.json"
-    cfg = read_json(cfg_path, "SAE config") if cfg_path.is_file() else {}
-    src = cfg.get("source") if isinstance(cfg.get("source"), dict) else {}
-    guess = _from_path(path)
-    ident = {}
-    for name in ("model", "dataset", "layer"):
-        ident[name] = _named(src.get(name)) if _named(src.get(name)) not in (None, "") else guess.get(name)
-        if ident[name] is None:
-            raise VisaeError(f"training log {path}: cannot tell its {name} (no config.json beside it with "
-                             f"source.{name}, path not .../<model>/<dataset>/layer_<L>/<sae>/log.csv)")
-    ident["layer"] = _as_layer(ident["layer"])
-    ident["model"], ident["dataset"] = str(ident["model"]), str(ident["dataset"])
-    ident["sae"] = str(cfg.get("name") or path.parent.name)
-    ident["architecture"] = str(cfg.get("architecture", "?"))
-    return ident, df
+    cfg = read_json(cfg_path, f"SAE config (for training log {path})")
+    ident = Identity.from_file(cfg, f"SAE config {cfg_path}")
+    return {"model": ident.model, "dataset": ident.dataset, "layer": ident.layer, "sae": ident.sae,
+            "architecture": str(cfg.get("entry", {}).get("architecture", "?"))}, df

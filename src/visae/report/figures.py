@@ -21,7 +21,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from visae.atomic import atomic_path  # noqa: E402
 from visae.errors import VisaeError  # noqa: E402
-from visae.report.collect import Row, model_slug  # noqa: E402
+from visae.layout import model_slug  # noqa: E402
+from visae.report.collect import Row  # noqa: E402
 
 ARCH_ORDER = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
 DEFAULT_EDGES = [float(e) for e in np.arange(-8.0, 0.01, 0.5)]

@@ -24,6 +24,7 @@ import yaml
 
 from visae.atomic import atomic_path
 from visae.errors import VisaeError
+from visae.layout import Identity
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
 from visae.sae.modules import (ARCH_KEYS, ARCHITECTURES, build_sae, estimate_normalisation, lr_at, make_adam,
@@ -223,7 +224,8 @@ class Member:
 # -- the run ---------------------------------------------------------------------------------
 def _sae_config(m: Member, store, run: dict, complete: bool) -> dict:
     meta = store.meta
-    return {"name": m.name, "entry": m.entry, "status": m.status, "failure": m.failure, "complete": complete,
+    return {"name": m.name, "identity": Identity.of(meta, m.name, store.store_hash).to_dict(),
+            "entry": m.entry, "status": m.status, "failure": m.failure, "complete": complete,
             "tokens_seen": m.tokens, "steps": m.step, "seed": m.entry["seed"],
             "source": {"model": meta.get("model"), "layer": meta.get("layer"), "dataset": meta.get("dataset"),
                        "store": str(store.root), "store_hash": store.store_hash,

@@ -1,0 +1,191 @@
+"""The results tree: every path a stage writes, defined once.
+
+The workflow's rules, the report and the tests build paths here and nowhere else. Arguments are
+names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a layer is its number
+(2, -2) or its folder name ("layer_2", "{layer}"). Stdlib only: the Snakefile imports this.
+
+```
+<results>/
+  pretrain/<model>/model.safetensors            the demo's own backbones (`visae pretrain`)
+  activations/<model>/<dataset>/extract.json    one extraction job's marker, beside its stores:
+  activations/<model>/<dataset>/layer_<L>/      an activation store (meta.json, shards)
+  saes/<model>/<dataset>/layer_<L>/<pass>/      one training pass (provenance.json marks it done)
+  saes/.../<pass>/<sae>/                        an SAE checkpoint (config.json, log.csv, weights)
+  evaluate/<model>/<dataset>/layer_<L>/<sae>/   metrics.json, latents.csv
+  latents/<model>/<dataset>/layer_<L>/<sae>/    the latent index (coming)
+  compare/<model_a>__<model_b>/<dataset>/       a comparison pair (coming)
+  probes/<model>/<dataset>/layer_<L>/<probe>/   a linear probe (coming)
+  interventions/<kind>/<model>/<dataset>/layer_<L>/<sae>/   (coming)
+  tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
+  logs/<stage>/....log, benchmarks/<stage>/....tsv
+```
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+
+from visae.errors import VisaeError
+
+LAYER_PREFIX = "layer_"
+TABLE_FORMATS = ("md", "csv", "tex", "json")
+FIGURE_FORMATS = ("png", "pdf")
+FIGURE_KINDS = ("frontier", "latent_freq", "training")
+
+
+def layer_dir(layer: int | str) -> str:
+    """A store's folder name: the layer as given (`layer_-2`); a folder name or wildcard passes through."""
+    if isinstance(layer, bool):
+        raise TypeError(f"layer must be an int or a folder name, not {layer!r}")
+    if isinstance(layer, int) or re.fullmatch(r"-?\d+", str(layer)):
+        return f"{LAYER_PREFIX}{int(layer)}"
+    return str(layer)
+
+
+def model_slug(model: str) -> str:
+    """A model name as it appears in file names (characters outside [A-Za-z0-9._-] become `_`)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(model)) or "_"
+
+
+def _join(base: str, *names: str) -> str:
+    return str(PurePosixPath(base, *names))
+
+
+class Layout:
+    """Paths under one results folder (the config's `results:`), as POSIX strings."""
+
+    def __init__(self, root: str = "results"):
+        self.root = str(PurePosixPath(str(root)))
+
+    def _path(self, *parts) -> str:
+        return str(PurePosixPath(self.root, *(str(p) for p in parts)))
+
+    # -- the demo's own backbones
+    def pretrain_dir(self, model: str) -> str:
+        return self._path("pretrain", model)
+
+    def pretrain_model(self, model: str) -> str:
+        return self._path("pretrain", model, "model.safetensors")
+
+    # -- activation stores
+    def extract_dir(self, model: str, dataset: str) -> str:
+        """Where one extraction job writes every layer's store."""
+        return self._path("activations", model, dataset)
+
+    def extract_marker(self, model: str, dataset: str) -> str:
+        return self._path("activations", model, dataset, "extract.json")
+
+    def store(self, model: str, dataset: str, layer) -> str:
+        return self._path("activations", model, dataset, layer_dir(layer))
+
+    # -- SAEs
+    def sae_pass(self, model: str, dataset: str, layer, pass_: str) -> str:
+        return self._path("saes", model, dataset, layer_dir(layer), pass_)
+
+    def sae_pass_marker(self, model: str, dataset: str, layer, pass_: str) -> str:
+        return _join(self.sae_pass(model, dataset, layer, pass_), "provenance.json")
+
+    def sae(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
+        return _join(self.sae_pass(model, dataset, layer, pass_), sae)
+
+    def sae_log(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
+        return _join(self.sae(model, dataset, layer, pass_, sae), "log.csv")
+
+    # -- analyses of one SAE on one store
+    def evaluation(self, model: str, dataset: str, layer, sae: str) -> str:
+        return self._path("evaluate", model, dataset, layer_dir(layer), sae)
+
+    def metrics(self, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.evaluation(model, dataset, layer, sae), "metrics.json")
+
+    def latents(self, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.evaluation(model, dataset, layer, sae), "latents.csv")
+
+    def latent_index(self, model: str, dataset: str, layer, sae: str) -> str:
+        return self._path("latents", model, dataset, layer_dir(layer), sae)
+
+    def comparison(self, model_a: str, model_b: str, dataset: str) -> str:
+        return self._path("compare", f"{model_a}__{model_b}", dataset)
+
+    def probe(self, model: str, dataset: str, layer, probe: str) -> str:
+        return self._path("probes", model, dataset, layer_dir(layer), probe)
+
+    def intervention(self, kind: str, model: str, dataset: str, layer, sae: str) -> str:
+        return self._path("interventions", kind, model, dataset, layer_dir(layer), sae)
+
+    # -- the report
+    def tables_dir(self) -> str:
+        return self._path("tables")
+
+    def table(self, name: str, ext: str) -> str:
+        return self._path("tables", f"{name}.{ext}")
+
+    def figures_dir(self) -> str:
+        return self._path("figures")
+
+    def figure(self, kind: str, model: str, ext: str) -> str:
+        return self._path("figures", f"{kind}_{model_slug(model)}.{ext}")
+
+    def browser(self) -> str:
+        return self._path("browser")
+
+    def readme(self) -> str:
+        return self._path("README.md")
+
+    def report_html(self) -> str:
+        return self._path("report.html")
+
+    # -- every job's log and benchmark
+    def log(self, stage: str, *names: str) -> str:
+        return self._path("logs", stage, *names[:-1], f"{names[-1]}.log")
+
+    def benchmark(self, stage: str, *names: str) -> str:
+        return self._path("benchmarks", stage, *names[:-1], f"{names[-1]}.tsv")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a result file is about; written into the file so that no reader guesses from its path."""
+
+    model: str
+    dataset: str
+    layer: int | str
+    sae: str
+    store_hash: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """`model/dataset/layer_L/sae`: how tables key a result."""
+        return f"{self.model}/{self.dataset}/{layer_dir(self.layer)}/{self.sae}"
+
+    @classmethod
+    def from_file(cls, obj, path) -> Identity:
+        """The `identity` block of a result file's JSON, checked; a one-line error names the file."""
+        block = obj.get("identity") if isinstance(obj, dict) else None
+        if not isinstance(block, dict):
+            raise VisaeError(f"{path} has no 'identity' block (model, dataset, layer, sae, store_hash): "
+                             f"it was written by an older visae; rerun the stage that wrote it")
+        missing = [k for k in cls.__dataclass_fields__ if block.get(k) in (None, "")]
+        if missing:
+            raise VisaeError(f"{path}: identity lacks {', '.join(missing)}")
+        layer = block["layer"]
+        if not isinstance(layer, int) and re.fullmatch(r"-?\d+", str(layer)):
+            layer = int(layer)  # a CSV's "2" is the layer 2
+        return cls(model=str(block["model"]), dataset=str(block["dataset"]),
+                   layer=layer if isinstance(layer, int) and not isinstance(layer, bool) else str(layer),
+                   sae=str(block["sae"]), store_hash=str(block["store_hash"]))
+
+    @classmethod
+    def of(cls, store_meta: dict, sae: str, store_hash: str) -> Identity:
+        """An SAE on a store: model, dataset and layer from the store's meta.json."""
+
+        def name(value):
+            return value.get("name") if isinstance(value, dict) else value
+
+        return cls(model=str(name(store_meta.get("model"))), dataset=str(name(store_meta.get("dataset"))),
+                   layer=store_meta.get("layer"), sae=str(sae), store_hash=str(store_hash))
