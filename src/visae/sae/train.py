@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from visae.atomic import atomic_path
+from visae.args import device as device_arg, nonneg_int, open_fraction, positive_int
+from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
@@ -241,6 +242,14 @@ def _version() -> str:
         return "unknown"
 
 
+def unmark_outputs(out: Path) -> None:
+    """Remove the done markers of an earlier run in `out` (provenance.json first, then every SAE's
+    config.json), so that a fresh start killed midway never leaves old results that look finished."""
+    (out / "provenance.json").unlink(missing_ok=True)
+    for marker in sorted(out.glob(f"*/{ckpt.CONFIG}")) + sorted(out.glob(f"*/checkpoint/{ckpt.CONFIG}")):
+        marker.unlink()
+
+
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
                device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, token_kind: str | None = None,
                norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None,
@@ -251,13 +260,17 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
 
     started = time.time()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    store = ActivationStore(store_path)
+    store = ActivationStore(store_path, verify=True)  # re-hash: never train/evaluate on a tampered store
     entries = validate_grid(grid, store.d_model)
+    for flag, value in (("--tokens", tokens), ("--checkpoint-every", checkpoint_every)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise VisaeError(f"{flag} must be an integer >= 1, got {value!r}")
     if tokens is not None:
         for e in entries:
             e["tokens"] = int(tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)  # a killed run's half-written state, checkpoints and configs
     train_range, _ = split_images(store.n_images, heldout)
     batch = entries[0]["batch_size"]
     run = {"store_hash": store.store_hash, "grid": entries, "heldout": heldout, "data_seed": data_seed,
@@ -276,9 +289,10 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
             if not restart_stale:
                 raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
                                  f"remove it, choose another --out, or pass --restart-stale")
-            state_path.unlink()  # the workflow reruns a job whose settings changed: start afresh
             state = None
     if state is None:
+        unmark_outputs(out)  # before anything else: a kill from here on leaves nothing that looks done
+        state_path.unlink(missing_ok=True)
         # Normalisation constants from a seeded sample of the training split.
         n = min(norm_tokens, loader.tokens_per_epoch)
         sample = next(iter(TokenLoader(store, n, seed=data_seed + 1_000_003, image_range=train_range,
@@ -389,11 +403,11 @@ def add_cli(subparsers) -> None:
     grid.add_argument("--grid", help="YAML list of SAE entries (the config's saes:)")
     grid.add_argument("--grid-json", help="the same list as inline JSON (what the workflow passes)")
     p.add_argument("--out", required=True, help="output directory (one folder per SAE)")
-    p.add_argument("--tokens", type=int, default=None, help="override every entry's training tokens")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="tokens between checkpoints")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--heldout", type=float, default=0.1, help="last fraction of images kept out of training")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--tokens", type=positive_int, default=None, help="override every entry's training tokens")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--heldout", type=open_fraction, default=0.1, help="last fraction of images kept out of training")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
     p.add_argument("--restart-stale", action="store_true",
                    help="if --out holds an unfinished run with other settings, discard it and start over")
     p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])
