@@ -2,7 +2,8 @@
 
 One TokenLoader reads the store's training split once; each batch steps every SAE of the grid.
 The whole run (every SAE's weights and Adam state, the loader position, the step, the RNG and
-the per-SAE log offsets) is checkpointed atomically to `<out>/.train/state.pt`, so a run killed
+the per-SAE log offsets) is checkpointed atomically to `<out>/.train/state.safetensors` (tensors
+plus a JSON header: the same state gives the same bytes), so a run killed
 at any moment and rerun gives the same final bytes on CPU. A SAE whose loss turns NaN/inf is
 stopped before the bad step is applied; its last good weights go to `<out>/<name>/checkpoint/`
 and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `config.json`,
@@ -40,7 +41,7 @@ COMMON_DEFAULTS = {
 SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}  # the λ key of penalised architectures
 REQUIRED = {"relu": ("l1",), "topk": ("k",), "batchtopk": ("k",), "jumprelu": ("l0",), "matryoshka": ("k",)}
 LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
-STATE = Path(".train") / "state.pt"
+STATE = Path(".train") / "state.safetensors"
 
 
 # -- grid validation -----------------------------------------------------------------------
@@ -242,6 +243,50 @@ def _version() -> str:
         return "unknown"
 
 
+def _pack(obj, tensors: dict, key: str):
+    """`obj` as JSON, its tensors moved into `tensors` under path-like keys (dict keys keep
+    their type: the optimizer's state is keyed by int)."""
+    if torch.is_tensor(obj):
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _pack(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_pack(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _unpack(node, tensors: dict):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _unpack(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        return [_unpack(v, tensors) for v in node["list"]]
+    return node["value"]
+
+
+def save_state_file(path: Path, state: dict) -> None:
+    """The training state as safetensors + a JSON header: unlike torch.save (which writes a
+    random serialization id), the same state always gives the same bytes."""
+    from safetensors.torch import save_file
+    tensors: dict = {}
+    tree = json.dumps(_pack(state, tensors, "s"), sort_keys=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"visae_state": tree})
+
+
+def load_state(path: Path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tree = json.loads(fh.metadata()["visae_state"])
+    except Exception as err:  # safetensors raises its own error types
+        raise VisaeError(f"training state {path} is unreadable ({err}): remove {path.parent} and rerun") from None
+    return _unpack(tree, tensors)
+
+
 def unmark_outputs(out: Path) -> None:
     """Remove the done markers of an earlier run in `out` (provenance.json first, then every SAE's
     config.json), so that a fresh start killed midway never leaves old results that look finished."""
@@ -284,7 +329,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     state_path = out / STATE
     state = None
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_state(state_path)
         if state["run_hash"] != run_hash:
             if not restart_stale:
                 raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
@@ -313,9 +358,8 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
         global_step = state["global_step"]
 
     def save_state():
-        with atomic_path(state_path) as tmp:
-            torch.save({"run_hash": run_hash, "global_step": global_step, "loader": loader.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "saes": {m.name: m.state() for m in members}}, tmp)
+        save_state_file(state_path, {"run_hash": run_hash, "global_step": global_step, "loader": loader.state_dict(),
+                                     "torch_rng": torch.get_rng_state(), "saes": {m.name: m.state() for m in members}})
         for m in members:
             ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
 

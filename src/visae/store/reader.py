@@ -200,9 +200,9 @@ def read_meta(root: str | Path) -> dict:
                 _fail(path, f"lacks key {where + key!r}")
             if not ok(obj[key]):
                 _fail(path, f"has a bad value for key {where + key!r}: {obj[key]!r}")
+    _check_shards(path, meta)
     if meta[META_DIGEST] != meta_digest(meta):
         _fail(path, f"does not match its {META_DIGEST} (edited or damaged)")
-    _check_shards(path, meta)
     return meta
 
 
