@@ -16,19 +16,22 @@ import pytest
 import torch
 import yaml
 
-from visae.atomic import TEMP_GLOB
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.store import ActivationStore
 from visae.synth import synth_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TEMP_GLOB = ".*.tmp"  # the names of visae's temporary files (visae.atomic.TEMP_GLOB)
+# Imported once here, not in every forked run below.
+import timm  # noqa: E402,F401
+import visae.pretrain, visae.extract, visae.report.collect, visae.report.tables  # noqa: E402,F401,E401
 
 GRID = [{"name": "topk", "architecture": "topk", "k": 3, "expansion": 2, "lr": 3e-3, "lr_warmup": 2,
          "batch_size": 64}]
 GRID2 = [{"name": "relu", "architecture": "relu", "l1": 0.01, "expansion": 2, "lr": 3e-3, "lr_warmup": 2,
           "batch_size": 64}]
-FMNIST_PRETRAIN = ["--objective", "supervised", "--steps", "2", "--batch-size", "16", "--max-images", "64",
+FMNIST_PRETRAIN = ["pretrain", "--objective", "supervised", "--steps", "2", "--batch-size", "16", "--max-images", "64",
                    "--eval-train", "32", "--eval-test", "32", "--depth", "1", "--embed-dim", "16", "--heads", "2",
                    "--patch-size", "7", "--no-baseline", "--threads", "1", "--quiet"]
 
@@ -103,49 +106,51 @@ def trained(store, tmp_path_factory):
 
 
 # -- 1. temporary files never outlive a kill -------------------------------------------------
-def _commands(tmp: Path, store: Path, trained: Path, fashion: Path | None) -> dict[str, tuple[list[str], Path]]:
-    ev = tmp / "first-eval"
-    assert main(["evaluate", "--store", str(store), "--sae", str(trained / "topk"), "--out", str(ev)]) == 0
-    cmds = {
+def _command(name: str, tmp: Path, store: Path, trained: Path, fashion: Path) -> tuple[list[str], Path]:
+    """(argv without the output folder, output folder name) of one command on tiny inputs."""
+    if name == "report-tables":
+        ev = tmp / "first-eval"
+        assert main(["evaluate", "--store", str(store), "--sae", str(trained / "topk"), "--out", str(ev)]) == 0
+        return ["report", "tables", "--metrics", str(ev / "metrics.json"), "--out"], "tables"
+    model = {"name": "t", "source": "timm", "arch": "vit_tiny_patch16_224", "image_size": 28,
+             "model_kwargs": {"patch_size": 7, "depth": 1, "embed_dim": 16, "num_heads": 2}}
+    return {
         "train": (["train", "--store", str(store), "--grid-json", json.dumps(GRID), "--tokens", "640",
                    "--checkpoint-every", "320", "--heldout", "0.2", "--out"], "saes"),
         "evaluate": (["evaluate", "--store", str(store), "--sae", str(trained / "topk"), "--out"], "ev"),
         "synth": (["synth", "--d", "8", "--atoms", "16", "--images", "40", "--tokens-per-image", "4",
                    "--out"], "synth"),
-        "report-tables": (["report", "tables", "--metrics", str(ev / "metrics.json"), "--out"], "tables"),
-    }
-    if fashion is not None:
-        cmds["pretrain"] = (FMNIST_PRETRAIN + ["--data", str(fashion), "--out"], "pretrain")
-        cmds["extract"] = (["extract", "--model", json.dumps({"name": "t", "source": "timm",
-                                                               "arch": "vit_tiny_patch16_224", "image_size": 28,
-                                                               "model_kwargs": {"patch_size": 7, "depth": 1,
-                                                                                "embed_dim": 16, "num_heads": 2}}),
-                            "--dataset", f"fashion-mnist:{fashion}", "--split", "test", "--layers", "0",
-                            "--max-images", "20", "--shard-images", "8", "--batch-size", "4", "--workers", "0",
-                            "--device", "cpu", "--no-progress", "--out"], "extract")
-    return cmds
+        "pretrain": (FMNIST_PRETRAIN + ["--data", str(fashion), "--out"], "pretrain"),
+        "extract": (["extract", "--model", json.dumps(model), "--dataset", f"fashion-mnist:{fashion}",
+                     "--split", "test", "--layers", "0", "--max-images", "12", "--shard-images", "6",
+                     "--batch-size", "6", "--workers", "0", "--device", "cpu", "--no-progress", "--out"], "extract"),
+    }[name]
 
 
+@pytest.mark.parametrize("name", ["train", "evaluate", "extract", "pretrain", "synth", "report-tables"])
 def test_kill_at_every_atomic_commit_then_rerun_leaves_no_temp_and_same_bytes(tmp_path, store, trained,
-                                                                              fashion_mnist_dir):
-    """For each command, a kill before each of its atomic renames, then a plain rerun: no
-    temporary file survives and the outputs equal an uninterrupted run's, byte for byte."""
-    for name, (argv, sub) in _commands(tmp_path, store, trained, fashion_mnist_dir).items():
-        clean = tmp_path / name / "clean" / sub
-        commits = run_killed(argv + [str(clean)], kill_at=10 ** 6)  # an uninterrupted run, counted
-        assert commits >= 3, (name, commits)
-        want = snapshot(clean)
-        for kill_at in range(1, commits + 1):
-            out = tmp_path / name / f"kill{kill_at}" / sub
-            assert run_killed(argv + [str(out)], kill_at) == kill_at
-            assert temps(out), f"{name}: the kill at commit {kill_at} left no temporary file to clean"
-            run_killed(argv + [str(out)], kill_at=10 ** 6)
-            assert temps(out) == [], f"{name}: a rerun after a kill at commit {kill_at} left {temps(out)}"
-            assert snapshot(out) == want, f"{name}: outputs after a kill at commit {kill_at} differ"
+                                                                              fashion_mnist_dir, name):
+    """A kill before each of the command's atomic renames, then a plain rerun: no temporary
+    file survives and the outputs equal an uninterrupted run's, byte for byte."""
+    argv, sub = _command(name, tmp_path, store, trained, fashion_mnist_dir)
+    # pretrain's config.json records its training time
+    exempt = ("provenance.json", "config.json") if name == "pretrain" else ("provenance.json",)
+    clean = tmp_path / "clean" / sub
+    commits = run_killed(argv + [str(clean)], kill_at=10 ** 6)  # an uninterrupted run, counted
+    assert commits >= 3, commits
+    want = snapshot(clean, exempt)
+    for kill_at in range(1, commits + 1):
+        out = tmp_path / f"kill{kill_at}" / sub
+        assert run_killed(argv + [str(out)], kill_at) == kill_at
+        assert temps(out), f"the kill at commit {kill_at} left no temporary file to clean"
+        run_killed(argv + [str(out)], kill_at=10 ** 6)
+        assert temps(out) == [], f"a rerun after a kill at commit {kill_at} left {temps(out)}"
+        assert snapshot(out, exempt) == want, f"outputs after a kill at commit {kill_at} differ"
 
 
 def test_clean_stale_temps_removes_only_temporary_files(tmp_path):
-    from visae.atomic import atomic_path, clean_stale_temps
+    from visae.atomic import TEMP_GLOB as glob, atomic_path, clean_stale_temps
+    assert glob == TEMP_GLOB
     (tmp_path / "a" / ".train").mkdir(parents=True)
     keep = [tmp_path / "a" / "x.json", tmp_path / "a" / ".hidden", tmp_path / "a" / "y.tmp"]
     stale = [tmp_path / "a" / ".train" / ".state.pt.k2j3_x.tmp", tmp_path / "a" / ".acts_00001.npy.tmp",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -233,16 +234,13 @@ def verify_store(root: str | Path) -> list[str]:
 
 def _file_problems(root: Path, meta: dict) -> tuple[list[str], dict[str, str]]:
     """(one line per missing or mismatching file, each file's sha256 as re-hashed now)."""
-    problems, hashes = [], {}
-    for shard in meta["shards"]:
-        for name, sha in sorted(shard["files"].items()):
-            path = root / name
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-                continue
-            hashes[name] = sha256_file(path)
-            if hashes[name] != sha:
-                problems.append(f"{name}: checksum mismatch (truncated or tampered)")
+    expected = {name: sha for shard in meta["shards"] for name, sha in sorted(shard["files"].items())}
+    present = [name for name in expected if (root / name).is_file()]
+    # hashlib releases the GIL: one thread per core hashes that many shards at once
+    with ThreadPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
+        hashes = dict(zip(present, pool.map(lambda name: sha256_file(root / name), present)))
+    problems = [f"{name}: missing" if name not in hashes else f"{name}: checksum mismatch (truncated or tampered)"
+                for name, sha in expected.items() if hashes.get(name) != sha]
     return problems, hashes
 
 
