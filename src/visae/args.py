@@ -5,6 +5,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+
+from visae.errors import VisaeError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are VisaeErrors: the CLI prints them as one `visae: error:` line
+    with exit 1, like every other bad input (argparse itself prints usage and exits 2)."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", r"\1 ", message)
+        raise VisaeError(f"{self.prog}: {message}")
 
 
 def _number(kind, text: str, what: str):
@@ -18,9 +30,9 @@ def _number(kind, text: str, what: str):
 
 
 def positive_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 1")
+    value = _number(int, text, "a positive integer")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
 
 
@@ -32,16 +44,16 @@ def nonneg_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = _number(float, text, "a finite number > 0")
+    value = _number(float, text, "a positive number")
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
 
 
 def nonneg_float(text: str) -> float:
-    value = _number(float, text, "a finite number >= 0")
+    value = _number(float, text, "a number >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 

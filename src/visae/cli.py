@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from visae.args import Parser
 from visae.errors import VisaeError
 
 # Modules that register sub-commands, in the order `--help` lists them.
@@ -30,7 +31,7 @@ COMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="visae", description="Sparse autoencoders on vision models, reproducibly."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
