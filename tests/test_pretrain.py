@@ -167,7 +167,7 @@ def test_nan_loss_stops_and_leaves_no_model(fashion_mnist_dir, tmp_path, monkeyp
     (["--objective", "supervised", "--steps", "0"], "steps must be a positive integer"),
     (["--objective", "simclr", "--steps", "-2"], "steps must be a positive integer"),
     (["--objective", "supervised", "--epochs", "0"], "epochs must be a positive integer"),
-    (["--objective", "supervised", "--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--objective", "supervised", "--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--objective", "supervised", "--embed-dim", "30", "--heads", "4"], "not divisible by heads"),
     (["--objective", "supervised", "--data", "/nonexistent/fmnist"], "/nonexistent/fmnist"),
 ])

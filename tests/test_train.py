@@ -152,7 +152,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, store):
     out = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(store, grid, out, tokens), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = out / ".train" / "state.pt"
+    state = out / ".train" / "state.safetensors"
     deadline = time.time() + 60
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)

@@ -16,6 +16,7 @@ import importlib
 import sys
 import traceback
 
+from visae.args import Parser
 from visae.errors import VisaeError
 
 # name -> (module that registers it, one-line help), in the order `--help` lists them.
@@ -46,7 +47,7 @@ def _command_of(argv: list[str]) -> str | None:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser, with the full sub-parser of `command` and a help-only stub for every other
     command, so `visae --help` lists them all from the table alone."""
-    parser = argparse.ArgumentParser(prog="visae", description="Sparse autoencoders on vision models, reproducibly.")
+    parser = Parser(prog="visae", description="Sparse autoencoders on vision models, reproducibly.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     chosen = COMMANDS[command][0] if command in COMMANDS else None

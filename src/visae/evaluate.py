@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visae.atomic import atomic_path, write_json
+from visae.args import device as device_arg, open_fraction, positive_int
+from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import Identity
 from visae.provenance import provenance
@@ -42,9 +43,10 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     """(metrics, per-latent arrays) of the SAE at `sae_path` on the store's held-out images."""
     from visae.store import ActivationStore, TokenLoader
 
-    store = ActivationStore(store_path)
+    store = ActivationStore(store_path, verify=True)  # re-hash: never train/evaluate on a tampered store
     sae = ckpt.load(sae_path, device=device)
     cfg = sae.config
+    _check_finished(Path(sae_path), cfg)
     ckpt.check_compatible(sae, store)
     trained_heldout = cfg.get("split", {}).get("heldout")
     if heldout is None:
@@ -111,11 +113,23 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     return metrics, {"frequency": freq, "mean_activation": mean_act}
 
 
+def _check_finished(sae_path: Path, cfg: dict) -> None:
+    """Refuse an SAE whose training run did not finish: its config must say complete, and a
+    `visae train` folder around it must hold the run's provenance.json (written last)."""
+    directory = sae_path.parent if sae_path.is_file() else sae_path
+    run = directory.parent
+    if cfg.get("complete") is not True:
+        raise VisaeError(f"SAE {directory} is not a finished checkpoint (its config.json is not complete)")
+    if (run / ".train").is_dir() and not (run / "provenance.json").is_file():
+        raise VisaeError(f"the training run in {run} did not finish (no provenance.json): rerun `visae train`")
+
+
 def write_outputs(out, metrics: dict, latents: dict, config: dict, started: float) -> None:
     """metrics.json and latents.csv each carry the evaluation's identity (latents.csv as leading
     columns, so files of many SAEs concatenate into one table)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     identity = metrics["identity"]
     with atomic_path(out / "latents.csv") as tmp:
         with open(tmp, "w", newline="") as fh:
@@ -143,9 +157,9 @@ def add_cli(subparsers) -> None:
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True)
     p.add_argument("--sae", required=True, help="SAE checkpoint directory")
-    p.add_argument("--heldout", type=float, default=None,
+    p.add_argument("--heldout", type=open_fraction, default=None,
                    help="held-out fraction (default: the one the SAE was trained with)")
     p.add_argument("--out", required=True)
-    p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=positive_int, default=8192)
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.set_defaults(func=_cmd)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from visae.atomic import write_json
+from visae.args import device as device_arg, nonneg_int, positive_int
+from visae.atomic import clean_stale_temps, write_json
 from visae.data.patches import VOTES
 from visae.errors import VisaeError
 from visae.provenance import package_versions, provenance
@@ -50,6 +51,7 @@ class ExtractPlan:
     n_images: int
     batch_size: int
     shard_images: int
+    skipped: list | None = None  # with --skip-bad-images: [{index, error}] of images left out
 
 
 def token_selection(layout, tokens: str, keep_registers: bool, model_name: str) -> tuple[np.ndarray, dict]:
@@ -145,6 +147,56 @@ def _collate(items):
     return pixels, labels, plabels, None
 
 
+class _Kept(torch.utils.data.Dataset):
+    """The readable images of a dataset, in order (what --skip-bad-images extracts)."""
+
+    def __init__(self, dataset, keep: list[int]):
+        self.base, self.keep = dataset, keep
+        self.n_images_total = len(dataset)
+
+    def __len__(self):
+        return len(self.keep)
+
+    def __getitem__(self, i):
+        return self.base[self.keep[i]]
+
+    def __getattr__(self, name):  # name, classes, spec, ignore_index, has_masks of the dataset
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class _Probe(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        try:
+            self.dataset[i]
+            return None
+        except Exception as err:  # noqa: BLE001 - recorded, the image is skipped
+            return str(err) if isinstance(err, VisaeError) else f"image {i}: {err!r}"
+
+
+def skip_unreadable(plan: ExtractPlan, num_workers: int | None = None) -> ExtractPlan:
+    """Decode every planned image once, before any file is written, and leave out those that
+    fail; the plan then records them. Same data, same list: a rerun resumes the same store."""
+    workers = default_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(_Probe(plan.dataset), batch_size=None, num_workers=workers,
+                                         sampler=range(plan.n_images))
+    skipped = [{"index": i, "error": err} for i, err in enumerate(loader) if err is not None]
+    bad = {s["index"] for s in skipped}
+    keep = [i for i in range(plan.n_images) if i not in bad]
+    if not keep:
+        raise VisaeError(f"dataset {plan.dataset.name}: none of its {plan.n_images} images can be read")
+    plan.dataset, plan.n_images, plan.skipped = _Kept(plan.dataset, keep), len(keep), skipped
+    plan.shard_images = min(plan.shard_images, plan.n_images)
+    return plan
+
+
 def _batch_sampler(start: int, n_images: int, shard_images: int, batch_size: int):
     """Batches that never cross a shard boundary, so resumed runs see identical batches."""
     for shard_start in range(start, n_images, shard_images):
@@ -164,6 +216,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     started = time.time()
     backbone, dataset = plan.backbone, plan.dataset
     out = Path(out)
+    clean_stale_temps(out)  # a killed run's temporary files, in every store below
     # `identity` says which model made the activations (a resume by another model is refused);
     # the weights' path is beside it, not in it, so that a moved file still resumes.
     model_info = {"name": backbone.name, "source": backbone.source, "arch": backbone.arch,
@@ -173,9 +226,12 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                   "identity": backbone.identity}
     has_masks = bool(getattr(dataset, "has_masks", False))
     dataset_info = {"name": dataset.name, "spec": getattr(dataset, "spec", None),
-                    "n_images_total": len(dataset), "classes": list(dataset.classes),
+                    "n_images_total": getattr(dataset, "n_images_total", len(dataset)),
+                    "classes": list(dataset.classes),
                     "ignore_index": getattr(dataset, "ignore_index", None),
                     "has_masks": has_masks, "patch_vote": dataset.patch_vote if has_masks else None}
+    if plan.skipped is not None:  # recorded in meta.json and in the resume key
+        dataset_info["skipped_images"] = plan.skipped
     writers = {}
     for layer, requested in zip(plan.layers, plan.requested):
         meta = {"model": model_info, "layer": layer, "layer_requested": requested,
@@ -314,7 +370,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "or a name under models: in --config, or that entry as a JSON object with its name")
     p.add_argument("--weights", help="local weights file (.safetensors/.pt/.bin)")
     p.add_argument("--pretrained", help="hub tag to download (e.g. openai); default: random init")
-    p.add_argument("--image-size", type=int, help="input resolution override")
+    p.add_argument("--image-size", type=positive_int, help="input resolution override")
     p.add_argument("--config", help="config YAML with models:/datasets: entries to look names up in")
 
 
@@ -375,12 +431,15 @@ def add_cli(sub) -> None:
     p.add_argument("--tokens", choices=TOKEN_CHOICES, default="patches", help="which tokens to keep")
     p.add_argument("--keep-registers", action="store_true", help="keep register tokens (dropped by default)")
     p.add_argument("--dtype", default="fp16", help="fp16 (default), bf16 or fp32")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-images", type=int, help="use only the first N images")
-    p.add_argument("--shard-images", type=int, help="images per shard (default: about 256 MiB shards)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=int, help=f"data loader workers (default {default_workers()})")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-images", type=positive_int, help="use only the first N images")
+    p.add_argument("--shard-images", type=positive_int, help="images per shard (default: about 256 MiB shards)")
+    p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=nonneg_int, help=f"data loader workers (default {default_workers()})")
     p.add_argument("--out", required=True, help="output folder; each layer goes to OUT/layer_<L> (L as given)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (decoded once first) and list them in "
+                        "meta.json's dataset.skipped_images; by default an unreadable image stops the run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cli)
 
@@ -409,6 +468,10 @@ def _cli(args) -> int:
                         tokens=args.tokens, keep_registers=args.keep_registers, dtype=args.dtype,
                         batch_size=args.batch_size, max_images=args.max_images,
                         shard_images=args.shard_images, backbone=backbone, dataset=dataset)
+    if args.skip_bad_images:
+        plan = skip_unreadable(plan, args.workers)
+        for s in plan.skipped:
+            print(f"skipped: {s['error']}", file=sys.stderr)
     paths = run_extract(plan, args.out, device=args.device, num_workers=args.workers,
                         progress=not args.no_progress, config=vars(args) | {"func": None})
     for path in paths:

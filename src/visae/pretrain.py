@@ -33,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visae.atomic import atomic_path, write_json
+from visae.args import device as device_arg, nonneg_float, nonneg_int, positive_float, positive_int
+from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.provenance import provenance
 
@@ -442,6 +443,7 @@ def pretrain(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
     weights_path = out / "model.safetensors"
     weights_path.unlink(missing_ok=True)  # its presence marks a finished run: never a stale one
 
@@ -637,35 +639,35 @@ def add_cli(subparsers) -> None:
                         "passes); its arch, image_size, model_kwargs and pretrain: keys win over the flags below")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--arch", default=d["arch"], help="timm ViT architecture")
-    p.add_argument("--image-size", type=int, default=d["image_size"])
-    p.add_argument("--patch-size", type=int, default=d["patch_size"])
-    p.add_argument("--depth", type=int, default=d["depth"])
-    p.add_argument("--embed-dim", type=int, default=d["embed_dim"])
-    p.add_argument("--heads", type=int, default=d["heads"])
-    p.add_argument("--mlp-ratio", type=float, default=d["mlp_ratio"])
+    p.add_argument("--image-size", type=positive_int, default=d["image_size"])
+    p.add_argument("--patch-size", type=positive_int, default=d["patch_size"])
+    p.add_argument("--depth", type=positive_int, default=d["depth"])
+    p.add_argument("--embed-dim", type=positive_int, default=d["embed_dim"])
+    p.add_argument("--heads", type=positive_int, default=d["heads"])
+    p.add_argument("--mlp-ratio", type=positive_float, default=d["mlp_ratio"])
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=None,
+    length.add_argument("--epochs", type=positive_int, default=None,
                         help="passes over the training images (default: supervised "
                              f"{OBJECTIVE_DEFAULTS['supervised']['epochs']}, simclr {OBJECTIVE_DEFAULTS['simclr']['epochs']})")
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --epochs)")
-    p.add_argument("--batch-size", type=int, default=None,
+    length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (instead of --epochs)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help=f"images per step (default: supervised {OBJECTIVE_DEFAULTS['supervised']['batch_size']}, "
                         f"simclr {OBJECTIVE_DEFAULTS['simclr']['batch_size']})")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=positive_float, default=None,
                    help=f"peak learning rate (default: supervised {OBJECTIVE_DEFAULTS['supervised']['lr']}, "
                         f"simclr {OBJECTIVE_DEFAULTS['simclr']['lr']})")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="NT-Xent temperature (simclr)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-images", type=int, default=d["max_images"], help="first N training images")
-    p.add_argument("--eval-train", type=int, default=d["eval_train"],
+    p.add_argument("--weight-decay", type=nonneg_float, default=d["weight_decay"])
+    p.add_argument("--temperature", type=positive_float, default=d["temperature"], help="NT-Xent temperature (simclr)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--max-images", type=positive_int, default=d["max_images"], help="first N training images")
+    p.add_argument("--eval-train", type=positive_int, default=d["eval_train"],
                    help="training images used as kNN bank / probe training set")
-    p.add_argument("--eval-test", type=int, default=d["eval_test"], help="test images scored")
+    p.add_argument("--eval-test", type=positive_int, default=d["eval_test"], help="test images scored")
     p.add_argument("--no-baseline", action="store_true", help="skip scoring the random init")
     p.add_argument("--data", type=Path, default=None,
                    help="Fashion-MNIST folder (default: Debian's /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default: torch's own, one per core); give the job's "
                         "share of the cores when jobs run side by side: oversubscribed threads spin")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visae.atomic import atomic_path
+from visae.args import nonneg_float, nonneg_int, positive_int
+from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
 from visae.store import StoreWriter
 from visae.store.format import canonical_dtype, to_storage
@@ -38,6 +39,8 @@ def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int =
                 noise: float = 0.01, seed: int = 0, dtype: str = "float32", shard_images: int = 128) -> Path:
     if d < 1 or atoms < 1 or images < 1 or tokens_per_image < 1:
         raise VisaeError("synth: --d, --atoms, --images and --tokens-per-image must be positive")
+    if not (noise >= 0 and np.isfinite(noise)):
+        raise VisaeError(f"synth: --noise must be a finite number >= 0, got {noise}")
     if not 1 <= k <= atoms:
         raise VisaeError(f"synth: --k must be between 1 and --atoms ({atoms}), got {k}")
     dtype = canonical_dtype(dtype)
@@ -50,6 +53,7 @@ def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int =
             "layout": {"n_cls": 0, "n_registers": 0, "grid": grid, "n_tokens": tokens_per_image, "stored": ["patches"]},
             "synth": {"atoms": atoms, "k": k, "noise": noise, "seed": seed}}
     job = {"synth": meta["synth"], "d": d, "images": images, "tokens_per_image": tokens_per_image, "dtype": dtype}
+    clean_stale_temps(out)
     writer = StoreWriter(out, meta, job, shard_images=shard_images, n_images=images)
     done = writer.open()
     with atomic_path(out / "atoms.npy") as tmp:
@@ -95,12 +99,12 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("synth", help="write a ground-truth activation store from a planted dictionary",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--d", type=int, default=64, help="model dimension")
-    p.add_argument("--atoms", type=int, default=256, help="planted dictionary size")
-    p.add_argument("--k", type=int, default=4, help="active atoms per token")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--tokens-per-image", type=int, default=16)
-    p.add_argument("--noise", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--d", type=positive_int, default=64, help="model dimension")
+    p.add_argument("--atoms", type=positive_int, default=256, help="planted dictionary size")
+    p.add_argument("--k", type=positive_int, default=4, help="active atoms per token")
+    p.add_argument("--images", type=positive_int, default=256)
+    p.add_argument("--tokens-per-image", type=positive_int, default=16)
+    p.add_argument("--noise", type=nonneg_float, default=0.01)
+    p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=_cmd)

@@ -49,11 +49,58 @@ def check_config():
             raise WorkflowError(
                 f"extract.datasets: {dataset!r} is not a key of datasets ({', '.join(config['datasets'])})"
             )
+    for name, entry in config["models"].items():
+        if "pretrain" in entry:
+            check_pretrain_root(name, entry["pretrain"]["dataset"])
+    for model, entry in config["models"].items():
+        d_model = plan_d_model(entry)
+        if d_model is not None:
+            for sae in config["saes"]:
+                check_sae_width(model, d_model, sae, config["saes"][sae])
     for section in config.get("interventions", {}).values():
         if section.get("model") and section["model"] not in config["models"]:
             raise WorkflowError(f"interventions: model {section['model']!r} is not a key of models")
         if section.get("dataset") and section["dataset"] not in config["datasets"]:
             raise WorkflowError(f"interventions: dataset {section['dataset']!r} is not a key of datasets")
+
+
+# d_model of architectures whose width is known without building them (a prefix of the arch
+# name). Others, and those given model_kwargs without embed_dim, are checked by `visae train`.
+KNOWN_D_MODEL = {"ViT-B-": 768, "ViT-L-": 1024, "ViT-H-": 1280, "vit_tiny_": 192, "vit_small_": 384,
+                 "vit_base_": 768, "vit_large_": 1024, "vit_huge_": 1280}
+
+
+def plan_d_model(entry):
+    """The model's width if the config alone tells it (model_kwargs.embed_dim or a known arch)."""
+    kwargs = entry.get("model_kwargs") or {}
+    if "embed_dim" in kwargs:
+        return int(kwargs["embed_dim"])
+    return next((d for prefix, d in KNOWN_D_MODEL.items() if entry["arch"].startswith(prefix)), None)
+
+
+def check_sae_width(model, d_model, sae, entry):
+    """What `visae train` would refuse about k / k_aux / prefixes against the SAE's width."""
+    width = entry.get("width") or int(round(entry.get("expansion", 32) * d_model))
+    where = f"saes.{sae}"
+    for key in ("k", "k_aux"):
+        if key in entry and entry[key] > width:
+            raise WorkflowError(
+                f"{where}.{key} = {entry[key]} exceeds the SAE's width {width} on model {model} "
+                f"(d_model {d_model}): use {key} <= {width} or a larger expansion/width"
+            )
+    for p in entry.get("prefixes") or []:
+        if p > width:
+            raise WorkflowError(f"{where}.prefixes: {p} exceeds the SAE's width {width} on model {model}")
+
+
+def check_pretrain_root(model, dataset):
+    """`visae pretrain` reads its dataset now: a root that no rule makes must exist."""
+    entry = config["datasets"][dataset]
+    root = entry.get("root", "/usr/share/datasets/fashion-mnist")
+    if os.path.normpath(root) != FASHION_MNIST_ROOT and not os.path.isdir(root):
+        raise WorkflowError(
+            f"datasets.{dataset}.root: folder {root!r} does not exist (models.{model}.pretrain reads it)"
+        )
 
 
 check_config()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from visae.atomic import write_json
+from visae.atomic import clean_stale_temps, write_json
 from visae.provenance import provenance
 
 
@@ -22,6 +22,7 @@ def _tables(args) -> int:
     from visae.report.tables import write_tables
 
     started = time.time()
+    clean_stale_temps(args.out)
     rows = collect_rows(args.metrics)
     paths = write_tables(rows, args.out)
     write_json(Path(args.out) / "provenance.json", provenance(_config(args, "tables"), seeds={}, started=started))
@@ -34,6 +35,7 @@ def _figures(args) -> int:
     from visae.report.figures import write_figures
 
     started = time.time()
+    clean_stale_temps(args.out)
     rows = collect_rows(args.metrics)
     freqs = match_latents(rows, args.latents)
     logs = [load_log(p) for p in (args.logs or [])]

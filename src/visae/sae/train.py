@@ -2,7 +2,8 @@
 
 One TokenLoader reads the store's training split once; each batch steps every SAE of the grid.
 The whole run (every SAE's weights and Adam state, the loader position, the step, the RNG and
-the per-SAE log offsets) is checkpointed atomically to `<out>/.train/state.pt`, so a run killed
+the per-SAE log offsets) is checkpointed atomically to `<out>/.train/state.safetensors` (tensors
+plus a JSON header: the same state gives the same bytes), so a run killed
 at any moment and rerun gives the same final bytes on CPU. A SAE whose loss turns NaN/inf is
 stopped before the bad step is applied; its last good weights go to `<out>/<name>/checkpoint/`
 and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `config.json`,
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from visae.atomic import atomic_path
+from visae.args import device as device_arg, nonneg_int, open_fraction, positive_int
+from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
 from visae.layout import Identity
 from visae.provenance import config_hash, git_state, provenance
@@ -40,7 +42,7 @@ COMMON_DEFAULTS = {
 SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}  # the λ key of penalised architectures
 REQUIRED = {"relu": ("l1",), "topk": ("k",), "batchtopk": ("k",), "jumprelu": ("l0",), "matryoshka": ("k",)}
 LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
-STATE = Path(".train") / "state.pt"
+STATE = Path(".train") / "state.safetensors"
 
 
 # -- grid validation -----------------------------------------------------------------------
@@ -243,6 +245,58 @@ def _version() -> str:
         return "unknown"
 
 
+def _pack(obj, tensors: dict, key: str):
+    """`obj` as JSON, its tensors moved into `tensors` under path-like keys (dict keys keep
+    their type: the optimizer's state is keyed by int)."""
+    if torch.is_tensor(obj):
+        tensors[key] = obj.detach().to("cpu").contiguous().clone()
+        return {"tensor": key}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _pack(v, tensors, f"{key}/{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_pack(v, tensors, f"{key}/{i}") for i, v in enumerate(obj)]}
+    return {"value": obj}
+
+
+def _unpack(node, tensors: dict):
+    if "tensor" in node:
+        return tensors[node["tensor"]]
+    if "dict" in node:
+        return {k: _unpack(v, tensors) for k, v in node["dict"]}
+    if "list" in node:
+        return [_unpack(v, tensors) for v in node["list"]]
+    return node["value"]
+
+
+def save_state_file(path: Path, state: dict) -> None:
+    """The training state as safetensors + a JSON header: unlike torch.save (which writes a
+    random serialization id), the same state always gives the same bytes."""
+    from safetensors.torch import save_file
+    tensors: dict = {}
+    tree = json.dumps(_pack(state, tensors, "s"), sort_keys=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"visae_state": tree})
+
+
+def load_state(path: Path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            tree = json.loads(fh.metadata()["visae_state"])
+    except Exception as err:  # safetensors raises its own error types
+        raise VisaeError(f"training state {path} is unreadable ({err}): remove {path.parent} and rerun") from None
+    return _unpack(tree, tensors)
+
+
+def unmark_outputs(out: Path) -> None:
+    """Remove the done markers of an earlier run in `out` (provenance.json first, then every SAE's
+    config.json), so that a fresh start killed midway never leaves old results that look finished."""
+    (out / "provenance.json").unlink(missing_ok=True)
+    for marker in sorted(out.glob(f"*/{ckpt.CONFIG}")) + sorted(out.glob(f"*/checkpoint/{ckpt.CONFIG}")):
+        marker.unlink()
+
+
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
                device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, token_kind: str | None = None,
                norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None,
@@ -253,13 +307,17 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
 
     started = time.time()
     torch.use_deterministic_algorithms(True, warn_only=True)
-    store = ActivationStore(store_path)
+    store = ActivationStore(store_path, verify=True)  # re-hash: never train/evaluate on a tampered store
     entries = validate_grid(grid, store.d_model)
+    for flag, value in (("--tokens", tokens), ("--checkpoint-every", checkpoint_every)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise VisaeError(f"{flag} must be an integer >= 1, got {value!r}")
     if tokens is not None:
         for e in entries:
             e["tokens"] = int(tokens)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)  # a killed run's half-written state, checkpoints and configs
     train_range, _ = split_images(store.n_images, heldout)
     batch = entries[0]["batch_size"]
     run = {"store_hash": store.store_hash, "grid": entries, "heldout": heldout, "data_seed": data_seed,
@@ -273,14 +331,15 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     state_path = out / STATE
     state = None
     if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = load_state(state_path)
         if state["run_hash"] != run_hash:
             if not restart_stale:
                 raise VisaeError(f"{out} holds a training run with other settings (grid, store or split): "
                                  f"remove it, choose another --out, or pass --restart-stale")
-            state_path.unlink()  # the workflow reruns a job whose settings changed: start afresh
             state = None
     if state is None:
+        unmark_outputs(out)  # before anything else: a kill from here on leaves nothing that looks done
+        state_path.unlink(missing_ok=True)
         # Normalisation constants from a seeded sample of the training split.
         n = min(norm_tokens, loader.tokens_per_epoch)
         sample = next(iter(TokenLoader(store, n, seed=data_seed + 1_000_003, image_range=train_range,
@@ -301,9 +360,8 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
         global_step = state["global_step"]
 
     def save_state():
-        with atomic_path(state_path) as tmp:
-            torch.save({"run_hash": run_hash, "global_step": global_step, "loader": loader.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "saes": {m.name: m.state() for m in members}}, tmp)
+        save_state_file(state_path, {"run_hash": run_hash, "global_step": global_step, "loader": loader.state_dict(),
+                                     "torch_rng": torch.get_rng_state(), "saes": {m.name: m.state() for m in members}})
         for m in members:
             ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
 
@@ -391,11 +449,11 @@ def add_cli(subparsers) -> None:
     grid.add_argument("--grid", help="YAML list of SAE entries (the config's saes:)")
     grid.add_argument("--grid-json", help="the same list as inline JSON (what the workflow passes)")
     p.add_argument("--out", required=True, help="output directory (one folder per SAE)")
-    p.add_argument("--tokens", type=int, default=None, help="override every entry's training tokens")
-    p.add_argument("--checkpoint-every", type=int, default=None, help="tokens between checkpoints")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--heldout", type=float, default=0.1, help="last fraction of images kept out of training")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--tokens", type=positive_int, default=None, help="override every entry's training tokens")
+    p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--heldout", type=open_fraction, default=0.1, help="last fraction of images kept out of training")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
     p.add_argument("--restart-stale", action="store_true",
                    help="if --out holds an unfinished run with other settings, discard it and start over")
     p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])

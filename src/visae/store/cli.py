@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
-from visae.store.reader import verify_store
+from visae.errors import VisaeError
+from visae.store.reader import read_meta, verify_store
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("verify", help="check an activation store's shards against their sha256",
+    p = sub.add_parser("verify", help="check an activation store: meta.json (keys, types, digest) and every shard's sha256",
                        description=__doc__)
     p.add_argument("stores", nargs="+", metavar="DIR", help="store directories (with meta.json)")
     p.set_defaults(func=_cli)
@@ -19,12 +18,15 @@ def add_cli(sub) -> None:
 def _cli(args) -> int:
     bad = 0
     for root in args.stores:
-        problems = verify_store(root)
-        meta = json.loads((Path(root) / "meta.json").read_text())
+        try:
+            problems = verify_store(root)
+            meta = read_meta(root)
+        except VisaeError as err:  # meta.json itself is bad: one line, then the next store
+            problems = [str(err)]
         if problems:
             bad += 1
             for problem in problems:
-                print(f"{root}: {problem}", file=sys.stderr)
+                print(problem if problem.startswith(str(root)) else f"{root}: {problem}", file=sys.stderr)
         else:
             files = sum(len(s["files"]) for s in meta["shards"])
             print(f"{root}: ok ({meta['n_shards']} shards, {files} files, {meta['n_images']} images)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +53,16 @@ def sha256_file(path: Path, block: int = 1 << 22) -> str:
         while chunk := fh.read(block):
             h.update(chunk)
     return h.hexdigest()
+
+
+META_DIGEST = "meta_sha256"  # meta.json's own digest: an edit to any other key is detected
+
+
+def meta_digest(meta: dict) -> str:
+    """sha256 of meta.json's content without its own digest (canonical JSON, keys sorted)."""
+    body = {k: v for k, v in meta.items() if k != META_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def seal_meta(meta: dict) -> dict:
+    return {**meta, META_DIGEST: meta_digest(meta)}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import mmap
+import os
 import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -27,29 +28,28 @@ import numpy as np
 import torch
 
 from visae.errors import VisaeError
-from visae.store.format import FORMAT, STORE_DTYPES, from_storage, sha256_file, shard_name
+from visae.store.format import (FORMAT, META_DIGEST, STORE_DTYPES, from_storage, meta_digest, sha256_file,
+                                shard_name)
 
 
 class ActivationStore:
-    """A finished store directory. Opening checks that every shard is present and full-sized;
-    `verify()` also re-hashes every file."""
+    """A finished store directory. Opening checks meta.json (its keys, types and own digest) and
+    that every shard is present and full-sized; `verify=True` (what train and evaluate use) also
+    re-hashes every file, so a tampered shard is refused and `store_hash` comes from the data."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify: bool = False):
         self.root = Path(root)
-        meta_path = self.root / "meta.json"
-        if not self.root.is_dir():
-            raise VisaeError(f"activation store {self.root} does not exist")
-        if not meta_path.is_file():
-            raise VisaeError(f"{self.root} is not an activation store (no meta.json)")
-        try:
-            self.meta = json.loads(meta_path.read_text())
-        except ValueError as err:
-            raise VisaeError(f"{meta_path} is corrupt ({err})") from None
-        if self.meta.get("format") != FORMAT:
-            raise VisaeError(f"{meta_path} has format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.meta = read_meta(self.root)
         if not self.meta["complete"]:
             raise VisaeError(f"store {self.root} is incomplete ({len(self.meta['shards'])} of "
                              f"{self.meta['n_shards']} shards): rerun `visae extract` to finish it")
+        self._file_hashes = None
+        if verify:
+            problems, self._file_hashes = _file_problems(self.root, self.meta)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise VisaeError(f"store {self.root}: {problems[0]}{more}: run `visae verify {self.root}`, "
+                                 f"then rerun `visae extract` into a fresh folder")
         self.dtype_name: str = self.meta["dtype"]
         self.dtype: torch.dtype = STORE_DTYPES[self.dtype_name][1]
         self.d_model: int = int(self.meta["d_model"])
@@ -61,11 +61,18 @@ class ActivationStore:
                                  (s["stop"] - s["start"], self.tokens_per_image, self.d_model))
                       for s in self.meta["shards"]]
         self._tensors: list[torch.Tensor] | None = None
-        self.labels = np.concatenate([np.load(self.root / shard_name("labels", s["index"]))
+        self.labels = np.concatenate([self._load_small(shard_name("labels", s["index"]))
                                       for s in self.meta["shards"]])
         has_patch = any(shard_name("patch_labels", 0) == n for n in self.meta["shards"][0]["files"])
-        self.patch_labels = (np.concatenate([np.load(self.root / shard_name("patch_labels", s["index"]))
+        self.patch_labels = (np.concatenate([self._load_small(shard_name("patch_labels", s["index"]))
                                              for s in self.meta["shards"]]) if has_patch else None)
+
+    def _load_small(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.root / name)
+        except (ValueError, OSError) as err:
+            raise VisaeError(f"shard {self.root / name} is missing, truncated or corrupt ({err}): "
+                             f"run `visae verify {self.root}`") from None
 
     def _open(self, name: str, shape: tuple) -> np.ndarray:
         path = self.root / name
@@ -102,11 +109,13 @@ class ActivationStore:
 
     @property
     def store_hash(self) -> str:
-        """Identity of the data: a sha256 over every file's sha256."""
+        """Identity of the data: a sha256 over every file's sha256, as re-hashed from the files
+        when opened with verify=True (else as recorded in the digest-checked meta.json)."""
+        hashes = self._file_hashes or {n: sha for s in self.meta["shards"] for n, sha in s["files"].items()}
         h = hashlib.sha256()
         for shard in self.meta["shards"]:
-            for name, sha in sorted(shard["files"].items()):
-                h.update(f"{name}:{sha}\n".encode())
+            for name in sorted(shard["files"]):
+                h.update(f"{name}:{hashes[name]}\n".encode())
         return h.hexdigest()
 
     def images(self, start: int, stop: int) -> torch.Tensor:
@@ -142,32 +151,97 @@ class ActivationStore:
 
     def verify(self) -> list[str]:
         """Re-hash every file; return one line per problem (empty when the store is intact)."""
-        return _file_problems(self.root, self.meta)
+        return _file_problems(self.root, self.meta)[0]
+
+
+def _fail(path: Path, msg: str):
+    raise VisaeError(f"{path} {msg}: rerun `visae extract` into a fresh folder")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# Required keys of meta.json and a check of each value's type.
+_META_KEYS = {
+    "format": lambda v: v == FORMAT, "complete": lambda v: isinstance(v, bool),
+    "dtype": lambda v: v in STORE_DTYPES, "d_model": lambda v: _is_int(v) and v > 0,
+    "layout": lambda v: isinstance(v, dict), "n_images": lambda v: _is_int(v) and v > 0,
+    "shard_images": lambda v: _is_int(v) and v > 0, "n_shards": lambda v: _is_int(v) and v > 0,
+    "shards": lambda v: isinstance(v, list), "job": lambda v: isinstance(v, dict),
+    META_DIGEST: lambda v: isinstance(v, str),
+}
+_LAYOUT_KEYS = {"n_tokens": lambda v: _is_int(v) and v > 0, "n_cls": lambda v: _is_int(v) and v >= 0,
+                "n_registers": lambda v: _is_int(v) and v >= 0, "stored": lambda v: isinstance(v, list),
+                "grid": lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(g) and g > 0 for g in v)}
+
+
+def read_meta(root: str | Path) -> dict:
+    """meta.json of a store, checked: valid JSON, every required key with the right type, its own
+    digest, and shard ranges that tile the images. Every problem is one line naming the key."""
+    root = Path(root)
+    path = root / "meta.json"
+    if not root.is_dir():
+        raise VisaeError(f"activation store {root} does not exist")
+    if not path.is_file():
+        raise VisaeError(f"{root} is not an activation store (no meta.json)")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        _fail(path, f"is not valid JSON ({err})")
+    if not isinstance(meta, dict):
+        _fail(path, f"must hold a JSON object, not {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        _fail(path, f"has format {meta.get('format')!r}, expected {FORMAT!r}")
+    for keys, where, obj in ((_META_KEYS, "", meta), (_LAYOUT_KEYS, "layout.", meta.get("layout"))):
+        if not isinstance(obj, dict):
+            break
+        for key, ok in keys.items():
+            if key not in obj:
+                _fail(path, f"lacks key {where + key!r}")
+            if not ok(obj[key]):
+                _fail(path, f"has a bad value for key {where + key!r}: {obj[key]!r}")
+    _check_shards(path, meta)
+    if meta[META_DIGEST] != meta_digest(meta):
+        _fail(path, f"does not match its {META_DIGEST} (edited or damaged)")
+    return meta
+
+
+def _check_shards(path: Path, meta: dict) -> None:
+    """Shard i covers images [i*S, min((i+1)*S, n)); a complete store has all of them."""
+    S, n = meta["shard_images"], meta["n_images"]
+    if meta["n_shards"] != -(-n // S) or meta["job"].get("n_images", n) != n:
+        _fail(path, f"has inconsistent counts (n_images {n}, shard_images {S}, n_shards {meta['n_shards']})")
+    for i, shard in enumerate(meta["shards"]):
+        ok = (isinstance(shard, dict) and shard.get("index") == i and shard.get("start") == i * S
+              and shard.get("stop") == min((i + 1) * S, n) and isinstance(shard.get("files"), dict)
+              and shard["files"] and all(isinstance(v, str) for v in shard["files"].values()))
+        if not ok:
+            _fail(path, f"has a malformed entry shards[{i}]")
+    if meta["complete"] and len(meta["shards"]) != meta["n_shards"]:
+        _fail(path, f"says complete but lists {len(meta['shards'])} of {meta['n_shards']} shards")
 
 
 def verify_store(root: str | Path) -> list[str]:
-    """Problems found in a store, each naming the file; an unopenable store is one problem."""
+    """Problems found in a store, each naming the file; a malformed meta.json raises VisaeError."""
     root = Path(root)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        raise VisaeError(f"{root} is not an activation store (no meta.json)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(root)
     problems = []
-    if not meta.get("complete"):
-        problems.append(f"incomplete: {len(meta.get('shards', []))} of {meta.get('n_shards')} shards")
-    return problems + _file_problems(root, meta)
+    if not meta["complete"]:
+        problems.append(f"incomplete: {len(meta['shards'])} of {meta['n_shards']} shards")
+    return problems + _file_problems(root, meta)[0]
 
 
-def _file_problems(root: Path, meta: dict) -> list[str]:
-    problems = []
-    for shard in meta.get("shards", []):
-        for name, sha in sorted(shard["files"].items()):
-            path = root / name
-            if not path.is_file():
-                problems.append(f"{name}: missing")
-            elif sha256_file(path) != sha:
-                problems.append(f"{name}: checksum mismatch (truncated or tampered)")
-    return problems
+def _file_problems(root: Path, meta: dict) -> tuple[list[str], dict[str, str]]:
+    """(one line per missing or mismatching file, each file's sha256 as re-hashed now)."""
+    expected = {name: sha for shard in meta["shards"] for name, sha in sorted(shard["files"].items())}
+    present = [name for name in expected if (root / name).is_file()]
+    # hashlib releases the GIL: one thread per core hashes that many shards at once
+    with ThreadPoolExecutor(max_workers=max(1, min(len(present), os.cpu_count() or 1))) as pool:
+        hashes = dict(zip(present, pool.map(lambda name: sha256_file(root / name), present)))
+    problems = [f"{name}: missing" if name not in hashes else f"{name}: checksum mismatch (truncated or tampered)"
+                for name, sha in expected.items() if hashes.get(name) != sha]
+    return problems, hashes
 
 
 @dataclass(frozen=True)

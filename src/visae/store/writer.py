@@ -14,7 +14,7 @@ import numpy as np
 
 from visae.atomic import write_json
 from visae.errors import VisaeError
-from visae.store.format import FORMAT, sha256_file, shard_name
+from visae.store.format import FORMAT, META_DIGEST, meta_digest, seal_meta, sha256_file, shard_name
 
 
 def _write_npy(path: Path, array: np.ndarray) -> str:
@@ -86,6 +86,9 @@ class StoreWriter:
                 old = json.loads(self.meta_path.read_text())
             except (OSError, ValueError) as err:
                 raise VisaeError(f"{self.meta_path} is unreadable ({err}): remove {self.root} and rerun") from None
+            if not isinstance(old, dict) or old.get(META_DIGEST) != meta_digest(old):
+                raise VisaeError(f"{self.meta_path} does not match its {META_DIGEST} (edited or damaged): "
+                                 f"remove {self.root} and rerun")
             made_by, now = model_identity(old), model_identity(self.meta)
             if made_by != now:
                 raise VisaeError(f"{self.root} holds a store made by another model "
@@ -139,4 +142,4 @@ class StoreWriter:
         meta = {**self.meta, "format": FORMAT, "job": self.job, "complete": complete,
                 "n_images": self.n_images, "shard_images": self.shard_images,
                 "n_shards": self.n_shards, "shards": self.shards}
-        write_json(self.meta_path, meta)
+        write_json(self.meta_path, seal_meta(meta))
