@@ -22,6 +22,7 @@ from visae.extract import plan_extract, run_extract
 from visae.models import load_backbone
 from visae.store import ActivationStore, verify_store
 from visae.store.writer import StoreWriter
+from visae.store.format import META_DIGEST, meta_digest
 
 REPO = Path(__file__).resolve().parents[1]
 DINO = {"source": "timm", "arch": "vit_base_patch14_reg4_dinov2", "image_size": 224}
@@ -317,6 +318,7 @@ def test_resume_refuses_a_store_made_by_another_model(tmp_path, cifar10_dir):
     # a store from before identities were recorded is not taken as this model's
     meta = json.loads((path / "meta.json").read_text())
     del meta["model"]["identity"]
+    meta[META_DIGEST] = meta_digest(meta)  # re-sealed, as a store written before identities was
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(VisaeError, match="made by another model \\(the store records no model identity\\)"):
         run_extract(plan(moved), out, progress=False)
