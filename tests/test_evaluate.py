@@ -36,9 +36,23 @@ def trained(tmp_path_factory):
 
 
 def test_split_rule():
-    assert split_images(100, 0.1) == ((0, 90), (90, 100))
-    assert split_images(5, 0.1) == ((0, 4), (4, 5))  # at least one image held out
-    assert split_images(10, 0.0) == ((0, 10), (10, 10))
+    train, held = split_images(100, 0.1)
+    assert len(train) == 90 and len(held) == 10
+    assert sorted(np.concatenate([train, held]).tolist()) == list(range(100))  # disjoint, covering
+    assert np.array_equal(held, np.sort(held)) and np.array_equal(split_images(100, 0.1)[1], held)  # seeded
+    assert not np.array_equal(split_images(100, 0.1, seed=1)[1], held)
+    assert set(split_images(100, 0.05)[1]) < set(held)  # a smaller fraction holds out a subset
+    assert len(split_images(5, 0.1)[1]) == 1  # at least one image held out
+    assert len(split_images(10, 0.0)[1]) == 0
+
+
+def test_split_of_a_class_sorted_store_holds_out_every_class():
+    """ImageFolder order is sorted by class: the held-out images must not be the last classes."""
+    labels = np.repeat(np.arange(20), 50)  # 1,000 images, 20 classes in blocks
+    train, held = split_images(len(labels), 0.1)
+    held_classes, train_classes = set(labels[held]), set(labels[train])
+    assert held_classes <= train_classes
+    assert len(held_classes) >= 15, held_classes  # ~uniform: 100 images over 20 classes
 
 
 @pytest.mark.parametrize("name", ["topk", "relu"])
@@ -49,10 +63,11 @@ def test_metrics_match_direct_computation(tmp_path, trained, name):
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "provenance.json").is_file()
     store = ActivationStore(store_dir)
-    (_, _), (a, b) = split_images(store.n_images, 0.2)
-    assert m["heldout"] == 0.2 and m["heldout_images"] == [a, b]
-    x = store.images(a, b).reshape(-1, 16).float()
     sae = load(saes / name)
+    assert sae.config["split"]["seed"] == 0 and sae.config["split"]["heldout"] == 0.2
+    _, held = split_images(store.n_images, 0.2, sae.config["split"]["seed"])
+    assert m["heldout"] == 0.2 and m["heldout_images"] == len(held) == 16 and m["source_mismatch"] is None
+    x = torch.cat([store.images(i, i + 1) for i in held]).reshape(-1, 16).float()
     with torch.no_grad():
         f = sae.encode(x)
         xhat = sae.decode(f)
@@ -93,3 +108,37 @@ def test_evaluate_is_repeatable(tmp_path, trained):
         assert main(["evaluate", "--store", str(store_dir), "--sae", str(saes / "relu"), "--out", str(tmp_path / o)]) == 0
     assert (tmp_path / "a" / "metrics.json").read_bytes() == (tmp_path / "b" / "metrics.json").read_bytes()
     assert (tmp_path / "a" / "latents.csv").read_bytes() == (tmp_path / "b" / "latents.csv").read_bytes()
+
+
+def _copy_store(src: Path, dst: Path, **meta) -> Path:
+    """The same activations in a store that says another model or layer made them."""
+    from visae.store import StoreWriter
+    store = ActivationStore(src)
+    writer = StoreWriter(dst, {**{k: store.meta[k] for k in ("model", "layer", "dataset", "dtype", "d_model",
+                                                               "layout")}, **meta}, {"copy": 1},
+                         store.shard_images, store.n_images)
+    writer.open()
+    for i in range(writer.n_shards):
+        a, b = writer.shard_range(i)
+        writer.write_shard(i, {"acts": store.images(a, b).numpy(), "labels": store.labels[a:b]})
+    return dst
+
+
+@pytest.mark.parametrize("meta,what", [({"model": "another-vit"}, "model"), ({"layer": 5}, "layer")])
+def test_sae_from_another_model_or_layer_refused(tmp_path, trained, capsys, meta, what):
+    store_dir, saes = trained
+    other = _copy_store(store_dir, tmp_path / "other", **meta)
+    out = tmp_path / "ev"
+    code = main(["evaluate", "--store", str(other), "--sae", str(saes / "relu"), "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert f"was trained on another {what} than store" in err[0] and "--allow-mismatch" in err[0], err[0]
+    assert not (out / "metrics.json").exists()
+    assert main(["evaluate", "--store", str(other), "--sae", str(saes / "relu"), "--out", str(out),
+                 "--allow-mismatch"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert f"another {what}" in m["source_mismatch"]
+    # the same model and layer, another dataset: no mismatch
+    same = _copy_store(store_dir, tmp_path / "same", dataset="another-dataset")
+    assert main(["evaluate", "--store", str(same), "--sae", str(saes / "relu"), "--out", str(tmp_path / "ev2")]) == 0
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["source_mismatch"] is None

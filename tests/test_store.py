@@ -158,3 +158,60 @@ def test_bf16_and_fp32_stores(tmp_path):
         assert torch.equal(store.images(0, 4), x.to(torch_dtype))
         batch = next(iter(TokenLoader(store, 20, shuffle=False)))
         assert torch.equal(batch, x.to(torch_dtype).float().reshape(-1, 8))
+
+
+def _class_sorted_store(root, n_images=400, n_classes=40):
+    """A store in ImageFolder order: labels in blocks of n_images / n_classes images."""
+    writer = StoreWriter(root, {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"sorted": 1}, 64, n_images)
+    writer.open()
+    labels = np.repeat(np.arange(n_classes), n_images // n_classes)
+    rng = np.random.default_rng(0)
+    for i in range(writer.n_shards):
+        a, b = writer.shard_range(i)
+        acts = rng.standard_normal((b - a, 5, 8)).astype(np.float16)
+        acts[:, :, 0] = labels[a:b, None]  # each token says its image's class
+        writer.write_shard(i, {"acts": acts, "labels": labels[a:b]})
+    return ActivationStore(root), labels
+
+
+def test_loader_batches_cover_classes_as_a_uniform_sample_does(tmp_path):
+    """On a class-sorted store, with a shuffle window of half the store, a batch covers about as
+    many classes as the same number of tokens drawn uniformly from the store."""
+    store, labels = _class_sorted_store(tmp_path / "s")
+    loader = TokenLoader(store, 100, seed=0, buffer_tokens=1000, epochs=3)
+    coverage = [len(np.unique(b[:, 0].numpy())) for b in loader]
+    token_labels = np.repeat(labels, 5)
+    rng = np.random.default_rng(1)
+    uniform = [len(np.unique(rng.choice(token_labels, 100, replace=False))) for _ in range(300)]
+    assert np.mean(coverage) >= 0.9 * np.mean(uniform), (np.mean(coverage), np.mean(uniform))
+
+
+def test_loader_serves_exactly_the_given_images(tmp_path):
+    acts = make_store(tmp_path / "s")
+    images = [7, 1, 4, 8]
+    got = torch.cat(list(TokenLoader(ActivationStore(tmp_path / "s"), 3, seed=2, images=images, drop_last=False)))
+    expected = sorted(tuple(r) for r in acts[sorted(images)].reshape(-1, 8).astype(np.float32).tolist())
+    assert sorted(_tokens([got])) == expected
+    with pytest.raises(VisaeError, match="subset of the store"):
+        TokenLoader(ActivationStore(tmp_path / "s"), 3, images=[3, 10])
+
+
+def test_loader_sample_is_uniform_over_the_selection(tmp_path):
+    """`sample(n, seed)`: n distinct tokens of the selection, the same for a seed, spread over
+    the classes in proportion (the normalisation constants come from it); all of them when n
+    exceeds the selection."""
+    store, labels = _class_sorted_store(tmp_path / "s")
+    images = np.arange(0, 400, 2)  # every other image
+    loader = TokenLoader(store, 10, images=images)
+    a = torch.cat(list(loader.sample(500, seed=42, chunk=128)))
+    b = torch.cat(list(loader.sample(500, seed=42)))
+    assert a.shape == (500, 8) and torch.equal(a, b)
+    assert len(np.unique(a.numpy(), axis=0)) == 500  # without replacement
+    counts = np.bincount(a[:, 0].numpy().astype(int), minlength=40)
+    assert counts.min() >= 3 and counts.max() <= 25, counts  # 12.5 expected per class
+    every = torch.cat(list(loader.sample(10 ** 6, seed=0)))
+    expected = store.images(0, 400)[images].reshape(-1, 8).float()
+    assert sorted(_tokens([every])) == sorted(_tokens([expected]))
+    only_cls = TokenLoader(store, 1, images=images, labels=[3], token_kind="patches")
+    picked = torch.cat(list(only_cls.sample(10, seed=0)))
+    assert picked.shape == (10, 8) and (picked[:, 0] == 3).all()

@@ -87,6 +87,10 @@ def test_train_grid_outputs(tmp_path, store, capsys):
     ({"architecture": "topk", "k": 4}, "grid entry #1: missing key 'name'"),
     ({"name": "e", "architecture": "relu", "l1": 1e-3, "lr": "fast"}, "grid entry 'e': key 'lr' must be a number"),
     ({"name": "f", "architecture": "relu", "l1": 1e-3, "epochs": 3}, "grid entry 'f': unknown key 'epochs'"),
+    ({"name": "g", "architecture": "relu", "l1": 1e-3, "init": "xavier"},
+     "grid entry 'g': key 'init' is 'xavier'; allowed: tied-0.1, tied, kaiming"),
+    ({"name": "h", "architecture": "relu", "l1": 1e-3, "b_dec_init": "median"},
+     "grid entry 'h': key 'b_dec_init' is 'median'; allowed: mean, zero"),
 ])
 def test_bad_grid_entries_one_line(tmp_path, store, capsys, entry, needle):
     code = main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, [entry])), "--out", str(tmp_path / "o")])
@@ -170,3 +174,54 @@ def test_resume_after_sigkill_is_exact(tmp_path, store):
         b = json.loads((ref / name / "config.json").read_text())
         a["source"]["store"] = b["source"]["store"] = None
         assert a == b
+
+
+def test_each_sae_gets_its_own_seed_unless_shared_explicitly(tmp_path, store):
+    """Entries without `seed:` start from different weights, derived from their names (the same
+    on every run); an explicit shared seed gives shared weights. config.json records it."""
+    from visae.sae.train import Member, validate_grid
+    entries = [{"name": n, "architecture": "relu", "l1": 1e-3, "expansion": 4, "batch_size": 64} for n in ("a", "b")]
+
+    def initial(grid):
+        return [Member(e, 16, "cpu", tmp_path).sae for e in validate_grid(grid, 16)]
+
+    a, b = initial(entries)
+    assert not torch.equal(a.W_dec, b.W_dec) and not torch.equal(a.W_enc, b.W_enc)
+    a2, = initial(entries[:1])
+    assert torch.equal(a.W_dec, a2.W_dec) and torch.equal(a.W_enc, a2.W_enc)
+    shared = initial([dict(e, seed=7) for e in entries])
+    assert torch.equal(shared[0].W_dec, shared[1].W_dec)
+    out = tmp_path / "out"
+    assert main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, entries + [dict(entries[0], name="c",
+                 seed=7)])), "--out", str(out), "--tokens", "128"]) == 0
+    cfgs = {n: json.loads((out / n / "config.json").read_text()) for n in "abc"}
+    assert cfgs["a"]["seed"] != cfgs["b"]["seed"] and cfgs["a"]["seed_from"] == "name"
+    assert cfgs["c"]["seed"] == 7 and cfgs["c"]["seed_from"] == "entry"
+    assert json.loads((out / "provenance.json").read_text())["seeds"]["a"] == cfgs["a"]["seed"]
+
+
+def test_normalisation_and_split_recorded(tmp_path, store):
+    """μ and the scale come from tokens drawn uniformly from the training split (all of them on a
+    store this small), b_dec starts at the mean (or zero), and config.json records the split."""
+    from visae.sae.split import split_images
+    from visae.store import ActivationStore
+    out = tmp_path / "out"
+    grid = [{"name": "mean", "architecture": "relu", "l1": 1e-3, "expansion": 4, "normalize": False,
+             "lr_warmup": 0, "batch_size": 64},
+            {"name": "zero", "architecture": "relu", "l1": 1e-3, "expansion": 4, "normalize": False,
+             "b_dec_init": "zero", "lr_warmup": 0, "batch_size": 64},
+            {"name": "norm", "architecture": "relu", "l1": 1e-3, "expansion": 4, "lr_warmup": 0, "batch_size": 64}]
+    assert main(["train", "--store", str(store), "--grid", str(_grid(tmp_path, grid)), "--out", str(out),
+                 "--tokens", "64", "--heldout", "0.25", "--split-seed", "3"]) == 0
+    st = ActivationStore(store)
+    train, held = split_images(st.n_images, 0.25, 3)
+    x = torch.cat([st.images(i, i + 1) for i in train]).reshape(-1, 16).double()
+    cfg = json.loads((out / "norm" / "config.json").read_text())
+    assert cfg["split"]["seed"] == 3 and cfg["split"]["heldout_images"] == len(held) == 16
+    assert cfg["normalisation_sample"]["tokens"] == x.shape[0]
+    norm = load(out / "norm")
+    assert torch.allclose(norm.mu.double(), x.mean(0), atol=1e-6)
+    assert norm.scale.item() == pytest.approx(float((x - x.mean(0)).norm(dim=1).mean() / 4), rel=1e-5)
+    # one step moved b_dec by ~lr from its start: the mean, or zero
+    assert (load(out / "mean").b_dec.double() - x.mean(0)).abs().max() < 1e-2
+    assert load(out / "zero").b_dec.abs().max() < 1e-2

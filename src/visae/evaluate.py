@@ -1,7 +1,10 @@
 """`visae evaluate`: an SAE's metrics on the held-out part of a store.
 
-The held-out part is the last `heldout` fraction of images (the shared rule in
-visae.sae.split); it must lie inside what training held out. Sums are accumulated in float64.
+The held-out part is the `heldout` fraction of images that the SAE's split (its seed, recorded
+in its config.json; the shared rule in visae.sae.split) holds out; it must lie inside what
+training held out. An SAE trained on another model or layer than the store's is refused unless
+`--allow-mismatch`, and then metrics.json says so (`source_mismatch`). Sums are accumulated in
+float64.
 - L0: mean number of non-zero latents per token;
 - MSE: mean over tokens and dimensions of the squared error, in the SAE's normalised space
   (the training loss's MSE); `mse_raw` is the same in raw activation units;
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +43,8 @@ HIST_EDGES = list(np.arange(-8.0, 0.01, 0.5))  # log10 frequency bins; "never fi
 
 @torch.no_grad()
 def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: int = 8192,
-             device: str = "cpu", token_kind: str | None = "__from_sae__") -> tuple[dict, dict]:
+             device: str = "cpu", token_kind: str | None = "__from_sae__",
+             allow_mismatch: bool = False) -> tuple[dict, dict]:
     """(metrics, per-latent arrays) of the SAE at `sae_path` on the store's held-out images."""
     from visae.store import ActivationStore, TokenLoader
 
@@ -48,6 +53,7 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     cfg = sae.config
     _check_finished(Path(sae_path), cfg)
     ckpt.check_compatible(sae, store)
+    mismatch = ckpt.source_mismatch(sae, store, allow=allow_mismatch)
     trained_heldout = cfg.get("split", {}).get("heldout")
     if heldout is None:
         heldout = trained_heldout if trained_heldout is not None else 0.1
@@ -57,10 +63,11 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
                          f"(it held out only {trained_heldout}): use --heldout <= {trained_heldout}")
     if token_kind == "__from_sae__":
         token_kind = cfg.get("source", {}).get("token_kind")
-    _, (a, b) = split_images(store.n_images, heldout)
-    if a >= b:
+    split_seed = int(cfg.get("split", {}).get("seed", 0))
+    _, held = split_images(store.n_images, heldout, split_seed)
+    if not len(held):
         raise VisaeError("nothing is held out: use --heldout > 0")
-    loader = TokenLoader(store, batch_size, image_range=(a, b), shuffle=False, drop_last=False, epochs=1,
+    loader = TokenLoader(store, batch_size, images=held, shuffle=False, drop_last=False, epochs=1,
                          token_kind=token_kind, dtype=torch.float32, device=device, prefetch=False)
     h, d = sae.width, sae.d_model
     n = 0
@@ -98,7 +105,8 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     metrics = {
         "identity": Identity.of(store.meta, cfg.get("name"), store.store_hash).to_dict(), "entry": cfg.get("entry"),
         "sae": cfg.get("name"), "architecture": cfg.get("architecture"), "width": h, "d_model": d,
-        "tokens": n, "heldout": heldout, "heldout_images": [a, b],
+        "tokens": n, "heldout": heldout, "split_seed": split_seed, "heldout_images": len(held),
+        "source_mismatch": mismatch,
         "l0": l0_sum.item() / n, "mse": sq_err_n.item() / (n * d), "mse_raw": sq_err_raw.item() / (n * d),
         "nmse": nmse, "explained_variance": 1.0 - nmse,
         "dead_fraction": float((~fired).mean()), "dense_fraction": float((freq > DENSE_THRESHOLD).mean()),
@@ -144,9 +152,11 @@ def write_outputs(out, metrics: dict, latents: dict, config: dict, started: floa
 def _cmd(args) -> int:
     started = time.time()
     metrics, latents = evaluate(args.store, args.sae, heldout=args.heldout, batch_size=args.batch_size,
-                                device=args.device)
+                                device=args.device, allow_mismatch=args.allow_mismatch)
     write_outputs(args.out, metrics, latents, {"store": args.store, "sae": args.sae, "heldout": metrics["heldout"],
                                                "batch_size": args.batch_size}, started)
+    if metrics["source_mismatch"]:
+        print(f"visae: warning: {metrics['source_mismatch']} (evaluated anyway: --allow-mismatch)", file=sys.stderr)
     print(f"{metrics['sae']}: L0 {metrics['l0']:.2f}  NMSE {metrics['nmse']:.4f}  dead {metrics['dead_fraction']:.3f}"
           f"  dense {metrics['dense_fraction']:.3f} -> {args.out}")
     return 0
@@ -162,4 +172,6 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=positive_int, default=8192)
     p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="evaluate an SAE trained on another model or layer than the store's (metrics.json says so)")
     p.set_defaults(func=_cmd)

@@ -78,6 +78,32 @@ def check_compatible(cfg_or_sae, store) -> None:
                          f"layer {store.meta.get('layer', '?')})")
 
 
+def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
+    """Refuse an SAE trained on another model or layer than the store holds (one line naming
+    both); with `allow`, return that line instead, for the caller's outputs to carry. None when
+    they match. The model is compared as the stores record it (meta.json's `model`)."""
+    cfg = getattr(cfg_or_sae, "config", cfg_or_sae)
+    src = cfg.get("source", {})
+    ours = {"model": src.get("model"), "layer": src.get("layer")}
+    theirs = {"model": store.meta.get("model"), "layer": store.meta.get("layer")}
+    if json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True):
+        return None
+    what = " and ".join(k for k in ("model", "layer") if json.dumps(ours[k], sort_keys=True)
+                        != json.dumps(theirs[k], sort_keys=True))
+    line = (f"SAE {cfg.get('name', '?')!r} was trained on another {what} than store {store.root} holds "
+            f"(SAE: {_short(ours)}; store: {_short(theirs)})")
+    if not allow:
+        raise VisaeError(f"{line}: pass --allow-mismatch to use it anyway")
+    return line
+
+
+def _short(source: dict) -> str:
+    model = source["model"]
+    if isinstance(model, dict):  # a model identity: name it by its most telling fields
+        model = " ".join(str(model[k]) for k in ("source", "arch", "tag", "weights_sha256") if model.get(k))
+    return f"model {model}, layer {source['layer']}"
+
+
 @torch.no_grad()
 def state_to_cpu(state: dict) -> dict:
     return {k: (v.detach().to("cpu").clone() if torch.is_tensor(v) else v) for k, v in state.items()}

@@ -28,22 +28,42 @@ import torch.nn.functional as F
 from torch import nn
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+# Initialisations of (W_enc, W_dec); the first is the default. Decoder rows are unit-norm in all.
+# - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
+#   as the decoder's transpose with small rows). Measured on a planted dictionary (see
+#   docs/paper-parity.md) it recovers the atoms best, and its first step's loss is small.
+# - tied: W_enc = W_decᵀ at full scale (visae before issue 9): each token starts by firing about
+#   half the latents at full strength; the first-step MSE is ~30x the data's variance.
+# - kaiming: what the paper ran (saev 2284f52): torch's kaiming_uniform_ on W_enc [d, h] and then
+#   on W_dec [h, d], independently, from one generator (decoder rows then unit-normed).
+INITS = ("tied-0.1", "tied", "kaiming")
+
+
+def init_weights(d: int, h: int, seed: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_enc [d, h], W_dec [h, d]) in float32, a function of (seed, init)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    g = torch.Generator().manual_seed(int(seed))
+    if init == "kaiming":
+        w_enc = nn.init.kaiming_uniform_(torch.empty(d, h), generator=g)
+        w_dec = nn.init.kaiming_uniform_(torch.empty(h, d), generator=g)
+        return w_enc, w_dec / w_dec.norm(dim=1, keepdim=True)
+    w_dec = torch.randn(h, d, generator=g, dtype=torch.float32)
+    w_dec /= w_dec.norm(dim=1, keepdim=True)
+    return (0.1 if init == "tied-0.1" else 1.0) * w_dec.t().contiguous(), w_dec
 
 
 class SAE(nn.Module):
     architecture = "base"
 
-    def __init__(self, d_model: int, width: int, *, seed: int = 0, dtype=torch.float32, **hparams):
+    def __init__(self, d_model: int, width: int, *, seed: int = 0, init: str = INITS[0], dtype=torch.float32,
+                 **hparams):
         super().__init__()
         self.d_model, self.width = int(d_model), int(width)
         self.hparams = dict(hparams)
-        g = torch.Generator().manual_seed(int(seed))
-        w = torch.randn(self.width, self.d_model, generator=g, dtype=torch.float32)
-        w /= w.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w.to(dtype))
-        # Tied initialisation: the encoder starts as the decoder's transpose (standard since
-        # Conerly et al. 2024; it avoids a long phase of dead latents).
-        self.W_enc = nn.Parameter(w.t().contiguous().to(dtype))
+        w_enc, w_dec = init_weights(self.d_model, self.width, seed, init)
+        self.W_dec = nn.Parameter(w_dec.to(dtype))
+        self.W_enc = nn.Parameter(w_enc.to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.width, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.d_model, dtype=dtype))
         self.register_buffer("mu", torch.zeros(self.d_model, dtype=dtype))
@@ -307,12 +327,15 @@ def _row_topk_buffers(B: int, h: int, k: int, dtype: torch.dtype) -> tuple | Non
 
 
 class _AuxKMixin:
-    """Dead-latent bookkeeping and the AuxK loss (Gao et al. 2024): the top `k_aux`
-    pre-activations among dead latents reconstruct the residual x_n − x̂_n; weight α = 1/32.
-    A latent is dead when it has not fired for `dead_tokens` tokens."""
+    """Dead-latent bookkeeping and the AuxK loss of Gao et al. 2024 (§A.2), as their reference
+    code (openai/sparse_autoencoder, `normalized_mse`) computes it: the top `k_aux` pre-activations
+    among dead latents reconstruct the residual e = x_n − x̂_n, and the loss is α · MSE(ê, e) /
+    MSE(mean_batch(e), e), the squared error relative to the residual's variance; α = 1/32 and
+    k_aux = d/2 by default (Gao et al.). A latent is dead when it has not fired for
+    `dead_tokens` tokens."""
 
     def _init_aux(self, k_aux: int | None, aux_alpha: float, dead_tokens: int):
-        self.k_aux = int(k_aux) if k_aux else min(self.width // 2, 2 * self.d_model)
+        self.k_aux = int(k_aux) if k_aux else max(1, min(self.width, self.d_model // 2))
         self.aux_alpha = float(aux_alpha)
         self.dead_tokens = int(dead_tokens)
         self.register_buffer("tokens_since_fired", torch.zeros(self.width, dtype=torch.int64))
@@ -321,8 +344,8 @@ class _AuxKMixin:
         return self.tokens_since_fired >= self.dead_tokens
 
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """α · MSE(residual, decode_dead(top-k_aux of dead pre-activations)); zero when none
-        are dead. The residual is detached: this loss only moves the dead latents."""
+        """α · MSE(decode_dead(top-k_aux of dead pre-activations), e) / Var(e) for the residual e;
+        zero when none are dead. The residual is detached: this loss only moves the dead latents."""
         dead = self.dead_mask()
         n_dead = int(dead.sum())
         if n_dead == 0 or self.aux_alpha == 0:
@@ -332,7 +355,8 @@ class _AuxKMixin:
         vals, idx = masked.topk(k, dim=1, sorted=False)
         vals = torch.relu(vals)
         recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
-        return self.aux_alpha * (recon - residual.detach()).pow(2).mean()
+        e = residual.detach()
+        return self.aux_alpha * (recon - e).pow(2).mean() / (e - e.mean(0)).pow(2).mean()
 
     def after_step(self, metrics, batch_size):
         fired = metrics.get("fired")
@@ -452,7 +476,11 @@ class TopKSAE(_AuxKMixin, SAE):
 
 class BatchTopKSAE(TopKSAE):
     """Training keeps the k·B largest activations over the whole batch (Bussmann et al. 2024);
-    inference uses a fixed threshold θ, an EMA of the smallest activation kept in training."""
+    inference uses a fixed threshold θ: a running average of the smallest activation kept in
+    each training batch, with momentum min(t / (t + 50), `threshold_momentum`) at update t: θ
+    starts at the first batch's value and averages over the last ~2% of the steps so far, so it
+    follows the fast early changes (a fixed 0.99 from the start lags them: L0 7 against k = 32
+    after 30 steps), then over ~100 steps from step ~5,000 on."""
 
     architecture = "batchtopk"
 
@@ -461,6 +489,7 @@ class BatchTopKSAE(TopKSAE):
         self.hparams["threshold_momentum"] = threshold_momentum
         self.threshold_momentum = float(threshold_momentum)
         self.register_buffer("threshold", torch.full((), -1.0))  # < 0: not estimated yet
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))
 
     def batch_select(self, pre: torch.Tensor) -> torch.Tensor:
         """Dense codes keeping the k·B largest positive entries of the batch."""
@@ -491,10 +520,10 @@ class BatchTopKSAE(TopKSAE):
         super().after_step(metrics, batch_size)
         m = metrics.get("min_kept")
         if m is not None:
-            if float(self.threshold) < 0:
-                self.threshold.fill_(float(m))
-            else:
-                self.threshold.mul_(self.threshold_momentum).add_((1 - self.threshold_momentum) * m)
+            t = int(self.threshold_updates)
+            beta = min(self.threshold_momentum, t / (t + 50))
+            self.threshold.mul_(beta).add_((1 - beta) * m)
+            self.threshold_updates.add_(1)
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -566,8 +595,10 @@ class JumpReLUSAE(SAE):
 
 class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): nested prefixes of the latents
-    (default h/8, h/4, h/2, h) each reconstruct x on their own; the loss is the mean of the
-    prefixes' MSEs (+ AuxK). The sparse code comes from TopK or BatchTopK over all h latents."""
+    (default h/8, h/4, h/2, h) each reconstruct x on their own; the loss is the SUM of the
+    prefixes' MSEs (+ AuxK), as in Bussmann et al. 2025 (a mean would weaken the full SAE's
+    reconstruction term by the number of prefixes). The sparse code comes from TopK or
+    BatchTopK over all h latents."""
 
     architecture = "matryoshka"
 
@@ -611,9 +642,9 @@ class MatryoshkaSAE(BatchTopKSAE):
             min_kept = pos.min() if pos.numel() else None
         recons = self.prefix_reconstructions(f)
         mses = [self.mse(r, xn) for r in recons]
-        mse_mean = torch.stack(mses).mean()
+        mse_sum = torch.stack(mses).sum()
         aux = self.aux_loss(pre, xn - recons[-1])
-        return mse_mean + aux, {"mse": mses[-1].detach(), "mse_prefix_mean": mse_mean.detach(),
+        return mse_sum + aux, {"mse": mses[-1].detach(), "mse_prefix_sum": mse_sum.detach(),
                                 "aux": aux.detach(), "l0": (f > 0).sum(1).float().mean().detach(),
                                 "fired": (f.detach() > 0).any(0), "dead": self.dead_mask().float().mean(),
                                 "min_kept": min_kept}
@@ -632,10 +663,11 @@ ARCH_KEYS = {
 }
 
 
-def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, **hparams) -> SAE:
+def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, init: str = INITS[0],
+              **hparams) -> SAE:
     cls = CLASSES[architecture]
     kwargs = {k: v for k, v in hparams.items() if k in ARCH_KEYS[architecture] and v is not None}
-    return cls(d_model, width, seed=seed, **kwargs)
+    return cls(d_model, width, seed=seed, init=init, **kwargs)
 
 
 def make_adam(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
@@ -659,9 +691,16 @@ def sparsity_at(step: int, coeff: float, warmup: int) -> float:
     return coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else coeff
 
 
-def estimate_normalisation(sample: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """μ = mean, s = E||x − μ|| / √d over a sample of RAW activations (float64 accumulation)."""
-    x = sample.to(torch.float64)
-    mu = x.mean(0)
-    s = (x - mu).norm(dim=1).mean().item() / math.sqrt(x.shape[1])
+def estimate_normalisation(sample) -> tuple[torch.Tensor, float]:
+    """μ = mean, s = E||x − μ|| / √d over a sample of RAW activations (float64 accumulation).
+    `sample` is a tensor, or a function returning the sample as an iterable of chunks (called
+    twice: once for μ, once for s), so a large sample need not fit in memory."""
+    chunks = (lambda: [sample]) if torch.is_tensor(sample) else sample
+    n, total = 0, None
+    for c in chunks():
+        n += c.shape[0]
+        c = c.to(torch.float64).sum(0)
+        total = c if total is None else total + c
+    mu = total / n
+    s = sum(float((c.to(torch.float64) - mu).norm(dim=1).sum()) for c in chunks()) / n / math.sqrt(mu.numel())
     return mu.to(torch.float32), float(s) if s > 0 else 1.0

@@ -13,6 +13,7 @@ and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `confi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -29,16 +30,19 @@ from visae.errors import VisaeError
 from visae.layout import Identity
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
-from visae.sae.modules import (ARCH_KEYS, ARCHITECTURES, build_sae, estimate_normalisation, lr_at, make_adam,
-                               sparsity_at)
-from visae.sae.split import split_images
+from visae.sae.modules import (ARCH_KEYS, ARCHITECTURES, INITS, build_sae, estimate_normalisation, lr_at,
+                               make_adam, sparsity_at)
+from visae.sae.split import split_images, split_record
 
-# Keys every grid entry may carry, with their defaults (None: required or architecture-specific).
+# Keys every grid entry may carry, with their defaults (None: required, architecture-specific,
+# or for `seed`: derived from the entry's name, see `entry_seed`).
 COMMON_DEFAULTS = {
     "name": None, "architecture": None, "expansion": 32, "width": None, "lr": 3e-4, "lr_warmup": 500,
-    "l1_warmup": 500, "tokens": 100_000_000, "batch_size": 16384, "seed": 0, "normalize": True,
-    "adam_betas": [0.9, 0.999],
+    "l1_warmup": 500, "tokens": 100_000_000, "batch_size": 16384, "seed": None, "init": INITS[0],
+    "b_dec_init": "mean", "normalize": True, "adam_betas": [0.9, 0.999],
 }
+B_DEC_INITS = ("mean", "zero")  # b_dec starts at the data mean (the recipe), or at zero (what saev ran)
+NORM_TOKENS, NORM_SEED = 2 ** 19, 42  # the normalisation sample, as saev draws it
 SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}  # the λ key of penalised architectures
 REQUIRED = {"relu": ("l1",), "topk": ("k",), "batchtopk": ("k",), "jumprelu": ("l0",), "matryoshka": ("k",)}
 LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
@@ -102,7 +106,11 @@ def validate_grid(grid, d_model: int) -> list[dict]:
             e[key] = _number(i, e, key, int, nonneg=True)
         for key in ("tokens", "batch_size"):
             e[key] = _number(i, e, key, int, positive=True)
-        e["seed"] = _number(i, e, "seed", int, nonneg=True)
+        if e["seed"] is not None:
+            e["seed"] = _number(i, e, "seed", int, nonneg=True)
+        for key, allowed_values in (("init", INITS), ("b_dec_init", B_DEC_INITS)):
+            if e[key] not in allowed_values:
+                _fail(i, e, f"key {key!r} is {e[key]!r}; allowed: {', '.join(allowed_values)}")
         if e["width"] is not None:
             e["width"] = _number(i, e, "width", int, positive=True)
         else:
@@ -139,6 +147,14 @@ def validate_grid(grid, d_model: int) -> list[dict]:
     return out
 
 
+def entry_seed(entry: dict) -> int:
+    """The entry's `seed:`, or one derived from its name: every SAE of a grid starts from its
+    own weights unless the config shares a seed explicitly, and a rerun gets the same ones."""
+    if entry.get("seed") is not None:
+        return int(entry["seed"])
+    return int.from_bytes(hashlib.sha256(f"visae-sae:{entry['name']}".encode()).digest()[:4], "big") >> 1
+
+
 def load_grid(path: str | Path) -> list:
     path = Path(path)
     if not path.is_file():
@@ -157,7 +173,8 @@ class Member:
         self.entry, self.name = entry, entry["name"]
         self.arch = entry["architecture"]
         self.dir = out / self.name
-        self.sae = build_sae(self.arch, d_model, entry["width"], seed=entry["seed"],
+        self.seed = entry_seed(entry)
+        self.sae = build_sae(self.arch, d_model, entry["width"], seed=self.seed, init=entry["init"],
                              **{k: entry.get(k) for k in ARCH_KEYS[self.arch]}).to(device)
         self.sparsity = entry.get(SPARSITY_KEY.get(self.arch, ""), 0.0) or 0.0
         self.opt = make_adam(self.sae.parameters(), lr=entry["lr"], betas=entry["adam_betas"])
@@ -228,11 +245,13 @@ def _sae_config(m: Member, store, run: dict, complete: bool) -> dict:
     meta = store.meta
     return {"name": m.name, "identity": Identity.of(meta, m.name, store.store_hash).to_dict(),
             "entry": m.entry, "status": m.status, "failure": m.failure, "complete": complete,
-            "tokens_seen": m.tokens, "steps": m.step, "seed": m.entry["seed"],
+            "tokens_seen": m.tokens, "steps": m.step, "seed": m.seed,
+            "seed_from": "entry" if m.entry["seed"] is not None else "name",
+            "init": m.entry["init"], "b_dec_init": m.entry["b_dec_init"],
             "source": {"model": meta.get("model"), "layer": meta.get("layer"), "dataset": meta.get("dataset"),
                        "store": str(store.root), "store_hash": store.store_hash,
                        "token_kind": run["token_kind"], "d_model": store.d_model},
-            "split": {"heldout": run["heldout"], "train_images": list(run["train_range"])},
+            "split": run["split"], "normalisation_sample": run["normalisation_sample"],
             "data_seed": run["data_seed"], "code": {"visae": _version(), **git_state()},
             "last": m.last}
 
@@ -298,9 +317,9 @@ def unmark_outputs(out: Path) -> None:
 
 
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
-               device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, token_kind: str | None = None,
-               norm_tokens: int = 65536, progress: bool | None = None, stop_after_steps: int | None = None,
-               restart_stale: bool = False) -> dict:
+               device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, split_seed: int = 0,
+               token_kind: str | None = None, norm_tokens: int = NORM_TOKENS, progress: bool | None = None,
+               stop_after_steps: int | None = None, restart_stale: bool = False) -> dict:
     """Train every SAE of `grid` on the store; returns {name: status}. Raises VisaeError after the
     run if any SAE failed (the others are finished and saved)."""
     from visae.store import ActivationStore, TokenLoader
@@ -318,14 +337,16 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)  # a killed run's half-written state, checkpoints and configs
-    train_range, _ = split_images(store.n_images, heldout)
+    train_images, _ = split_images(store.n_images, heldout, split_seed)
     batch = entries[0]["batch_size"]
+    loader = TokenLoader(store, batch, seed=data_seed, images=train_images, token_kind=token_kind,
+                         epochs=None, dtype=torch.float32, device=device)
+    n_norm = min(int(norm_tokens), loader.tokens_per_epoch)
     run = {"store_hash": store.store_hash, "grid": entries, "heldout": heldout, "data_seed": data_seed,
-           "token_kind": token_kind, "train_range": list(train_range), "norm_tokens": norm_tokens,
+           "token_kind": token_kind, "split": split_record(store.n_images, heldout, split_seed),
+           "normalisation_sample": {"tokens": n_norm, "seed": NORM_SEED, "drawn": "uniformly from the training split"},
            "checkpoint_every": checkpoint_every}
     run_hash = config_hash(run)
-    loader = TokenLoader(store, batch, seed=data_seed, image_range=train_range, token_kind=token_kind,
-                         epochs=None, dtype=torch.float32, device=device)
     members = [Member(e, store.d_model, device, out) for e in entries]
 
     state_path = out / STATE
@@ -340,15 +361,13 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     if state is None:
         unmark_outputs(out)  # before anything else: a kill from here on leaves nothing that looks done
         state_path.unlink(missing_ok=True)
-        # Normalisation constants from a seeded sample of the training split.
-        n = min(norm_tokens, loader.tokens_per_epoch)
-        sample = next(iter(TokenLoader(store, n, seed=data_seed + 1_000_003, image_range=train_range,
-                                       token_kind=token_kind, epochs=1, prefetch=False)))
-        mu, s = estimate_normalisation(sample)
+        # μ, the scale and b_dec's start from tokens drawn uniformly from the training split.
+        mu, s = estimate_normalisation(lambda: loader.sample(n_norm, NORM_SEED))
         for m in members:
             if m.entry["normalize"]:
                 m.sae.set_normalisation(mu.to(device), s)
-            m.sae.init_b_dec(m.sae.normalise(sample.to(device)))
+            if m.entry["b_dec_init"] == "mean":
+                m.sae.init_b_dec(m.sae.normalise(mu[None].to(device)))  # the sample's mean, normalised
             m.open_log(0)
         global_step = 0
     else:
@@ -412,7 +431,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     from visae.atomic import write_json
     write_json(out / "provenance.json", provenance(
         {"store": str(store.root), "store_hash": store.store_hash, **{k: v for k, v in run.items() if k != "store_hash"}},
-        seeds={"data": data_seed, **{m.name: m.entry["seed"] for m in members}}, started=started))
+        seeds={"data": data_seed, "split": split_seed, **{m.name: m.seed for m in members}}, started=started))
     failed = [m for m in members if m.status == "failed"]
     if failed:
         m = failed[0]
@@ -434,7 +453,7 @@ def _cmd(args) -> int:
     else:
         grid = load_grid(args.grid)
     statuses = train_grid(args.store, grid, args.out, tokens=args.tokens, checkpoint_every=args.checkpoint_every,
-                          device=args.device, heldout=args.heldout, data_seed=args.seed,
+                          device=args.device, heldout=args.heldout, data_seed=args.seed, split_seed=args.split_seed,
                           token_kind=None if args.token_kind == "all" else args.token_kind,
                           restart_stale=args.restart_stale)
     print(f"trained {len(statuses)} SAE(s) into {args.out}")
@@ -452,8 +471,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--tokens", type=positive_int, default=None, help="override every entry's training tokens")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
     p.add_argument("--device", type=device_arg, default="cpu")
-    p.add_argument("--heldout", type=open_fraction, default=0.1, help="last fraction of images kept out of training")
+    p.add_argument("--heldout", type=open_fraction, default=0.1, help="fraction of images kept out of training")
     p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
+    p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the train / held-out split of the images")
     p.add_argument("--restart-stale", action="store_true",
                    help="if --out holds an unfinished run with other settings, discard it and start over")
     p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])
