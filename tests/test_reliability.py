@@ -19,7 +19,7 @@ import yaml
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.store import ActivationStore
-from visae.synth import synth_store
+from visae.tools.synth import synth_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEMP_GLOB = ".*.tmp"  # the names of visae's temporary files (visae.atomic.TEMP_GLOB)

@@ -154,6 +154,6 @@ def _loader_ratio(sae, d, batch, n_batches):
     return t_mem / t_store, t_store, t_mem
 
 
-if __name__ == "__main__":  # manual run: python -m visae.bench_train
+if __name__ == "__main__":  # manual run: python -m visae.tools.bench_train
     import json
     print(json.dumps(bench_train(), indent=1, default=str))

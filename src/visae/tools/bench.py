@@ -20,7 +20,7 @@ from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.provenance import device_info, package_versions
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 
@@ -180,7 +180,7 @@ def add_cli(sub) -> None:
 
 
 def _bench_train_cli(a) -> int:
-    from visae.bench_train import bench_train
+    from visae.tools.bench_train import bench_train
     result = bench_train(d=a.d, expansion=a.expansion, batch=a.batch, k=a.k, threads=a.threads,
                          dtype=a.dtype, device=a.device)
     result.pop("passed", None)
