@@ -24,7 +24,7 @@ COMMANDS = {
     "fetch": ("visae.data.cli", "get a dataset's files, checksum-verified"),
     "datasets": ("visae.data.cli", "inspect datasets"),
     "models": ("visae.models.cli", "inspect backbones"),
-    "pretrain": ("visae.pretrain", "train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo"),
+    "pretrain": ("visae.pretrain.loop", "train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo"),
     "extract": ("visae.extract", "record ViT activations into activation stores"),
     "verify": ("visae.store.cli", "check an activation store's files against their sha256"),
     "bench": ("visae.tools.bench", "performance benchmarks, each against its limit"),
