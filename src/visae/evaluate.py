@@ -141,7 +141,7 @@ def write_outputs(out, metrics: dict, latents: dict, config: dict, started: floa
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished evaluation
 
 
-def _cmd(args) -> int:
+def cmd_evaluate(args) -> int:
     started = time.time()
     metrics, latents = evaluate(args.store, args.sae, heldout=args.heldout, batch_size=args.batch_size,
                                 device=args.device)
@@ -153,8 +153,7 @@ def _cmd(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="SAE metrics on the held-out part of a store",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True)
     p.add_argument("--sae", required=True, help="SAE checkpoint directory")
     p.add_argument("--heldout", type=open_fraction, default=None,
@@ -162,4 +161,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=positive_int, default=8192)
     p.add_argument("--device", type=device_arg, default="cpu")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_evaluate)
