@@ -68,3 +68,53 @@ def test_unknown_command_is_refused(capsys):
     assert cli.main(["no-such-command"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "invalid choice: 'no-such-command'" in err
+
+
+def _parsers(parser, path=()):
+    """(command path, parser) for every parser below `parser`, sub-sub-commands included."""
+    for action in parser._actions:
+        if isinstance(action.choices, dict):
+            for name, child in action.choices.items():
+                yield (*path, name), child
+                yield from _parsers(child, (*path, name))
+
+
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_handlers_are_named_after_their_command(name):
+    """Every handler is `cmd_<command>[_<subcommand>]`, and the module registers no help of its own
+    for the command: the table's line is the one `visae --help` shows."""
+    parser = cli.build_parser(name)
+    handlers = {path: p.get_default("func") for path, p in _parsers(parser) if path[0] == name
+                and p.get_default("func") is not None}
+    assert handlers, f"{name}: no handler"
+    for path, func in handlers.items():
+        assert func.__name__ == "cmd_" + "_".join(path).replace("-", "_"), (path, func)
+        assert func.__module__ == cli.COMMANDS[name][0]
+    sub = parser._subparsers._group_actions[0]
+    assert name not in {a.dest for a in sub._choices_actions}, f"{name}: its module passes help= too"
+
+
+def _corrupt_partial_checkpoint(tmp_path):
+    from visae.tools.synth import synth_store
+
+    synth_store(tmp_path / "store", d=8, atoms=8, k=2, images=4, tokens_per_image=4)
+    (tmp_path / "sae" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "sae" / "checkpoint" / "config.json").write_text("{trunc")
+    return ["evaluate", "--store", str(tmp_path / "store"), "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "e")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (lambda t: ["datasets", "show", "fashion-mnist", "--option", "x=["], "--option 'x=[': the value is not valid YAML"),
+    (lambda t: ["extract", "--config", str(t / "bad.yaml"), "--model", "m", "--dataset", "d", "--layers", "1",
+                "--out", str(t / "o")], "bad.yaml is not valid YAML"),
+    (lambda t: ["extract", "--config", str(t / "list.yaml"), "--model", "m", "--dataset", "d", "--layers", "1",
+                "--out", str(t / "o")], "list.yaml: models: must map names to entries"),
+    (_corrupt_partial_checkpoint, "SAE 'sae' did not finish (interrupted)"),
+], ids=["option-yaml", "config-yaml", "config-section", "partial-checkpoint"])
+def test_corrupt_user_input_is_one_line(argv, message, tmp_path, capsys):
+    """Broken files and values the user gave are their mistakes, not tracebacks."""
+    (tmp_path / "bad.yaml").write_text("models: [\n")
+    (tmp_path / "list.yaml").write_text("models: [1, 2]\n")
+    assert cli.main(argv(tmp_path)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae: error: ") and message in err[0], err

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from visae.cli import build_parser
+from visae.cli import COMMANDS, build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
@@ -75,11 +75,12 @@ def rule_blocks() -> dict[str, tuple[Path, str]]:
 
 
 def command_modules() -> dict[str, set[str]]:
-    """`visae <command>` -> the modules of its handlers (sub-commands included)."""
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    """`visae <command>` -> the modules of its handlers (sub-commands included). Each command's own
+    parser is built: without a command, the CLI has only help stubs, which have no handlers."""
     out = {}
-    for name, parser in sub.choices.items():
-        parsers, modules = [parser], set()
+    for name in COMMANDS:
+        sub = next(a for a in build_parser(name)._actions if a.dest == "command")
+        parsers, modules = [sub.choices[name]], set()
         while parsers:
             p = parsers.pop()
             if p.get_default("func") is not None:
@@ -114,6 +115,14 @@ def test_stage_deps_cover_the_code_it_runs(name):
     missing = sorted(str(f.relative_to(REPO)) for f in stage_needs(STAGES[name])
                      if not any(f == d or d in f.parents for d in deps))
     assert not missing, f"dvc.yaml stage {name!r} lacks deps: {', '.join(missing)}"
+
+
+def test_every_command_has_its_handler_modules():
+    """The handlers come from the command modules, not the help stubs (which would check nothing)."""
+    modules = command_modules()
+    assert set(modules) == set(COMMANDS)
+    for name, (module, _) in COMMANDS.items():
+        assert modules[name] == {module}, name
 
 
 def test_the_graph_is_followed():

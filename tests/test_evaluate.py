@@ -14,7 +14,7 @@ import yaml
 from visae.cli import main
 from visae.sae import load, split_images
 from visae.store import ActivationStore
-from visae.synth import synth_store
+from visae.tools.synth import synth_store
 
 
 # Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.

@@ -155,7 +155,7 @@ def test_simclr_runs_views_differ(fashion_mnist_dir, tmp_path):
 
 def test_nan_loss_stops_and_leaves_no_model(fashion_mnist_dir, tmp_path, monkeypatch):
     (tmp_path / "model.safetensors").write_bytes(b"stale")
-    monkeypatch.setattr("visae.pretrain.nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
+    monkeypatch.setattr("visae.pretrain.loop.nt_xent", lambda z1, z2, t: (z1.sum() + z2.sum()) * float("nan"))
     with pytest.raises(VisaeError, match=r"loss became nan at step 1 .*lower --lr"):
         _run(tmp_path, fashion_mnist_dir, objective="simclr", steps=3)
     assert not (tmp_path / "model.safetensors").exists()

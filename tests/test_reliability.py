@@ -19,13 +19,13 @@ import yaml
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.store import ActivationStore
-from visae.synth import synth_store
+from visae.tools.synth import synth_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEMP_GLOB = ".*.tmp"  # the names of visae's temporary files (visae.atomic.TEMP_GLOB)
 # Imported once here, not in every forked run below.
 import timm  # noqa: E402,F401
-import visae.pretrain, visae.extract, visae.report.collect, visae.report.tables  # noqa: E402,F401,E401
+import visae.pretrain.loop, visae.extract, visae.report.collect, visae.report.tables  # noqa: E402,F401,E401
 
 GRID = [{"name": "topk", "architecture": "topk", "k": 3, "expansion": 2, "lr": 3e-3, "lr_warmup": 2,
          "batch_size": 64}]

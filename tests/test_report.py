@@ -14,7 +14,7 @@ from visae.cli import main
 from visae.errors import VisaeError
 from visae.layout import Layout
 from visae.report import collect_rows, match_latents
-from visae.synth import synth_store
+from visae.tools.synth import synth_store
 
 SAES = ["topk", "relu", "btk"]
 MODEL, LAYER, PASS = "synthetic", 0, "grid"

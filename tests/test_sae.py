@@ -8,7 +8,7 @@ import torch
 from visae.sae import (BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE, build_sae,
                        estimate_normalisation, load, lr_at, save, sparsity_at)
 from visae.sae.modules import INITS
-from visae.synth import make_atoms, synth_tokens
+from visae.tools.synth import make_atoms, synth_tokens
 
 
 # Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.

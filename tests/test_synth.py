@@ -13,7 +13,7 @@ import yaml
 from visae.cli import main
 from visae.sae import load
 from visae.store import ActivationStore
-from visae.synth import load_atoms, recovery
+from visae.tools.synth import load_atoms, recovery
 
 
 # Tiny matmuls: one thread avoids OpenMP hand-off costs on a busy 2-core machine.

@@ -17,7 +17,7 @@ import yaml
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.sae import load
-from visae.synth import synth_store
+from visae.tools.synth import synth_store
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = ("import sys, torch; torch.set_num_threads(1); from visae.cli import main; "

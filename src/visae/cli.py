@@ -24,14 +24,14 @@ COMMANDS = {
     "fetch": ("visae.data.cli", "get a dataset's files, checksum-verified"),
     "datasets": ("visae.data.cli", "inspect datasets"),
     "models": ("visae.models.cli", "inspect backbones"),
-    "pretrain": ("visae.pretrain", "train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo"),
+    "pretrain": ("visae.pretrain.loop", "train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo"),
     "extract": ("visae.extract", "record ViT activations into activation stores"),
     "verify": ("visae.store.cli", "check an activation store's files against their sha256"),
-    "bench": ("visae.bench", "performance benchmarks, each against its limit"),
-    "synth": ("visae.synth", "write a ground-truth activation store from a planted dictionary"),
+    "bench": ("visae.tools.bench", "performance benchmarks, each against its limit"),
+    "synth": ("visae.tools.synth", "write a ground-truth activation store from a planted dictionary"),
     "train": ("visae.sae.train", "train a grid of SAEs on one activation store"),
     "evaluate": ("visae.evaluate", "SAE metrics on the held-out part of a store"),
-    "container": ("visae.container", "build the CUDA image / run snakemake in it (Docker)"),
+    "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }
 

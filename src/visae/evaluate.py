@@ -149,7 +149,7 @@ def write_outputs(out, metrics: dict, latents: dict, config: dict, started: floa
     write_json(out / "metrics.json", metrics)  # last: its presence marks a finished evaluation
 
 
-def _cmd(args) -> int:
+def cmd_evaluate(args) -> int:
     started = time.time()
     metrics, latents = evaluate(args.store, args.sae, heldout=args.heldout, batch_size=args.batch_size,
                                 device=args.device, allow_mismatch=args.allow_mismatch)
@@ -163,8 +163,7 @@ def _cmd(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="SAE metrics on the held-out part of a store",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True)
     p.add_argument("--sae", required=True, help="SAE checkpoint directory")
     p.add_argument("--heldout", type=open_fraction, default=None,
@@ -174,4 +173,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="evaluate an SAE trained on another model or layer than the store's (metrics.json says so)")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_evaluate)

@@ -410,15 +410,20 @@ def _named(args, section: str, name: str) -> dict | None:
     path = Path(args.config)
     if not path.is_file():
         raise VisaeError(f"config file {path} does not exist")
-    entries = (yaml.safe_load(path.read_text()) or {}).get(section) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise VisaeError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    entries = (config.get(section) if isinstance(config, dict) else None) or {}
+    if not isinstance(entries, dict):
+        raise VisaeError(f"config file {path}: {section}: must map names to entries")
     if name in entries:
         return {"name": name, **entries[name]}
     return None
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("extract", help="record ViT activations into activation stores",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("extract", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--dataset", required=True,
                    help="FORMAT[:ROOT] (e.g. imagefolder:DIR, camvid:DIR, fashion-mnist) or a name in --config")
@@ -441,7 +446,7 @@ def add_cli(sub) -> None:
                    help="leave out images that cannot be read (decoded once first) and list them in "
                         "meta.json's dataset.skipped_images; by default an unreadable image stops the run")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_cli)
+    p.set_defaults(func=cmd_extract)
 
 
 def _in_config(args, section: str, name: str, opener, spec: dict):
@@ -456,7 +461,7 @@ def _in_config(args, section: str, name: str, opener, spec: dict):
         raise VisaeError(f"{section}.{entry['name']}{where}: {err}") from None
 
 
-def _cli(args) -> int:
+def cmd_extract(args) -> int:
     from visae.data import open_dataset
     from visae.models import load_backbone
 

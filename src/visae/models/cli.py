@@ -11,7 +11,7 @@ import json
 
 
 def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="inspect backbones")
+    parser = subparsers.add_parser("models")
     sub = parser.add_subparsers(dest="models_command", metavar="<subcommand>", required=True)
     show = sub.add_parser("show", help="load a backbone and print its token layout as JSON")
     show.add_argument("spec", metavar="SPEC",
@@ -19,10 +19,10 @@ def add_cli(subparsers) -> None:
                            "timm:vit_base_patch14_reg4_dinov2.lvd142m; no tag = random init")
     show.add_argument("--weights", metavar="PATH", default=None, help="local weights file")
     show.add_argument("--image-size", metavar="N", type=int, default=None, help="input resolution")
-    show.set_defaults(func=_show)
+    show.set_defaults(func=cmd_models_show)
 
 
-def _show(args: argparse.Namespace) -> int:
+def cmd_models_show(args: argparse.Namespace) -> int:
     from visae.models import load_backbone, parse_model_arg
 
     spec = parse_model_arg(args.spec)

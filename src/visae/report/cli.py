@@ -17,7 +17,7 @@ def _config(args, command: str) -> dict:
     return cfg
 
 
-def _tables(args) -> int:
+def cmd_report_tables(args) -> int:
     from visae.report.collect import collect_rows
     from visae.report.tables import write_tables
 
@@ -30,7 +30,7 @@ def _tables(args) -> int:
     return 0
 
 
-def _figures(args) -> int:
+def cmd_report_figures(args) -> int:
     from visae.report.collect import collect_rows, load_log, match_latents
     from visae.report.figures import write_figures
 
@@ -46,14 +46,13 @@ def _figures(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("report", help="result tables and figures from evaluations",
-                              description=__doc__)
+    p = subparsers.add_parser("report", description=__doc__)
     sub = p.add_subparsers(dest="report_command", metavar="<what>", required=True)
     t = sub.add_parser("tables", help="saes.md / saes.csv / saes.tex: one row per evaluated SAE")
     t.add_argument("--metrics", nargs="+", required=True, metavar="METRICS_JSON",
                    help="metrics.json files written by `visae evaluate`")
     t.add_argument("--out", required=True, help="output folder")
-    t.set_defaults(func=_tables)
+    t.set_defaults(func=cmd_report_tables)
     f = sub.add_parser("figures", help="per model: frontier_<m>, latent_freq_<m>, training_<m> (.png and .pdf)")
     f.add_argument("--metrics", nargs="+", required=True, metavar="METRICS_JSON",
                    help="metrics.json files written by `visae evaluate`")
@@ -62,4 +61,4 @@ def add_cli(subparsers) -> None:
     f.add_argument("--logs", nargs="*", default=None, metavar="LOG_CSV",
                    help="SAE training log.csv files (beside each checkpoint's config.json)")
     f.add_argument("--out", required=True, help="output folder")
-    f.set_defaults(func=_figures)
+    f.set_defaults(func=cmd_report_figures)

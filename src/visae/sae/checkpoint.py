@@ -37,7 +37,10 @@ def read_config(path: str | Path) -> dict:
     if not cfg_path.is_file():
         partial = directory / "checkpoint" / CONFIG
         if partial.is_file():
-            info = json.loads(partial.read_text())
+            try:
+                info = json.loads(partial.read_text())
+            except ValueError:
+                info = {}  # a corrupt last checkpoint: still an SAE that did not finish
             raise VisaeError(f"SAE {directory.name!r} did not finish ({info.get('status', 'interrupted')}"
                              f"{': ' + info['failure'] if info.get('failure') else ''}); its last good "
                              f"checkpoint is {directory / 'checkpoint'}")

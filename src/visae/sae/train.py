@@ -443,7 +443,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     return {m.name: m.status for m in members}
 
 
-def _cmd(args) -> int:
+def cmd_train(args) -> int:
     torch.manual_seed(0)
     if args.grid_json is not None:
         try:
@@ -461,8 +461,7 @@ def _cmd(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train a grid of SAEs on one activation store",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True, help="activation store directory")
     grid = p.add_mutually_exclusive_group(required=True)
     grid.add_argument("--grid", help="YAML list of SAE entries (the config's saes:)")
@@ -477,4 +476,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--restart-stale", action="store_true",
                    help="if --out holds an unfinished run with other settings, discard it and start over")
     p.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"])
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_train)

@@ -9,13 +9,12 @@ from visae.store.reader import read_meta, verify_store
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("verify", help="check an activation store: meta.json (keys, types, digest) and every shard's sha256",
-                       description=__doc__)
+    p = sub.add_parser("verify", description=__doc__)
     p.add_argument("stores", nargs="+", metavar="DIR", help="store directories (with meta.json)")
-    p.set_defaults(func=_cli)
+    p.set_defaults(func=cmd_verify)
 
 
-def _cli(args) -> int:
+def cmd_verify(args) -> int:
     bad = 0
     for root in args.stores:
         try:

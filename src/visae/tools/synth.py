@@ -88,7 +88,7 @@ def recovery(atoms: np.ndarray, decoder: np.ndarray) -> dict:
             "frac_above_0.9": float((best >= 0.9).mean()), "hungarian_mean_cos": float(cos[rows, cols].mean())}
 
 
-def _cmd(args) -> int:
+def cmd_synth(args) -> int:
     synth_store(args.out, d=args.d, atoms=args.atoms, k=args.k, images=args.images,
                 tokens_per_image=args.tokens_per_image, noise=args.noise, seed=args.seed, dtype=args.dtype)
     print(f"wrote a synthetic store to {args.out}")
@@ -96,8 +96,7 @@ def _cmd(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("synth", help="write a ground-truth activation store from a planted dictionary",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("synth", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--d", type=positive_int, default=64, help="model dimension")
     p.add_argument("--atoms", type=positive_int, default=256, help="planted dictionary size")
@@ -107,4 +106,4 @@ def add_cli(subparsers) -> None:
     p.add_argument("--noise", type=nonneg_float, default=0.01)
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--dtype", default="float32")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_synth)

@@ -1,4 +1,4 @@
-"""`visae pretrain`: the offline demo's pair of tiny ViTs, trained on real Fashion-MNIST.
+"""`visae pretrain`: the training loop of the offline demo's tiny ViTs, its outputs and its CLI.
 
 Two pre-training objectives, the paper's CLIP-vs-DINOv2 contrast in miniature:
 - `supervised`: cross-entropy on the CLS head, with the 10 garment labels;
@@ -33,9 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visae.analysis.probes import probe_scores
 from visae.args import device as device_arg, nonneg_float, nonneg_int, positive_float, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
+from visae.pretrain.objectives import ProjectionHead, nt_xent
+from visae.pretrain.pixels import Pixels, flip_views, simclr_views
 from visae.provenance import provenance
 
 OBJECTIVES = ("supervised", "simclr")
@@ -68,215 +71,6 @@ OBJECTIVE_DEFAULTS = {
     "supervised": {"epochs": 4, "batch_size": 64, "lr": 3e-3},
     "simclr": {"epochs": 2, "batch_size": 128, "lr": 2e-3},
 }
-
-
-# --------------------------------------------------------------------------- pixels
-
-class Pixels:
-    """The backbone's own preprocessing, applied to uint8 greyscale images in batches.
-
-    Geometry (resize/crop) runs once per image on PIL 'L' images and is cached as uint8; the value
-    steps (to-tensor, normalise) run per batch. `check` proves the result equals the backbone's
-    transform on the RGB image the dataset yields, bit for bit.
-    """
-
-    _GEOMETRIC = {"Resize", "CenterCrop", "ResizeKeepRatio", "CenterCropOrPad"}
-    _TO_FLOAT = {"ToTensor", "MaybeToTensor"}
-
-    def __init__(self, transform):
-        self.transform = transform
-        steps = list(getattr(transform, "transforms", [transform]))
-        kinds = [getattr(s, "__name__", None) or type(s).__name__ for s in steps]
-        self.geometry, rest = [], []
-        for step, kind in zip(steps, kinds):
-            (self.geometry if kind in self._GEOMETRIC and not rest else rest).append((kind, step))
-        mean = std = None
-        fast = len(rest) in (1, 2) and rest[0][0] in self._TO_FLOAT
-        if fast and len(rest) == 2:
-            fast = rest[1][0] == "Normalize"
-            if fast:
-                mean = torch.as_tensor(rest[1][1].mean, dtype=torch.float32).reshape(-1, 1, 1)
-                std = torch.as_tensor(rest[1][1].std, dtype=torch.float32).reshape(-1, 1, 1)
-        self.fast = fast
-        self.mean = mean if mean is not None else torch.zeros(3, 1, 1)
-        self.std = std if std is not None else torch.ones(3, 1, 1)
-
-    def geometry_u8(self, gray: np.ndarray) -> np.ndarray:
-        """(N, H, W) uint8 -> (N, h, w) uint8 after the transform's resize/crop."""
-        from PIL import Image
-
-        if not self.fast:
-            return np.ascontiguousarray(gray)
-        out = []
-        for a in gray:
-            im = Image.fromarray(a, "L")
-            for _, step in self.geometry:
-                im = step(im)
-            out.append(np.asarray(im))
-        return np.stack(out) if out else np.zeros((0, *gray.shape[1:]), np.uint8)
-
-    def to_unit(self, u8: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) uint8 -> (B, 3, h, w) float in [0, 1] (what ToTensor gives)."""
-        return u8.unsqueeze(1).to(torch.float32).div(255).expand(-1, 3, -1, -1)
-
-    def normalise(self, unit: torch.Tensor) -> torch.Tensor:
-        return (unit - self.mean) / self.std
-
-    def batch(self, u8: torch.Tensor) -> torch.Tensor:
-        """Cached uint8 geometry -> model input, equal to `transform(image)` for each image."""
-        if not self.fast:
-            from PIL import Image
-            return torch.stack([self.transform(Image.fromarray(a.numpy(), "L").convert("RGB")) for a in u8])
-        return self.normalise(self.to_unit(u8))
-
-    def check(self, gray: np.ndarray) -> None:
-        from PIL import Image
-
-        if not self.fast or len(gray) == 0:
-            return
-        ref = torch.stack([self.transform(Image.fromarray(a, "L").convert("RGB")) for a in gray])
-        got = self.batch(torch.from_numpy(self.geometry_u8(gray)))
-        if got.shape != ref.shape or not torch.equal(got, ref):
-            # Not an exact match: fall back to the transform itself, image by image (slow, exact).
-            self.fast = False
-
-
-# --------------------------------------------------------------------------- augmentations
-
-def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
-    return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-
-def simclr_views(unit: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One random view per image of a (B, C, H, W) batch in [0, 1], for 28x28 greyscale garments.
-
-    Random resized crop (area 35-100 %, aspect 3/4-4/3), horizontal flip, rotation up to 15
-    degrees (one affine warp, black outside), brightness/contrast jitter, and random erasing of a
-    small rectangle with probability 0.5. Every random number comes from `gen`.
-    """
-    b, _, h, w = unit.shape
-    area = _uniform(gen, b, 0.35, 1.0)
-    log_ratio = _uniform(gen, b, math.log(3 / 4), math.log(4 / 3))
-    ratio = log_ratio.exp()
-    sw = (area * ratio).sqrt().clamp(max=1.0)
-    sh = (area / ratio).sqrt().clamp(max=1.0)
-    cx = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sw)
-    cy = (torch.rand(b, generator=gen) * 2 - 1) * (1 - sh)
-    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
-    angle = _uniform(gen, b, -15.0, 15.0) * (math.pi / 180)
-    cos, sin = angle.cos(), angle.sin()
-    theta = torch.stack([
-        torch.stack([cos * sw * flip, -sin * sh, cx], dim=1),
-        torch.stack([sin * sw * flip, cos * sh, cy], dim=1),
-    ], dim=1)
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    x = F.grid_sample(unit[:, :1], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    contrast = _uniform(gen, b, 0.6, 1.4).view(b, 1, 1, 1)
-    bright = _uniform(gen, b, -0.15, 0.15).view(b, 1, 1, 1)
-    x = (x * contrast + bright * (x > 0)).clamp(0, 1)  # background stays black
-    erase = torch.rand(b, generator=gen) < 0.5
-    ea = _uniform(gen, b, 0.02, 0.15) * h * w
-    er = _uniform(gen, b, math.log(0.3), math.log(3.3)).exp()
-    eh = (ea * er).sqrt().clamp(1, h - 1).floor()
-    ew = (ea / er).sqrt().clamp(1, w - 1).floor()
-    ey = (torch.rand(b, generator=gen) * (h - eh + 1)).floor()
-    ex = (torch.rand(b, generator=gen) * (w - ew + 1)).floor()
-    rows = torch.arange(h, dtype=torch.float32).view(1, h, 1)
-    cols = torch.arange(w, dtype=torch.float32).view(1, 1, w)
-    box = ((rows >= ey.view(b, 1, 1)) & (rows < (ey + eh).view(b, 1, 1))
-           & (cols >= ex.view(b, 1, 1)) & (cols < (ex + ew).view(b, 1, 1)) & erase.view(b, 1, 1))
-    x = x.masked_fill(box.unsqueeze(1), 0.0)
-    return x.expand(-1, unit.shape[1], -1, -1)
-
-
-def flip_views(unit: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Supervised augmentation: random horizontal flip."""
-    flip = (torch.rand(unit.shape[0], generator=gen) < 0.5).view(-1, 1, 1, 1)
-    return torch.where(flip, unit.flip(-1), unit)
-
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """SimCLR's normalised-temperature cross-entropy over 2B views (positives: the other view)."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    n = z1.shape[0]
-    sim = (z @ z.t()) / temperature
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
-
-
-class ProjectionHead(torch.nn.Module):
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__()
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(d_in, 2 * d_in), torch.nn.GELU(), torch.nn.Linear(2 * d_in, d_out)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def features(model, pixels: Pixels, u8: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Final CLS features (after the last norm) and, if the model has a class head, its logits."""
-    was_training = model.training
-    model.eval()
-    feats, logits = [], []
-    has_head = getattr(model, "num_classes", 0) > 0
-    for i in range(0, len(u8), batch_size):
-        x = pixels.batch(u8[i:i + batch_size]).to(device)
-        f = model.forward_head(model.forward_features(x), pre_logits=True)
-        feats.append(f.float().cpu())
-        if has_head:
-            logits.append(model.head(f).float().cpu())
-    model.train(was_training)
-    return torch.cat(feats), (torch.cat(logits) if has_head else None)
-
-
-def knn_accuracy(train_f, train_y, test_f, test_y, k: int = 20, t: float = 0.07) -> float:
-    """Weighted cosine kNN (as in DINO's evaluation)."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    k = min(k, len(train_f))
-    correct = 0
-    for i in range(0, len(test_f), 512):
-        sim = test_f[i:i + 512] @ train_f.t()
-        top, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(top), N_CLASSES).scatter_add_(1, train_y[idx], (top / t).exp())
-        correct += int((votes.argmax(1) == test_y[i:i + 512]).sum())
-    return correct / len(test_f)
-
-
-def linear_probe_accuracy(train_f, train_y, test_f, test_y, steps: int = 300, lr: float = 0.05,
-                          weight_decay: float = 1e-4) -> float:
-    """Softmax regression on standardised features, full batch (deterministic)."""
-    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(0)
-        probe = torch.nn.Linear(xtr.shape[1], N_CLASSES)
-        opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
-        for _ in range(steps):
-            loss = F.cross_entropy(probe(xtr), train_y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        return float((probe(xte).argmax(1) == test_y).float().mean())
-
-
-def evaluate(model, pixels: Pixels, bank_u8, bank_y, test_u8, test_y, batch_size: int, device,
-             knn_k: int) -> dict[str, float]:
-    ftr, _ = features(model, pixels, bank_u8, batch_size, device)
-    fte, logits = features(model, pixels, test_u8, batch_size, device)
-    out = {
-        "knn_acc": round(knn_accuracy(ftr, bank_y, fte, test_y, k=knn_k), 4),
-        "linear_probe_acc": round(linear_probe_accuracy(ftr, bank_y, fte, test_y), 4),
-    }
-    if logits is not None:
-        out["head_acc"] = round(float((logits.argmax(1) == test_y).float().mean()), 4)
-    return out
 
 
 # --------------------------------------------------------------------------- training
@@ -454,7 +248,7 @@ def pretrain(
     baseline = None
     with _deterministic():
         if init_baseline:
-            baseline = evaluate(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k)
+            baseline = probe_scores(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k, N_CLASSES)
         head = ProjectionHead(model.num_features, proj_dim).to(device) if objective == "simclr" else None
         params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
         decay = [p for p in params if p.ndim >= 2]
@@ -464,7 +258,7 @@ def pretrain(
         rows, t_train, last_loss = _train_loop(
             objective, model, head, opt, pixels, train_u8, labels_train, gen, total, batch, lr, warmup,
             grad_clip, temperature, device, progress)
-        metrics = evaluate(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k)
+        metrics = probe_scores(model, pixels, bank_u8, bank_y, test_u8, test_y, 512, device, knn_k, N_CLASSES)
 
     tail = [r["loss"] for r in rows[-max(1, min(20, len(rows) // 5)):]]
     metrics.update({
@@ -604,7 +398,7 @@ def apply_entry(args: argparse.Namespace) -> None:
     args.mlp_ratio = float((entry.get("model_kwargs") or {}).get("mlp_ratio", 4.0))
 
 
-def _cmd(args: argparse.Namespace) -> int:
+def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.model is not None:
         apply_entry(args)
     if args.objective is None:
@@ -630,9 +424,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers) -> None:
     d = DEFAULTS
-    p = subparsers.add_parser(
-        "pretrain", help="train a tiny ViT on Fashion-MNIST (supervised or SimCLR) for the offline demo",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = subparsers.add_parser("pretrain", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--objective", default=None, help=f"one of {', '.join(OBJECTIVES)}")
     p.add_argument("--model", default=None, metavar="ENTRY_JSON",
                    help="a models: entry as a JSON object with its name and pretrain: block (what the workflow "
@@ -671,4 +463,4 @@ def add_cli(subparsers) -> None:
                    help="CPU threads for torch (default: torch's own, one per core); give the job's "
                         "share of the cores when jobs run side by side: oversubscribed threads spin")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=cmd_pretrain)

@@ -110,6 +110,7 @@ def bench_train(d: int = 384, expansion: int = 16, batch: int = 4096, k: int = 3
         "tokens_per_s": {"relu": relu_tps, "topk": topk_tps},
         "topk_speedup_best_of": topk_tps / relu_tps,
         "loader_tokens_per_s": {"store": batch * loader_batches / t_store, "memory": batch * loader_batches / t_mem},
+        "round_s": times,  # per round, in turns: the median ratios come from these
     }
     ratios = {"relu_flops": relu_ratio, "topk_speedup": topk_speedup,
               "loader": loader_ratio}
@@ -154,6 +155,6 @@ def _loader_ratio(sae, d, batch, n_batches):
     return t_mem / t_store, t_store, t_mem
 
 
-if __name__ == "__main__":  # manual run: python -m visae.bench_train
+if __name__ == "__main__":  # manual run: python -m visae.tools.bench_train
     import json
     print(json.dumps(bench_train(), indent=1, default=str))

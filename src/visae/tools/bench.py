@@ -20,7 +20,7 @@ from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.provenance import device_info, package_versions
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
 
 
@@ -143,8 +143,7 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("bench", help="performance benchmarks, each against its limit",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
     e = bsub.add_parser("extract", help="extraction images/s vs the forward pass alone")
     e.add_argument("--model", default="open_clip:ViT-B-16")
@@ -156,8 +155,7 @@ def add_cli(sub) -> None:
     e.add_argument("--image-size", type=int)
     e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--out", default="results/bench")
-    e.set_defaults(func=lambda a: bool(bench_extract(a.model, a.dataset, a.layers, a.images, a.batch_size,
-                                                     a.workers, a.device, a.image_size, Path(a.out))) and 0)
+    e.set_defaults(func=cmd_bench_extract)
     lo = bsub.add_parser("loader", help="loader tokens/s vs a plain sequential read")
     lo.add_argument("--store", help="an existing store (default: a synthetic one)")
     lo.add_argument("--batch-size", type=int, default=4096)
@@ -165,6 +163,7 @@ def add_cli(sub) -> None:
     lo.add_argument("--d-model", type=int, default=384)
     lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     lo.add_argument("--out", default="results/bench")
+    lo.set_defaults(func=cmd_bench_loader)
     t = bsub.add_parser("train", help="SAE training step FLOP/s vs torch.matmul, TopK speed-up, loader")
     t.add_argument("--d", type=int, default=384)
     t.add_argument("--expansion", type=int, default=16)
@@ -174,13 +173,22 @@ def add_cli(sub) -> None:
     t.add_argument("--dtype", default="float32")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", default="results/bench")
-    t.set_defaults(func=_bench_train_cli)
-    lo.set_defaults(func=lambda a: bool(bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model,
-                                                     dtype=a.dtype, out_dir=Path(a.out))) and 0)
+    t.set_defaults(func=cmd_bench_train)
 
 
-def _bench_train_cli(a) -> int:
-    from visae.bench_train import bench_train
+def cmd_bench_extract(a) -> int:
+    bench_extract(a.model, a.dataset, a.layers, a.images, a.batch_size, a.workers, a.device, a.image_size,
+                  Path(a.out))
+    return 0
+
+
+def cmd_bench_loader(a) -> int:
+    bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model, dtype=a.dtype, out_dir=Path(a.out))
+    return 0
+
+
+def cmd_bench_train(a) -> int:
+    from visae.tools.bench_train import bench_train
     result = bench_train(d=a.d, expansion=a.expansion, batch=a.batch, k=a.k, threads=a.threads,
                          dtype=a.dtype, device=a.device)
     result.pop("passed", None)

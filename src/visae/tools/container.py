@@ -357,7 +357,7 @@ def _username(uid: int) -> str:
         return os.environ.get("USER") or f"uid{uid}"
 
 
-def cmd_build(args: argparse.Namespace) -> int:
+def cmd_container_build(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve() if args.repo else find_repo()
     buildargs = _key_values(args.build_arg, "--build-arg")
     if args.base_image:
@@ -379,7 +379,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_container_run(args: argparse.Namespace) -> int:
     repo = Path(args.repo).resolve() if args.repo else find_repo()
     if not repo.is_dir():
         raise VisaeError(f"--repo {repo}: not a directory")
@@ -412,7 +412,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub) -> None:
-    p = sub.add_parser("container", help="build the CUDA image / run snakemake in it (Docker)")
+    p = sub.add_parser("container")
     csub = p.add_subparsers(dest="container_command", metavar="<build|run>", required=True)
 
     b = csub.add_parser("build", help="build the image from containers/Dockerfile")
@@ -426,7 +426,7 @@ def add_cli(sub) -> None:
                    help="network for RUN steps (host where the daemon has no bridge)")
     b.add_argument("--no-cache", action="store_true")
     b.add_argument("--pull", action="store_true", help="pull a newer base image first")
-    b.set_defaults(func=cmd_build)
+    b.set_defaults(func=cmd_container_build)
 
     r = csub.add_parser(
         "run",
@@ -443,4 +443,4 @@ def add_cli(sub) -> None:
     r.add_argument("--env", "-e", action="append", metavar="KEY[=VALUE]", help="extra env, repeatable")
     r.add_argument("--name", help="container name")
     r.add_argument("snakemake_args", nargs=argparse.REMAINDER, help="-- then snakemake's arguments")
-    r.set_defaults(func=cmd_run)
+    r.set_defaults(func=cmd_container_run)

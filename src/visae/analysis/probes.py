@@ -1,0 +1,75 @@
+"""Probes of a representation: a weighted kNN and a linear probe on its features.
+
+They score how much class information features carry (the demo's pretraining reports them for
+its ViTs; the interventions will score edited features with them). Both are deterministic: the
+kNN has no randomness, the probe trains full batch from a fixed seed inside its own RNG scope.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def features(model, pixels, u8: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A timm ViT's final CLS features (after the last norm) and, if it has a class head, its
+    logits; `pixels` turns a uint8 batch into model input (`visae.pretrain.Pixels`)."""
+    was_training = model.training
+    model.eval()
+    feats, logits = [], []
+    has_head = getattr(model, "num_classes", 0) > 0
+    for i in range(0, len(u8), batch_size):
+        x = pixels.batch(u8[i:i + batch_size]).to(device)
+        f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().cpu())
+        if has_head:
+            logits.append(model.head(f).float().cpu())
+    model.train(was_training)
+    return torch.cat(feats), (torch.cat(logits) if has_head else None)
+
+
+def knn_accuracy(train_f, train_y, test_f, test_y, n_classes: int, k: int = 20, t: float = 0.07) -> float:
+    """Weighted cosine kNN (as in DINO's evaluation)."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for i in range(0, len(test_f), 512):
+        sim = test_f[i:i + 512] @ train_f.t()
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(top), n_classes).scatter_add_(1, train_y[idx], (top / t).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + 512]).sum())
+    return correct / len(test_f)
+
+
+def linear_probe_accuracy(train_f, train_y, test_f, test_y, n_classes: int, steps: int = 300, lr: float = 0.05,
+                          weight_decay: float = 1e-4) -> float:
+    """Softmax regression on standardised features, full batch (deterministic)."""
+    mu, sd = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+    xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(0)
+        probe = torch.nn.Linear(xtr.shape[1], n_classes)
+        opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(xtr), train_y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return float((probe(xte).argmax(1) == test_y).float().mean())
+
+
+def probe_scores(model, pixels, bank_u8, bank_y, test_u8, test_y, batch_size: int, device, knn_k: int,
+                 n_classes: int) -> dict[str, float]:
+    """A model's kNN and linear-probe accuracy on `test` with `bank` as the labelled set, and its
+    own head's accuracy if it has one (rounded to 4 places, as the pretrain config records them)."""
+    ftr, _ = features(model, pixels, bank_u8, batch_size, device)
+    fte, logits = features(model, pixels, test_u8, batch_size, device)
+    out = {
+        "knn_acc": round(knn_accuracy(ftr, bank_y, fte, test_y, n_classes, k=knn_k), 4),
+        "linear_probe_acc": round(linear_probe_accuracy(ftr, bank_y, fte, test_y, n_classes), 4),
+    }
+    if logits is not None:
+        out["head_acc"] = round(float((logits.argmax(1) == test_y).float().mean()), 4)
+    return out

@@ -1,0 +1,1 @@
+"""Tools that are not stages of the data flow: benches, the docker launcher, a planted-feature store."""

@@ -1,0 +1,97 @@
+"""`visae bench extract|loader|train` at a tiny size (seconds): each prints and writes the JSON
+object DESIGN.md promises (`bench`, `device`, `params`, `ratios`, `goals`, raw figures), under
+`--out` and nowhere else, and every ratio is the quotient of the raw figures it claims.
+Timings themselves are noise here; the arithmetic that turns them into ratios is not."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from statistics import median_high
+
+import pytest
+
+from visae import cli
+from visae.tools import bench
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # `bench train --threads` sets torch's count
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"bench", "device", "params", "ratios", "goals", "meets_goals", "packages"}
+
+
+def run_bench(argv: list[str], out: Path, capsys) -> dict:
+    """`visae bench ...` through the CLI: the printed object, checked equal to the written file."""
+    assert cli.main(["bench", *argv, "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert sorted(p.name for p in out.iterdir()) == [f"{argv[0]}.json"]
+    written = json.loads((out / f"{argv[0]}.json").read_text())
+    assert written == printed
+    assert KEYS <= set(written) and written["bench"] == argv[0]
+    assert {"cuda", "torch_threads"} <= set(written["device"]) and "torch" in written["packages"]
+    assert set(written["ratios"]) == set(written["goals"]) == set(written["meets_goals"])
+    for name, ratio in written["ratios"].items():
+        assert ratio > 0 and written["meets_goals"][name] == (ratio >= written["goals"][name])
+    return written
+
+
+def test_extract(tmp_path, capsys, fashion_mnist_dir):
+    r = run_bench(["extract", "--model", "timm:vit_tiny_patch16_224", "--image-size", "32", "--dataset",
+                   f"fashion-mnist:{fashion_mnist_dir}", "--layers", "-2", "--images", "8", "--batch-size", "4",
+                   "--workers", "0", "--device", "cpu"], tmp_path / "bench", capsys)
+    p = r["params"]
+    assert (p["images"], p["batch_size"], p["layers"], p["image_size"]) == (8, 4, [10], [32, 32])
+    assert r["goals"] == {"extract_vs_forward": 0.8}
+    runs = r["forward_images_per_s_runs"]
+    assert len(runs) == 2 and r["forward_images_per_s"] == (runs[0] + runs[1]) / 2
+    assert r["ratios"]["extract_vs_forward"] == r["extract_images_per_s"] / r["forward_images_per_s"]
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["synthetic", "existing-store"])
+def test_loader(tmp_path, capsys, given):
+    argv = ["loader", "--batch-size", "16", "--d-model", "8", "--dtype", "float32"]
+    if given:
+        from visae.tools.synth import synth_store
+        argv += ["--store", str(synth_store(tmp_path / "store", d=8, atoms=8, k=2, images=12, tokens_per_image=4,
+                                            shard_images=5))]
+    else:
+        argv += ["--images", "16"]
+    r = run_bench(argv, tmp_path / "bench", capsys)
+    p = r["params"]
+    assert p["store"] == (str(tmp_path / "store") if given else "synthetic")
+    assert (p["n_tokens"], p["d_model"], p["batch_size"]) == ((12 * 4, 8, 16) if given else (16 * 196, 8, 16))
+    assert r["goals"] == {"loader_vs_sequential_read": 0.8}
+    assert r["ratios"]["loader_vs_sequential_read"] == r["loader_tokens_per_s"] / r["sequential_read_tokens_per_s"]
+
+
+def test_train(tmp_path, capsys):
+    r = run_bench(["train", "--d", "16", "--expansion", "2", "--batch", "64", "--k", "4", "--threads", "1",
+                   "--device", "cpu"], tmp_path / "bench", capsys)
+    p = r["params"]
+    assert (p["d"], p["width"], p["batch"], p["k"], p["threads"]) == (16, 32, 64, 4, 1)
+    assert p["flop_per_token"] == 12 * 16 * 32
+    assert r["goals"] == {"relu_flops": 0.8, "topk_speedup": 2.0, "loader": 0.9} and "passed" not in r
+    rounds = r["round_s"]
+    assert set(rounds) == {"matmul", "relu", "topk"} and len({len(v) for v in rounds.values()}) == 1
+    assert len(rounds["matmul"]) >= 5
+    # The headline ratios: medians of per-round ratios of times taken back to back.
+    assert r["ratios"]["relu_flops"] == median_high([m / s for m, s in zip(rounds["matmul"], rounds["relu"])])
+    assert r["ratios"]["topk_speedup"] == median_high([s / t for s, t in zip(rounds["relu"], rounds["topk"])])
+    # The best-of figures: the fastest round of each.
+    assert (r["matmul_s"], r["relu_step_s"], r["topk_step_s"]) == tuple(min(rounds[k]) for k in ("matmul", "relu", "topk"))
+    flop_step = p["flop_per_token"] * p["batch"]
+    assert r["matmul_flops"] == pytest.approx(flop_step / r["matmul_s"], rel=1e-12)
+    assert r["relu_flops_achieved"] == pytest.approx(flop_step / r["relu_step_s"], rel=1e-12)
+    assert r["relu_flops_best_of"] == pytest.approx(r["relu_flops_achieved"] / r["matmul_flops"], rel=1e-12)
+    assert r["relu_flops_actual"] == pytest.approx(r["ratios"]["relu_flops"] * 10 / 12, rel=1e-12)
+    tps = r["tokens_per_s"]
+    assert tps["relu"] == pytest.approx(p["batch"] / r["relu_step_s"], rel=1e-12)
+    assert tps["topk"] == pytest.approx(p["batch"] / r["topk_step_s"], rel=1e-12)
+    assert r["topk_speedup_best_of"] == pytest.approx(tps["topk"] / tps["relu"], rel=1e-12)
+    loader = r["loader_tokens_per_s"]
+    assert r["ratios"]["loader"] == pytest.approx(loader["store"] / loader["memory"], rel=1e-12)
+
+
+def test_default_images_are_found_from_the_repo_root():
+    assert bench.REPO_ROOT == REPO and (bench.REPO_ROOT / "Snakefile").is_file()
+    assert bench.DEFAULT_IMAGES == REPO.parent / "shared" / "data" / "imagenet-sample"
