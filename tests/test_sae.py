@@ -456,7 +456,7 @@ def test_initialisations():
 def test_default_init_recovers_planted_atoms_better_than_tied():
     """ReLU-L1 on a planted dictionary, identical batches: the default init finds the atoms
     (mean best cosine) better than the full-scale tied init visae used before."""
-    from visae.synth import recovery
+    from visae.tools.synth import recovery
     d, h, B, steps = 16, 128, 512, 150
     atoms = make_atoms(d, 32, 0)
     x = synth_tokens(atoms, B * steps, 3, 0.01, torch.Generator().manual_seed(1))
