@@ -66,7 +66,8 @@ def open_fraction(text: str) -> float:
 
 
 def device(text: str) -> str:
-    """A torch device that exists here: cpu, cuda, cuda:N (N < the GPU count) or mps."""
+    """A torch device that exists here: cpu, cuda or cuda:N (N < the GPU count). MPS is refused:
+    the metrics and normalisation accumulate in float64, which it lacks."""
     import torch
     try:
         dev = torch.device(text)
@@ -78,8 +79,8 @@ def device(text: str) -> str:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} GPU(s) here")
     elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} requested but MPS is not available: use cpu")
+        raise argparse.ArgumentTypeError("'mps' is not supported (metrics accumulate in float64, which MPS lacks): "
+                                         "use cpu or cuda")
     elif dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda or cuda:N")
     return text

@@ -12,6 +12,7 @@ visae: it prints its traceback and a line saying so, with exit code 2. `--debug`
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import traceback
@@ -36,7 +37,14 @@ COMMANDS = {
 }
 
 # Errors whose cause is the user's input or environment, not visae's code.
-USER_ERRORS = (VisaeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_ERRORS = (VisaeError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+# OS errors of the machine, not of the code: a full disk, a read-only or over-quota file system.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
+
+
+def _is_user_error(err: BaseException) -> bool:
+    return isinstance(err, USER_ERRORS) or (isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS)
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -71,16 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("visae: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except Exception as err:
         if debug:
             raise
-        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"visae: error: {msg}", file=sys.stderr)
-        return 1
-    except Exception as err:  # a bug: show where it happened
-        if debug:
-            raise
-        traceback.print_exc()
+        if _is_user_error(err):
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"visae: error: {msg}", file=sys.stderr)
+            return 1
+        traceback.print_exc()  # a bug: show where it happened
         print(f"visae: internal error ({type(err).__name__}): this is a bug in visae, not a problem with "
               f"your input; please report it with the traceback above", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visae.atomic import atomic_path
+from visae.atomic import atomic_path, clean_stale_temps
 from visae.data.base import ImageDataset, Sample, require_dir
 from visae.errors import VisaeError
 
@@ -184,6 +184,7 @@ def fetch_fashion_mnist(out_dir: Path, source: Path | None = None, url: str | No
     """Put the four verified files in `out_dir`: keep good ones, else copy from `source`
     (default Debian's folder), else download from `url` (default the official release)."""
     out_dir = Path(out_dir)
+    clean_stale_temps(out_dir)  # a killed fetch's half-copied files
     src = Path(source) if source is not None else DEBIAN_DIR
     base = (url or OFFICIAL_URL).rstrip("/") + "/"
     for name in FILES:

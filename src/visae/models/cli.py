@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from visae.args import positive_int
+
 
 def add_cli(subparsers) -> None:
     parser = subparsers.add_parser("models")
@@ -18,7 +20,7 @@ def add_cli(subparsers) -> None:
                       help="SOURCE:ARCH[@TAG], e.g. open_clip:ViT-B-16@openai, "
                            "timm:vit_base_patch14_reg4_dinov2.lvd142m; no tag = random init")
     show.add_argument("--weights", metavar="PATH", default=None, help="local weights file")
-    show.add_argument("--image-size", metavar="N", type=int, default=None, help="input resolution")
+    show.add_argument("--image-size", metavar="N", type=positive_int, default=None, help="input resolution")
     show.set_defaults(func=cmd_models_show)
 
 

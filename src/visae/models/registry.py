@@ -174,7 +174,9 @@ def load_backbone(spec: dict[str, Any]) -> Backbone:
         )
     preprocess = _preprocess_options(spec, source)
     # Random init is seeded (init_seed, default 0) so that every process builds the same model.
-    init_seed = int(spec.get("init_seed", 0))
+    init_seed = spec.get("init_seed", 0)
+    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0:
+        raise VisaeError(f"init_seed must be a non-negative integer, got {init_seed!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         if source == "open_clip":
@@ -302,7 +304,7 @@ def _load_open_clip(arch: str, tag, weights: str | None, image_size: int | None,
     except RuntimeError as err:
         if download:
             raise VisaeError(_no_download_msg("open_clip", arch, tag)) from err
-        raise
+        raise VisaeError(f"open_clip {arch} cannot be built: {_summarise_load_error(err)}") from err
     if weights is not None:
         _load_open_clip_weights(open_clip, clip, weights, arch)
     visual = clip.visual
@@ -441,7 +443,7 @@ def _load_timm(source: str, arch: str, tag, weights: str | None, image_size: int
     except Exception as err:
         if download:
             raise VisaeError(_no_download_msg(source, full, tag)) from err
-        raise
+        raise VisaeError(f"timm {full} cannot be built with model_kwargs {kwargs}: {_summarise_load_error(err)}") from err
     parts = _timm_vit_parts(model, f"timm {full}")
     if weights is not None:
         _load_timm_weights(model, weights, source, full)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.provenance import device_info, package_versions
@@ -149,29 +150,29 @@ def add_cli(sub) -> None:
     e.add_argument("--model", default="open_clip:ViT-B-16")
     e.add_argument("--dataset", help=f"FORMAT:ROOT (default imagenet-sample:{DEFAULT_IMAGES})")
     e.add_argument("--layers", type=int, nargs="+", default=[-2])
-    e.add_argument("--images", type=int, default=64)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--workers", type=int)
-    e.add_argument("--image-size", type=int)
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--images", type=positive_int, default=64)
+    e.add_argument("--batch-size", type=positive_int, default=16)
+    e.add_argument("--workers", type=nonneg_int)
+    e.add_argument("--image-size", type=positive_int)
+    e.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     e.add_argument("--out", default="results/bench")
     e.set_defaults(func=cmd_bench_extract)
     lo = bsub.add_parser("loader", help="loader tokens/s vs a plain sequential read")
     lo.add_argument("--store", help="an existing store (default: a synthetic one)")
-    lo.add_argument("--batch-size", type=int, default=4096)
-    lo.add_argument("--images", type=int, default=2048)
-    lo.add_argument("--d-model", type=int, default=384)
+    lo.add_argument("--batch-size", type=positive_int, default=4096)
+    lo.add_argument("--images", type=positive_int, default=2048)
+    lo.add_argument("--d-model", type=positive_int, default=384)
     lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     lo.add_argument("--out", default="results/bench")
     lo.set_defaults(func=cmd_bench_loader)
     t = bsub.add_parser("train", help="SAE training step FLOP/s vs torch.matmul, TopK speed-up, loader")
-    t.add_argument("--d", type=int, default=384)
-    t.add_argument("--expansion", type=int, default=16)
-    t.add_argument("--batch", type=int, default=4096)
-    t.add_argument("--k", type=int, default=32)
-    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--d", type=positive_int, default=384)
+    t.add_argument("--expansion", type=positive_int, default=16)
+    t.add_argument("--batch", type=positive_int, default=4096)
+    t.add_argument("--k", type=positive_int, default=32)
+    t.add_argument("--threads", type=positive_int, default=2)
     t.add_argument("--dtype", default="float32")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", default="results/bench")
     t.set_defaults(func=cmd_bench_train)
 

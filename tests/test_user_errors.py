@@ -1,0 +1,88 @@
+"""Mistakes a user can fix are one line with exit 1; the rest of the CLI's range checks."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from visae.cli import main
+from visae.errors import VisaeError
+from visae.models.registry import load_backbone
+
+
+def one_line_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, flag, value", [
+    (["bench", "extract"], "--images", "0"), (["bench", "extract"], "--batch-size", "-2"),
+    (["bench", "extract"], "--workers", "-1"), (["bench", "extract"], "--image-size", "0"),
+    (["bench", "extract"], "--device", "cuda:9"), (["bench", "loader"], "--batch-size", "0"),
+    (["bench", "loader"], "--images", "-1"), (["bench", "loader"], "--d-model", "0"),
+    (["bench", "train"], "--d", "0"), (["bench", "train"], "--expansion", "-1"), (["bench", "train"], "--batch", "0"),
+    (["bench", "train"], "--k", "0"), (["bench", "train"], "--threads", "0"), (["bench", "train"], "--device", "tpu"),
+    (["models", "show", "timm:vit_tiny_patch16_224"], "--image-size", "0"),
+])
+def test_bench_and_models_flags_are_range_checked(tmp_path, capsys, argv, flag, value):
+    out = tmp_path / "out"
+    extra = ["--out", str(out)] if argv[0] == "bench" else []
+    msg = one_line_error(capsys, argv + extra + [flag, value])
+    assert flag in msg and value in msg
+    assert not out.exists()
+
+
+def test_mps_is_refused_with_the_reason(tmp_path, capsys):
+    msg = one_line_error(capsys, ["evaluate", "--store", "x", "--sae", "y", "--out", str(tmp_path / "e"),
+                                  "--device", "mps"])
+    assert "--device" in msg and "'mps' is not supported (metrics accumulate in float64" in msg and not (tmp_path / "e").exists()
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    msg = one_line_error(capsys, ["synth", "--out", str(blocker / "store"), "--d", "8", "--atoms", "16", "--k", "2",
+                                  "--images", "4", "--tokens-per-image", "4"])
+    assert str(blocker) in msg
+
+
+@pytest.mark.parametrize("code, user", [(errno.ENOSPC, True), (errno.EROFS, True), (errno.EDQUOT, True),
+                                        (errno.EBADF, False)])
+def test_environment_os_errors_are_the_users_others_are_bugs(monkeypatch, capsys, code, user):
+    def fail(root):
+        raise OSError(code, "simulated", "/results/x")
+
+    monkeypatch.setattr("visae.store.cli.verify_store", fail)
+    assert main(["verify", "/results/x"]) == (1 if user else 2)
+    err = capsys.readouterr().err
+    assert ("Traceback" in err) is not user
+    if user:
+        assert err.startswith("visae: error: [Errno") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("seed", ["7", -1, 1.5, True])
+def test_bad_init_seed_is_a_user_error(seed):
+    with pytest.raises(VisaeError, match="init_seed must be a non-negative integer"):
+        load_backbone({"source": "timm", "arch": "vit_tiny_patch16_224", "init_seed": seed})
+
+
+def test_model_kwargs_timm_cannot_build_are_a_user_error():
+    with pytest.raises(VisaeError, match="timm vit_tiny_patch16_224 cannot be built with model_kwargs"):
+        load_backbone({"source": "timm", "arch": "vit_tiny_patch16_224",
+                       "model_kwargs": {"embed_dim": 30, "num_heads": 4}})
+
+
+def test_fetch_sweeps_a_killed_fetchs_temporary_files(tmp_path, fashion_mnist_dir):
+    from visae.data.fashion_mnist import fetch_fashion_mnist
+    out = tmp_path / "fm"
+    out.mkdir()
+    stale = out / ".train-images-idx3-ubyte.gz.k3j_x9.tmp"
+    stale.write_bytes(b"half a file")
+    fetch_fashion_mnist(out, source=fashion_mnist_dir)
+    assert not stale.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",
+         "train-labels-idx1-ubyte.gz"])
