@@ -19,6 +19,8 @@ import types
 import typing
 from dataclasses import MISSING, dataclass
 
+from visae.errors import VisaeError
+
 # Initialisations of (W_enc, W_dec), the first the default; see `visae.sae.modules.init_weights`.
 INITS = ("tied-0.1", "tied", "kaiming")
 B_DEC_INITS = ("mean", "zero")  # b_dec starts at the data mean (the recipe), or at zero (what saev ran)
@@ -149,8 +151,9 @@ def field_schema(f: dataclasses.Field, describe: bool = True) -> dict:
     out.update({r: m[r] for r in _RANGES if m[r] is not None})
     if base is list:
         out["items"] = {"type": "number", **(m["items"] or {})}
+        out["minItems"] = m["length"] or 1
         if m["length"]:
-            out["minItems"] = out["maxItems"] = m["length"]
+            out["maxItems"] = m["length"]
     if describe:
         default = _default(f)
         text = "; ".join(filter(None, [m["doc"], None if default is None else f"default: {json.dumps(default)}"]))
@@ -178,15 +181,16 @@ def schema_required() -> list:
 
 # -- grid validation ----------------------------------------------------------------------------
 def _fail(i: int, entry, msg: str):
-    from visae.errors import VisaeError
     name = entry.get("name") if isinstance(entry, dict) else None
     who = f"grid entry {name!r}" if name else f"grid entry #{i + 1}"
     raise VisaeError(f"{who}: {msg}")
 
 
 def _interval(m: dict) -> str:
-    lo = f"({m['exclusiveMinimum']}" if m.get("exclusiveMinimum") is not None else f"[{m.get('minimum', '-inf')}"
-    hi = f"{m['exclusiveMaximum']})" if m.get("exclusiveMaximum") is not None else f"{m.get('maximum', 'inf')}]"
+    lo = (f"({m['exclusiveMinimum']}" if m.get("exclusiveMinimum") is not None
+          else f"[{m['minimum']}" if m.get("minimum") is not None else "(-inf")
+    hi = (f"{m['exclusiveMaximum']})" if m.get("exclusiveMaximum") is not None
+          else f"{m['maximum']}]" if m.get("maximum") is not None else "inf)")
     return f"{lo}, {hi}"
 
 
@@ -241,7 +245,6 @@ def _check(i: int, e: dict, key: str, f: dataclasses.Field, d_model: int) -> Non
 def validate_grid(grid, d_model: int) -> list[dict]:
     """Check a grid (a YAML list of `saes:` entries) against the config dataclasses and fill the
     common defaults. Each problem is one line naming the entry and the key."""
-    from visae.errors import VisaeError
     if isinstance(grid, dict) and "saes" in grid:
         grid = grid["saes"]
     if not isinstance(grid, list) or not grid:
