@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visae.sae.config import ARCH_KEYS, ARCHITECTURES, INITS  # noqa: F401 (ARCHITECTURES: re-exported)
+from visae.sae.config import ARCH_KEYS, INITS
 from visae.sae.kernels import _relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace
 
 # The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
