@@ -358,7 +358,7 @@ def _width_too_small(c):
     c["saes"]["topk-16"].pop("expansion")
 
 
-def _prefix_too_big(c):
+def _prefix_not_fraction(c):  # prefixes are fractions of the width (the schema says so)
     c["saes"]["m"] = {"architecture": "matryoshka", "expansion": 1, "k": 4, "prefixes": [16, 64]}
 
 
@@ -378,7 +378,7 @@ def _pretrain_root_missing(c):
 
 @pytest.mark.parametrize("change, key", [
     (_k_too_big, "saes.topk-16.k"), (_k_aux_too_big, "saes.topk-16.k_aux"), (_width_too_small, "saes.topk-16.k"),
-    (_prefix_too_big, "saes.m.prefixes"), (_known_arch_too_narrow, "saes.wide-k.k"),
+    (_prefix_not_fraction, "['saes']['m']['prefixes']"), (_known_arch_too_narrow, "saes.wide-k.k"),
     (_open_clip_too_narrow, "saes.wide-k.k"), (_pretrain_root_missing, "datasets.fmnist-train.root"),
 ])
 def test_plan_time_checks_name_the_key(plan_project, change, key):

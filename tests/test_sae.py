@@ -7,7 +7,7 @@ import torch
 
 from visae.sae import (BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE, TopKSAE, build_sae,
                        estimate_normalisation, load, lr_at, save, sparsity_at)
-from visae.sae.modules import INITS
+from visae.sae.config import INITS
 from visae.tools.synth import make_atoms, synth_tokens
 
 
@@ -332,7 +332,7 @@ def test_two_level_row_topk_matches_torch_topk(B, h, k):
     """The TopK step's two-level selection (chunk maxima, then the top k of the k best
     chunks) returns torch.topk's values and, without ties, its indices — including rows with
     many entries in one chunk, and rows with ties (where the kept values still agree)."""
-    from visae.sae.modules import _row_topk, _row_topk_buffers
+    from visae.sae.kernels import _row_topk, _row_topk_buffers
     g = torch.Generator().manual_seed(h + k)
     pre = torch.randn(B, h, generator=g)
     pre[0, ::h // 8] += 10  # row 0: the top entries all in one strided chunk
@@ -355,7 +355,7 @@ def test_topk_manual_backward_two_level_selection_matches_autograd():
     """At a width where the step selects in two levels, gradients and metrics are autograd's."""
     x = _data(n=96)
     a, b = TopKSAE(16, 512, k=8, seed=7), TopKSAE(16, 512, k=8, seed=7)
-    from visae.sae.modules import _row_topk_buffers
+    from visae.sae.kernels import _row_topk_buffers
     assert _row_topk_buffers(96, 512, 8, torch.float32) is not None
     with torch.no_grad():
         for s in (a, b):

@@ -6,6 +6,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, TABLE_FORMATS, Layout
+from visae.sae.config import TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
 # Every shell command ends so: its output goes to the job's log, and a failure shows the log's
@@ -79,7 +80,7 @@ def plan_d_model(entry):
 
 
 def check_sae_width(model, d_model, sae, entry):
-    """What `visae train` would refuse about k / k_aux / prefixes against the SAE's width."""
+    """What `visae train` would refuse about k / k_aux against the SAE's width."""
     width = entry.get("width") or int(round(entry.get("expansion", 32) * d_model))
     where = f"saes.{sae}"
     for key in ("k", "k_aux"):
@@ -88,9 +89,6 @@ def check_sae_width(model, d_model, sae, entry):
                 f"{where}.{key} = {entry[key]} exceeds the SAE's width {width} on model {model} "
                 f"(d_model {d_model}): use {key} <= {width} or a larger expansion/width"
             )
-    for p in entry.get("prefixes") or []:
-        if p > width:
-            raise WorkflowError(f"{where}.prefixes: {p} exceeds the SAE's width {width} on model {model}")
 
 
 def check_pretrain_root(model, dataset):
@@ -129,9 +127,9 @@ def pass_members(name):
 
 
 def sae_entry(sae):
-    """A grid entry with the train: defaults filled in, as `visae train` receives it."""
-    defaults = {k: v for k, v in config.get("train", {}).items()
-                if k in ("tokens", "batch_size", "lr_warmup", "l1_warmup")}
+    """A grid entry with the train: defaults filled in (the keys visae.sae.config marks
+    train_default), as `visae train` receives it."""
+    defaults = {k: v for k, v in config.get("train", {}).items() if k in TRAIN_DEFAULTS}
     entry = {**defaults, **config["saes"][sae], "name": sae}
     entry.pop("pass", None)
     return entry

@@ -16,6 +16,7 @@ import pandas as pd
 
 from visae.errors import VisaeError
 from visae.layout import Identity, layer_dir, model_slug
+from visae.sae.config import SPARSITY_KEY  # the λ key of penalised architectures
 
 __all__ = ["Row", "collect_rows", "load_latents", "load_log", "match_latents", "model_slug", "read_json"]
 
@@ -23,8 +24,6 @@ __all__ = ["Row", "collect_rows", "load_latents", "load_log", "match_latents", "
 REQUIRED_METRICS = ("architecture", "width", "l0", "mse", "nmse", "explained_variance", "dead_fraction",
                     "dense_fraction")
 NUMERIC_METRICS = REQUIRED_METRICS[1:]
-# The λ key of penalised architectures in a grid entry (as in visae.sae.train.SPARSITY_KEY).
-SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}
 IDENTITY_COLUMNS = tuple(Identity.__dataclass_fields__)
 
 

@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
-# Initialisations of (W_enc, W_dec); the first is the default. Decoder rows are unit-norm in all.
+from visae.sae.config import ARCH_KEYS, INITS
+from visae.sae.kernels import _relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace
+
+# The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
 # - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
 #   as the decoder's transpose with small rows). Measured on a planted dictionary (see
 #   docs/paper-parity.md) it recovers the atoms best, and its first step's loss is small.
@@ -36,7 +38,6 @@ ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 #   half the latents at full strength; the first-step MSE is ~30x the data's variance.
 # - kaiming: what the paper ran (saev 2284f52): torch's kaiming_uniform_ on W_enc [d, h] and then
 #   on W_dec [h, d], independently, from one generator (decoder rows then unit-normed).
-INITS = ("tied-0.1", "tied", "kaiming")
 
 
 def init_weights(d: int, h: int, seed: int, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,113 +220,6 @@ class ReLUSAE(SAE):
         return buf
 
 
-_threshold_backward = torch.ops.aten.threshold_backward.grad_input
-_WORKSPACES: dict = {}
-_MAX_WORKSPACES = 2
-
-
-def _workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """The buffers of one training step shape, filled in by each step kind as it needs them.
-    On CPU they are kept and shared by every SAE of that shape (a grid steps its SAEs one after
-    the other): a fresh [B, h] tensor costs a page-faulting pass of its own, as much as an
-    elementwise op. Other devices have caching allocators, so they get fresh tensors."""
-    key = (B, d, h, device, dtype)
-    ws = _WORKSPACES.get(key)
-    if ws is not None:
-        return ws
-    ws = {}
-    if device.type == "cpu":
-        while len(_WORKSPACES) >= _MAX_WORKSPACES:
-            _WORKSPACES.pop(next(iter(_WORKSPACES)))
-        _WORKSPACES[key] = ws
-    return ws
-
-
-def _common_buffers(ws: dict, B: int, d: int, h: int, device, dtype) -> None:
-    """[B, h] scratch, the K = d + 1 augmented inputs (a column of ones after x − b_dec and after
-    dL/dx̂), the augmented encoder weights [W_enc; b_enc] and a [h, d + 1] gradient buffer."""
-    if "F" not in ws:
-        ws.update(F=torch.empty(B, h, device=device, dtype=dtype), xa=torch.empty(B, d + 1, device=device, dtype=dtype),
-                  ga=torch.empty(B, d + 1, device=device, dtype=dtype),
-                  We=torch.empty(d + 1, h, device=device, dtype=dtype),
-                  gWd=torch.empty(h, d + 1, device=device, dtype=dtype))
-        ws["xa"][:, d] = 1
-        ws["ga"][:, d] = 1
-
-
-def _relu_workspace(B: int, d: int, h: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Buffers of one ReLU-L1 step: f and dL/df [B, h] (f's is reused for dL/dpre), x̂, the
-    K = d + 1 augmented inputs and weights, the augmented decoder gradient."""
-    ws = _workspace(B, d, h, device, dtype)
-    _common_buffers(ws, B, d, h, device, dtype)
-    if "G" not in ws:
-        ws.update(G=torch.empty(B, h, device=device, dtype=dtype), xhat=torch.empty(B, d, device=device, dtype=dtype),
-                  Wd=torch.empty(h, d + 1, device=device, dtype=dtype))
-    return ws
-
-
-def _topk_workspace(B: int, d: int, h: int, k: int, device: torch.device, dtype: torch.dtype) -> dict:
-    """Buffers of one TopK step: the pre-activations (ReLU's f buffer), the augmented inputs and
-    encoder weights, the residual, the augmented encoder gradient, the kept values and indices."""
-    ws = _workspace(B, d, h, device, dtype)
-    _common_buffers(ws, B, d, h, device, dtype)
-    if "gWe" not in ws:
-        ws.update(gWe=torch.empty(h, d + 1, device=device, dtype=dtype), err=torch.empty(B, d, device=device, dtype=dtype))
-    per_k = ws.get(("topk", k))
-    if per_k is None:
-        per_k = ws[("topk", k)] = {"vals": torch.empty(B, k, device=device, dtype=dtype),
-                                   "idx": torch.empty(B, k, device=device, dtype=torch.int64),
-                                   "crow_b": torch.arange(0, B * k + 1, k, device=device),
-                                   "topk2": _row_topk_buffers(B, h, k, dtype)}
-    return {**ws, **per_k}
-
-
-def clear_workspaces() -> None:
-    """Free the cached CPU buffers of the ReLU and TopK training steps."""
-    _WORKSPACES.clear()
-
-
-_TOPK_CHUNKS = 8
-
-
-def _row_topk(pre: torch.Tensor, k: int, vals: torch.Tensor, idx: torch.Tensor, bufs: tuple | None) -> None:
-    """torch.topk(pre, k, dim=1, sorted=False) into (vals, idx) [B, k], for a CPU [B, h] pre,
-    in two levels, with ~1/c of topk's per-element work: split each row into m = h / c
-    strided chunks {j, j + m, ..., j + (c − 1)m}, take each chunk's max (an elementwise max of
-    c contiguous slices, at memory speed), keep the k chunks with the largest maxima, and take
-    the top k of their c·k entries. Exact: the k kept chunk maxima are k distinct entries ≥ t,
-    the smallest of them, so every entry of the row's top k is ≥ t; an entry > t lies in a
-    chunk whose max is > t, and fewer than k chunks have that, so all are kept; hence the
-    candidates hold the row's top-k VALUES (the same multiset as torch.topk; which of several
-    entries equal to the k-th value is taken is as arbitrary as topk's own choice).
-    `bufs` from `_row_topk_buffers` (None: plain torch.topk)."""
-    if bufs is None:
-        torch.topk(pre, k, dim=1, sorted=False, out=(vals, idx))
-        return
-    B, h = pre.shape
-    c = _TOPK_CHUNKS
-    m = h // c
-    cmax, cval, cidx, cand, pos = bufs
-    p3 = pre.view(B, c, m)
-    torch.amax(p3, 1, out=cmax)
-    torch.topk(cmax, k, dim=1, sorted=False, out=(cval, cidx))
-    torch.gather(p3, 2, cidx.unsqueeze(1).expand(B, c, k), out=cand)
-    torch.topk(cand.view(B, c * k), k, dim=1, sorted=False, out=(vals, pos))
-    # candidate (i, j) is entry i·m + cidx[b, j] of the row; small index work, in numpy
-    p, ci, out = pos.numpy(), cidx.numpy(), idx.numpy()
-    np.add(np.take_along_axis(ci, p % k, 1), (p // k) * m, out=out)
-
-
-def _row_topk_buffers(B: int, h: int, k: int, dtype: torch.dtype) -> tuple | None:
-    """Scratch of the two-level `_row_topk`; None where it would not pay (fewer than 4k chunks)."""
-    c = _TOPK_CHUNKS
-    m = h // c
-    if h % c or m < 4 * k:
-        return None
-    return (torch.empty(B, m, dtype=dtype), torch.empty(B, k, dtype=dtype), torch.empty(B, k, dtype=torch.int64),
-            torch.empty(B, c, k, dtype=dtype), torch.empty(B, k, dtype=torch.int64))
-
-
 class _AuxKMixin:
     """Dead-latent bookkeeping and the AuxK loss of Gao et al. 2024 (§A.2), as their reference
     code (openai/sparse_autoencoder, `normalized_mse`) computes it: the top `k_aux` pre-activations
@@ -362,12 +256,6 @@ class _AuxKMixin:
         fired = metrics.get("fired")
         if fired is not None:
             self.tokens_since_fired.add_(batch_size).masked_fill_(fired, 0)
-
-
-def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x̂_n = Σ_j vals[:, j] · W_dec[idx[:, j]] + b_dec without forming the dense [B, h] code;
-    embedding_bag's backward scatters into only the k rows per token."""
-    return F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
 
 
 def _fired(idx: torch.Tensor, vals: torch.Tensor, width: int) -> torch.Tensor:
@@ -595,7 +483,8 @@ class JumpReLUSAE(SAE):
 
 class MatryoshkaSAE(BatchTopKSAE):
     """Matryoshka SAE (Bussmann et al. 2025; Nabeshima 2024): nested prefixes of the latents
-    (default h/8, h/4, h/2, h) each reconstruct x on their own; the loss is the SUM of the
+    (`prefixes`: fractions of the width in (0, 1], default 1/8, 1/4, 1/2, 1; the full width is
+    always one) each reconstruct x on their own; the loss is the SUM of the
     prefixes' MSEs (+ AuxK), as in Bussmann et al. 2025 (a mean would weaken the full SAE's
     reconstruction term by the number of prefixes). The sparse code comes from TopK or
     BatchTopK over all h latents."""
@@ -606,8 +495,9 @@ class MatryoshkaSAE(BatchTopKSAE):
                  prefixes: list[float] | None = None, **kw):
         super().__init__(d_model, width, k=k, **kw)
         fractions = prefixes or [1 / 8, 1 / 4, 1 / 2, 1]
-        sizes = sorted({max(1, min(self.width, int(round(p * self.width)) if p <= 1 else int(p)))
-                        for p in fractions})
+        if not all(0 < p <= 1 for p in fractions):
+            raise ValueError(f"Matryoshka prefixes are fractions of the width in (0, 1], got {list(fractions)}")
+        sizes = sorted({max(1, min(self.width, int(round(p * self.width)))) for p in fractions})
         if sizes[-1] != self.width:
             sizes.append(self.width)
         self.inner = inner
@@ -653,42 +543,12 @@ class MatryoshkaSAE(BatchTopKSAE):
 CLASSES = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
            "matryoshka": MatryoshkaSAE}
 
-# Grid keys forwarded to each architecture's constructor.
-ARCH_KEYS = {
-    "relu": (),
-    "topk": ("k", "k_aux", "aux_alpha", "dead_tokens"),
-    "batchtopk": ("k", "k_aux", "aux_alpha", "dead_tokens", "threshold_momentum"),
-    "jumprelu": ("threshold_init", "bandwidth"),
-    "matryoshka": ("k", "k_aux", "aux_alpha", "dead_tokens", "threshold_momentum", "inner", "prefixes"),
-}
-
 
 def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, init: str = INITS[0],
               **hparams) -> SAE:
     cls = CLASSES[architecture]
     kwargs = {k: v for k, v in hparams.items() if k in ARCH_KEYS[architecture] and v is not None}
     return cls(d_model, width, seed=seed, init=init, **kwargs)
-
-
-def make_adam(params, lr: float, betas=(0.9, 0.999)) -> torch.optim.Adam:
-    """The recipe's Adam, as the single fused kernel (one pass over each parameter instead of
-    ~8) where this torch has it for the parameters' device; the plain loop otherwise. Same
-    update rule (results differ from the loop only in rounding)."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas))
-
-
-def lr_at(step: int, lr: float, warmup: int) -> float:
-    """Linear warm-up from lr/warmup at step 0 to lr at step warmup−1, then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
-
-
-def sparsity_at(step: int, coeff: float, warmup: int) -> float:
-    """λ warms up linearly over its own number of steps, like the LR."""
-    return coeff * min(1.0, (step + 1) / warmup) if warmup > 0 else coeff
 
 
 def estimate_normalisation(sample) -> tuple[torch.Tensor, float]:

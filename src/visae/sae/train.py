@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,121 +29,14 @@ from visae.errors import VisaeError
 from visae.layout import Identity
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
-from visae.sae.modules import (ARCH_KEYS, ARCHITECTURES, INITS, build_sae, estimate_normalisation, lr_at,
-                               make_adam, sparsity_at)
+from visae.sae.config import ARCH_KEYS, SPARSITY_KEY, validate_grid
+from visae.sae.modules import build_sae, estimate_normalisation
+from visae.sae.optim import lr_at, make_adam, sparsity_at
 from visae.sae.split import split_images, split_record
 
-# Keys every grid entry may carry, with their defaults (None: required, architecture-specific,
-# or for `seed`: derived from the entry's name, see `entry_seed`).
-COMMON_DEFAULTS = {
-    "name": None, "architecture": None, "expansion": 32, "width": None, "lr": 3e-4, "lr_warmup": 500,
-    "l1_warmup": 500, "tokens": 100_000_000, "batch_size": 16384, "seed": None, "init": INITS[0],
-    "b_dec_init": "mean", "normalize": True, "adam_betas": [0.9, 0.999],
-}
-B_DEC_INITS = ("mean", "zero")  # b_dec starts at the data mean (the recipe), or at zero (what saev ran)
 NORM_TOKENS, NORM_SEED = 2 ** 19, 42  # the normalisation sample, as saev draws it
-SPARSITY_KEY = {"relu": "l1", "jumprelu": "l0"}  # the λ key of penalised architectures
-REQUIRED = {"relu": ("l1",), "topk": ("k",), "batchtopk": ("k",), "jumprelu": ("l0",), "matryoshka": ("k",)}
 LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
 STATE = Path(".train") / "state.safetensors"
-
-
-# -- grid validation -----------------------------------------------------------------------
-def _fail(i: int, entry, msg: str):
-    name = entry.get("name") if isinstance(entry, dict) else None
-    who = f"grid entry {name!r}" if name else f"grid entry #{i + 1}"
-    raise VisaeError(f"{who}: {msg}")
-
-
-def _number(i, e, key, kind=float, positive=False, nonneg=False):
-    v = e[key]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        _fail(i, e, f"key {key!r} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    if isinstance(v, float) and not math.isfinite(v):
-        _fail(i, e, f"key {key!r} must be finite, got {v!r}")
-    if positive and v <= 0:
-        _fail(i, e, f"key {key!r} must be positive, got {v!r}")
-    if nonneg and v < 0:
-        _fail(i, e, f"key {key!r} must be >= 0, got {v!r}")
-    return kind(v)
-
-
-def validate_grid(grid, d_model: int) -> list[dict]:
-    """Check a grid (a YAML list of `saes:` entries) and fill defaults. Each problem is one
-    line naming the entry and the key."""
-    if isinstance(grid, dict) and "saes" in grid:
-        grid = grid["saes"]
-    if not isinstance(grid, list) or not grid:
-        raise VisaeError("the SAE grid must be a non-empty YAML list of entries (or a mapping with 'saes:')")
-    out, names = [], set()
-    for i, entry in enumerate(grid):
-        if not isinstance(entry, dict):
-            raise VisaeError(f"grid entry #{i + 1}: must be a mapping, got {type(entry).__name__}")
-        for key in ("name", "architecture"):
-            if key not in entry:
-                _fail(i, entry, f"missing key {key!r}")
-        arch = entry["architecture"]
-        if arch not in ARCHITECTURES:
-            _fail(i, entry, f"key 'architecture' is {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
-        name = str(entry["name"])
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", name):
-            _fail(i, entry, "key 'name' must be letters, digits and _ . = + - (it names a folder)")
-        if name in names:
-            _fail(i, entry, "key 'name' is used by an earlier entry")
-        names.add(name)
-        allowed = set(COMMON_DEFAULTS) | set(ARCH_KEYS[arch]) | set(REQUIRED[arch])
-        for key in entry:
-            if key not in allowed:
-                _fail(i, entry, f"unknown key {key!r} for architecture {arch!r}; allowed: {', '.join(sorted(allowed))}")
-        for key in REQUIRED[arch]:
-            if key not in entry:
-                _fail(i, entry, f"missing key {key!r} (required by architecture {arch!r})")
-        e = {**COMMON_DEFAULTS, **entry}
-        for key in ("lr",):
-            e[key] = _number(i, e, key, positive=True)
-        for key in ("lr_warmup", "l1_warmup"):
-            e[key] = _number(i, e, key, int, nonneg=True)
-        for key in ("tokens", "batch_size"):
-            e[key] = _number(i, e, key, int, positive=True)
-        if e["seed"] is not None:
-            e["seed"] = _number(i, e, "seed", int, nonneg=True)
-        for key, allowed_values in (("init", INITS), ("b_dec_init", B_DEC_INITS)):
-            if e[key] not in allowed_values:
-                _fail(i, e, f"key {key!r} is {e[key]!r}; allowed: {', '.join(allowed_values)}")
-        if e["width"] is not None:
-            e["width"] = _number(i, e, "width", int, positive=True)
-        else:
-            e["expansion"] = _number(i, e, "expansion", float, positive=True)
-            e["width"] = int(round(e["expansion"] * d_model))
-            if e["width"] < 1:
-                _fail(i, e, f"key 'expansion' gives width {e['width']} on d_model {d_model}")
-        if arch in SPARSITY_KEY:
-            key = SPARSITY_KEY[arch]
-            e[key] = _number(i, e, key)
-            if e[key] < 0:
-                _fail(i, e, f"key {key!r} (the sparsity coefficient λ) must be >= 0, got {e[key]!r}")
-        if "k" in e and arch in REQUIRED and "k" in REQUIRED[arch]:
-            e["k"] = _number(i, e, "k", int, positive=True)
-            if e["k"] > e["width"]:
-                _fail(i, e, f"key 'k' = {e['k']} exceeds the SAE width {e['width']} "
-                            f"(d_model {d_model} x expansion {e['expansion']})")
-        for key in ("k_aux", "dead_tokens"):
-            if e.get(key) is not None:
-                e[key] = _number(i, e, key, int, positive=True)
-        if e.get("k_aux") is not None and e["k_aux"] > e["width"]:
-            _fail(i, e, f"key 'k_aux' = {e['k_aux']} exceeds the SAE width {e['width']}")
-        for key in ("aux_alpha", "bandwidth", "threshold_init"):
-            if e.get(key) is not None:
-                e[key] = _number(i, e, key, nonneg=True)
-        if e.get("inner") is not None and e["inner"] not in ("topk", "batchtopk"):
-            _fail(i, e, f"key 'inner' is {e['inner']!r}; allowed: topk, batchtopk")
-        out.append(e)
-    sizes = {e["batch_size"] for e in out}
-    if len(sizes) > 1:
-        raise VisaeError(f"grid entry {out[[e['batch_size'] for e in out].index(max(sizes))]['name']!r}: key "
-                         f"'batch_size' differs across the grid ({sorted(sizes)}); one read of the store "
-                         f"feeds every SAE, so they must share one batch size")
-    return out
 
 
 def entry_seed(entry: dict) -> int:

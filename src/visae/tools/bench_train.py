@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from visae.sae.modules import ReLUSAE, TopKSAE, make_adam
+from visae.sae.modules import ReLUSAE, TopKSAE
+from visae.sae.optim import make_adam
 
 GOALS = {"relu_flops": 0.8, "topk_speedup": 2.0, "loader": 0.9}
 
