@@ -13,15 +13,20 @@ from visae.cli import main
 from visae.errors import VisaeError
 from visae.sae.split import split_images
 from visae.store import ActivationStore, StoreMeta, StoreWriter
-from visae.synth import synth_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def synth(out, flags: str):
+    """A planted-dictionary store, written by `visae synth`."""
+    assert main(["synth", "--out", str(out), *flags.split()]) == 0
+    return out
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("on")
-    store = synth_store(root / "store", d=8, atoms=16, k=2, images=40, tokens_per_image=4)
+    store = synth(root / "store", "--d 8 --atoms 16 --k 2 --images 40 --tokens-per-image 4")
     grid = root / "grid.yaml"
     grid.write_text(yaml.safe_dump([{"name": "topk", "architecture": "topk", "k": 2, "expansion": 2,
                                      "batch_size": 32}]))

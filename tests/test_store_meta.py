@@ -10,12 +10,18 @@ import sys
 import numpy as np
 import pytest
 
+from visae.cli import main
 from visae.errors import VisaeError
 from visae.store import ActivationStore, StoreLayout, StoreMeta, StoreWriter, TokenLayout
 from visae.store.format import META_DIGEST, meta_digest
-from visae.synth import synth_store
 
 MODEL = TokenLayout(n_cls=1, n_registers=4, grid=(3, 2))  # a ViT with registers: 1 + 4 + 6 tokens
+
+
+def synth(out, flags: str):
+    """A planted-dictionary store, written by `visae synth`."""
+    assert main(["synth", "--out", str(out), *flags.split()]) == 0
+    return out
 
 
 def write_store(root, meta: StoreMeta, n_images=5, shard_images=2):
@@ -72,7 +78,7 @@ def test_load_gives_back_exactly_what_was_written(tmp_path):
     made = StoreMeta(dtype="float16", d_model=4, model={"name": "vit", "identity": {"arch": "vit"}}, layer=3,
                      layer_requested=-1, dataset={"name": "imgs"},
                      layout=StoreLayout.of_model(MODEL, ["cls", "registers", "patches"]))
-    roots = [synth_store(tmp_path / "synth", d=8, atoms=16, k=2, images=6, tokens_per_image=4, noise=0.05),
+    roots = [synth(tmp_path / "synth", "--d 8 --atoms 16 --k 2 --images 6 --tokens-per-image 4 --noise 0.05"),
              write_store(tmp_path / "model", made)]
     for root in roots:
         meta = StoreMeta.load(root)
@@ -105,7 +111,7 @@ def _resealed(root, edit):
     (lambda m: m.update(d_model=True), "'d_model'"),
 ])
 def test_a_bad_meta_json_is_one_line_naming_the_key(tmp_path, edit, key):
-    root = synth_store(tmp_path / "s", d=8, atoms=16, k=2, images=6, tokens_per_image=4)
+    root = synth(tmp_path / "s", "--d 8 --atoms 16 --k 2 --images 6 --tokens-per-image 4")
     _resealed(root, edit)
     with pytest.raises(VisaeError) as err:
         StoreMeta.load(root)
