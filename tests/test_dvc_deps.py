@@ -127,7 +127,8 @@ def test_every_command_has_its_handler_modules():
 
 def test_the_graph_is_followed():
     """Lazy imports inside functions count, and so do parent packages."""
-    needs = {str(f.relative_to(SRC)) for f in closure({"visae.evaluate"})}
-    assert {"visae/evaluate.py", "visae/__init__.py", "visae/sae/__init__.py", "visae/sae/checkpoint.py",
+    needs = {str(f.relative_to(SRC)) for f in closure({"visae.analysis.evaluate"})}
+    assert {"visae/analysis/evaluate.py", "visae/analysis/on_store.py", "visae/analysis/__init__.py",
+            "visae/__init__.py", "visae/sae/__init__.py", "visae/sae/checkpoint.py",
             "visae/store/__init__.py", "visae/layout.py"} <= needs
     assert "visae/report/collect.py" not in needs

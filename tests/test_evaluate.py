@@ -112,11 +112,12 @@ def test_evaluate_is_repeatable(tmp_path, trained):
 
 def _copy_store(src: Path, dst: Path, **meta) -> Path:
     """The same activations in a store that says another model or layer made them."""
-    from visae.store import StoreWriter
+    from visae.store import StoreMeta, StoreWriter
     store = ActivationStore(src)
-    writer = StoreWriter(dst, {**{k: store.meta[k] for k in ("model", "layer", "dataset", "dtype", "d_model",
-                                                               "layout")}, **meta}, {"copy": 1},
-                         store.shard_images, store.n_images)
+    info = store.info
+    writer = StoreWriter(dst, StoreMeta(**{"model": info.model, "layer": info.layer, "dataset": info.dataset,
+                                           "dtype": info.dtype, "d_model": info.d_model, "layout": info.layout,
+                                           **meta}), {"copy": 1}, store.shard_images, store.n_images)
     writer.open()
     for i in range(writer.n_shards):
         a, b = writer.shard_range(i)

@@ -10,13 +10,13 @@ import torch
 
 from visae.cli import main
 from visae.errors import VisaeError
-from visae.store import ActivationStore, StoreWriter, TokenLoader, verify_store
+from visae.store import ActivationStore, StoreLayout, StoreMeta, StoreWriter, TokenLoader, verify_store
 
-LAYOUT = {"n_cls": 1, "n_registers": 0, "grid": [2, 2], "n_tokens": 5, "stored": ["cls", "patches"]}
+LAYOUT = StoreLayout(n_cls=1, n_registers=0, grid=(2, 2), stored=("cls", "patches"))  # 5 tokens an image
 
 
 def make_store(root, n_images=10, shard_images=4, d=8, dtype="float16", seed=0, patch_labels=False):
-    writer = StoreWriter(root, {"dtype": dtype, "d_model": d, "layout": LAYOUT}, {"test": 1},
+    writer = StoreWriter(root, StoreMeta(dtype=dtype, d_model=d, layout=LAYOUT), {"test": 1},
                          shard_images, n_images)
     writer.open()
     rng = np.random.default_rng(seed)
@@ -68,16 +68,16 @@ def test_verify_ok_cli(tmp_path, capsys):
 
 
 def test_incomplete_store_is_refused_and_resume_keeps_done_shards(tmp_path):
-    writer = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 1}, 4, 10)
+    writer = StoreWriter(tmp_path / "s", StoreMeta(dtype="float16", d_model=8, layout=LAYOUT), {"v": 1}, 4, 10)
     writer.open()
     writer.write_shard(0, {"acts": np.zeros((4, 5, 8), np.float16), "labels": np.zeros(4, np.int64)})
     with pytest.raises(VisaeError, match=r"incomplete \(1 of 3 shards\)"):
         ActivationStore(tmp_path / "s")
     (tmp_path / "s" / "acts_00001.npy").write_bytes(b"half-written")  # a stray, unrecorded file
-    again = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 1}, 4, 10)
+    again = StoreWriter(tmp_path / "s", StoreMeta(dtype="float16", d_model=8, layout=LAYOUT), {"v": 1}, 4, 10)
     assert again.open() == 1
     assert not (tmp_path / "s" / "acts_00001.npy").exists()
-    other = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"v": 2}, 4, 10)
+    other = StoreWriter(tmp_path / "s", StoreMeta(dtype="float16", d_model=8, layout=LAYOUT), {"v": 2}, 4, 10)
     with pytest.raises(VisaeError, match="other settings"):
         other.open()
 
@@ -85,7 +85,7 @@ def test_incomplete_store_is_refused_and_resume_keeps_done_shards(tmp_path):
 def test_resume_drops_a_tampered_shard(tmp_path):
     make_store(tmp_path / "s")
     (tmp_path / "s" / "labels_00001.npy").write_bytes(b"x" * 200)
-    again = StoreWriter(tmp_path / "s", {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"test": 1}, 4, 10)
+    again = StoreWriter(tmp_path / "s", StoreMeta(dtype="float16", d_model=8, layout=LAYOUT), {"test": 1}, 4, 10)
     assert again.open() == 1
 
 
@@ -150,7 +150,7 @@ def test_bf16_and_fp32_stores(tmp_path):
     from visae.store.format import to_storage
     x = torch.randn(4, 5, 8)
     for dtype, torch_dtype in [("bfloat16", torch.bfloat16), ("float32", torch.float32)]:
-        writer = StoreWriter(tmp_path / dtype, {"dtype": dtype, "d_model": 8, "layout": LAYOUT}, {}, 4, 4)
+        writer = StoreWriter(tmp_path / dtype, StoreMeta(dtype=dtype, d_model=8, layout=LAYOUT), {}, 4, 4)
         writer.open()
         writer.write_shard(0, {"acts": to_storage(x, dtype), "labels": np.zeros(4, np.int64)})
         store = ActivationStore(tmp_path / dtype)
@@ -162,7 +162,7 @@ def test_bf16_and_fp32_stores(tmp_path):
 
 def _class_sorted_store(root, n_images=400, n_classes=40):
     """A store in ImageFolder order: labels in blocks of n_images / n_classes images."""
-    writer = StoreWriter(root, {"dtype": "float16", "d_model": 8, "layout": LAYOUT}, {"sorted": 1}, 64, n_images)
+    writer = StoreWriter(root, StoreMeta(dtype="float16", d_model=8, layout=LAYOUT), {"sorted": 1}, 64, n_images)
     writer.open()
     labels = np.repeat(np.arange(n_classes), n_images // n_classes)
     rng = np.random.default_rng(0)

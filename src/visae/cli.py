@@ -31,7 +31,7 @@ COMMANDS = {
     "bench": ("visae.tools.bench", "performance benchmarks, each against its limit"),
     "synth": ("visae.tools.synth", "write a ground-truth activation store from a planted dictionary"),
     "train": ("visae.sae.train", "train a grid of SAEs on one activation store"),
-    "evaluate": ("visae.evaluate", "SAE metrics on the held-out part of a store"),
+    "evaluate": ("visae.analysis.evaluate", "SAE metrics on the held-out part of a store"),
     "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }

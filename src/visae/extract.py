@@ -27,6 +27,7 @@ from visae.data.patches import VOTES
 from visae.errors import VisaeError
 from visae.provenance import package_versions, provenance
 from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
+from visae.store.meta import StoreLayout, StoreMeta
 from visae.store.writer import StoreWriter
 
 TOKEN_CHOICES = ("patches", "cls", "all")
@@ -46,7 +47,7 @@ class ExtractPlan:
     layers: list[int]
     requested: list[int]
     token_idx: np.ndarray
-    layout: dict
+    layout: StoreLayout
     dtype: str
     n_images: int
     batch_size: int
@@ -54,7 +55,7 @@ class ExtractPlan:
     skipped: list | None = None  # with --skip-bad-images: [{index, error}] of images left out
 
 
-def token_selection(layout, tokens: str, keep_registers: bool, model_name: str) -> tuple[np.ndarray, dict]:
+def token_selection(layout, tokens: str, keep_registers: bool, model_name: str) -> tuple[np.ndarray, StoreLayout]:
     """Indices into the model's token sequence [cls, registers, patches] and the stored layout."""
     if tokens not in TOKEN_CHOICES:
         raise VisaeError(f"unknown tokens {tokens!r}: use one of {', '.join(TOKEN_CHOICES)}")
@@ -70,12 +71,7 @@ def token_selection(layout, tokens: str, keep_registers: bool, model_name: str) 
         groups = [("registers", regs), ("patches", patches)]
     stored = [name for name, idx in groups if idx]
     idx = np.array([i for _, g in groups for i in g], dtype=np.int64)
-    stored_layout = {"n_cls": len(cls) if "cls" in stored else 0,
-                     "n_registers": len(regs) if "registers" in stored else 0,
-                     "grid": list(layout.grid), "n_tokens": int(len(idx)), "stored": stored,
-                     "order": ["cls", "registers", "patches"], "patch_order": "row-major",
-                     "model": layout.to_dict()}
-    return idx, stored_layout
+    return idx, StoreLayout.of_model(layout, stored)
 
 
 def plan_extract(model_spec: dict, dataset_spec: dict, layers: list[int], *, tokens: str = "patches",
@@ -234,11 +230,11 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
         dataset_info["skipped_images"] = plan.skipped
     writers = {}
     for layer, requested in zip(plan.layers, plan.requested):
-        meta = {"model": model_info, "layer": layer, "layer_requested": requested,
-                "dataset": dataset_info, "transform": repr(backbone.transform), "dtype": plan.dtype,
-                "d_model": backbone.d_model, "layout": plan.layout, "packages": package_versions()}
+        meta = StoreMeta(model=model_info, layer=layer, layer_requested=requested, dataset=dataset_info,
+                         transform=repr(backbone.transform), dtype=plan.dtype, d_model=backbone.d_model,
+                         layout=plan.layout, packages=package_versions())
         job = {"model": {k: v for k, v in model_info.items() if k != "weights"}, "dataset": dataset_info,
-               "layer": layer, "layout": plan.layout, "dtype": plan.dtype, "n_images": plan.n_images,
+               "layer": layer, "layout": plan.layout.to_dict(), "dtype": plan.dtype, "n_images": plan.n_images,
                "batch_size": plan.batch_size, "shard_images": plan.shard_images}
         # Named as requested (layer_-2), so a workflow can name the folder without loading the model.
         writers[layer] = StoreWriter(out / f"layer_{requested}", meta, job, plan.shard_images, plan.n_images)
@@ -480,7 +476,7 @@ def cmd_extract(args) -> int:
     paths = run_extract(plan, args.out, device=args.device, num_workers=args.workers,
                         progress=not args.no_progress, config=vars(args) | {"func": None})
     for path in paths:
-        meta = json.loads((path / "meta.json").read_text())
-        print(f"{path}: {meta['n_images']} images x {meta['layout']['n_tokens']} tokens x "
-              f"{meta['d_model']} ({meta['dtype']}), {meta['n_shards']} shards")
+        meta = StoreMeta.load(path)
+        print(f"{path}: {meta.n_images} images x {meta.layout.n_tokens} tokens x "
+              f"{meta.d_model} ({meta.dtype}), {meta.n_shards} shards")
     return 0

@@ -9,7 +9,6 @@ deepest requested block, so extracting an early layer does not pay for the whole
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -17,45 +16,7 @@ import torch
 from PIL import Image
 
 from visae.errors import VisaeError
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where each token sits in a recorded sequence: [cls, registers..., patches (row-major)]."""
-
-    n_cls: int
-    n_registers: int
-    grid: tuple[int, int]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", (int(self.grid[0]), int(self.grid[1])))
-
-    @property
-    def n_prefix(self) -> int:
-        return self.n_cls + self.n_registers
-
-    @property
-    def n_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_prefix + self.n_patches
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_cls": self.n_cls,
-            "n_registers": self.n_registers,
-            "grid": list(self.grid),
-            "n_prefix": self.n_prefix,
-            "n_patches": self.n_patches,
-            "n_tokens": self.n_tokens,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenLayout":
-        """Inverse of `to_dict`, so readers of meta.json get the same object back."""
-        return cls(int(d["n_cls"]), int(d["n_registers"]), tuple(d["grid"]))
+from visae.store.meta import TokenLayout  # defined beside the store layout that records it
 
 
 class _StopForward(Exception):

@@ -8,8 +8,10 @@ Layout of a store directory:
 """
 
 from visae.store.format import FORMAT, shard_name
-from visae.store.reader import ActivationStore, TokenLoader, verify_store
+from visae.store.loader import TokenLoader
+from visae.store.meta import StoreLayout, StoreMeta, TokenLayout
+from visae.store.reader import ActivationStore, verify_store
 from visae.store.writer import StoreWriter
 
-__all__ = ["FORMAT", "shard_name", "ActivationStore", "TokenLoader",
+__all__ = ["FORMAT", "shard_name", "ActivationStore", "TokenLoader", "StoreLayout", "StoreMeta", "TokenLayout",
            "StoreWriter", "verify_store"]

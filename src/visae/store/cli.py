@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 from visae.errors import VisaeError
-from visae.store.reader import read_meta, verify_store
+from visae.store.meta import StoreMeta
+from visae.store.reader import verify_store
 
 
 def add_cli(sub) -> None:
@@ -19,7 +20,7 @@ def cmd_verify(args) -> int:
     for root in args.stores:
         try:
             problems = verify_store(root)
-            meta = read_meta(root)
+            meta = StoreMeta.load(root)
         except VisaeError as err:  # meta.json itself is bad: one line, then the next store
             problems = [str(err)]
         if problems:
@@ -27,6 +28,6 @@ def cmd_verify(args) -> int:
             for problem in problems:
                 print(problem if problem.startswith(str(root)) else f"{root}: {problem}", file=sys.stderr)
         else:
-            files = sum(len(s["files"]) for s in meta["shards"])
-            print(f"{root}: ok ({meta['n_shards']} shards, {files} files, {meta['n_images']} images)")
+            files = sum(len(s["files"]) for s in meta.shards)
+            print(f"{root}: ok ({meta.n_shards} shards, {files} files, {meta.n_images} images)")
     return 1 if bad else 0

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from visae.atomic import write_json
 from visae.errors import VisaeError
-from visae.store.format import FORMAT, META_DIGEST, meta_digest, seal_meta, sha256_file, shard_name
+from visae.store.format import FORMAT, META_DIGEST, meta_digest, sha256_file, shard_name
+from visae.store.meta import StoreMeta, model_identity
 
 
 def _write_npy(path: Path, array: np.ndarray) -> str:
@@ -42,12 +43,6 @@ def _npy_header(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def model_identity(meta: dict) -> dict | None:
-    """meta.json's model.identity: which model made the activations (None for synthetic stores)."""
-    model = meta.get("model")
-    return model.get("identity") if isinstance(model, dict) else None
-
-
 def identity_difference(made_by: dict | None, now: dict | None) -> str:
     """Why two model identities (meta.json's model.identity) differ, in a few words."""
     if not isinstance(made_by, dict):
@@ -59,11 +54,12 @@ def identity_difference(made_by: dict | None, now: dict | None) -> str:
 
 
 class StoreWriter:
-    """Writes one store directory. `job` identifies the settings; a resume must match it."""
+    """Writes one store directory. `meta` is what its maker says (StoreWriter fills in the shards);
+    `job` identifies the settings, and a resume must match it."""
 
-    def __init__(self, root: str | os.PathLike, meta: dict, job: dict, shard_images: int, n_images: int):
+    def __init__(self, root: str | os.PathLike, meta: StoreMeta, job: dict, shard_images: int, n_images: int):
         self.root = Path(root)
-        self.meta = dict(meta)
+        self.meta = meta
         self.job = job
         self.shard_images = int(shard_images)
         self.n_images = int(n_images)
@@ -89,7 +85,7 @@ class StoreWriter:
             if not isinstance(old, dict) or old.get(META_DIGEST) != meta_digest(old):
                 raise VisaeError(f"{self.meta_path} does not match its {META_DIGEST} (edited or damaged): "
                                  f"remove {self.root} and rerun")
-            made_by, now = model_identity(old), model_identity(self.meta)
+            made_by, now = model_identity(old.get("model")), self.meta.model_identity
             if made_by != now:
                 raise VisaeError(f"{self.root} holds a store made by another model "
                                  f"({identity_difference(made_by, now)}): remove it or choose another output folder")
@@ -139,7 +135,5 @@ class StoreWriter:
         self._write_meta(complete=len(self.shards) == self.n_shards)
 
     def _write_meta(self, complete: bool) -> None:
-        meta = {**self.meta, "format": FORMAT, "job": self.job, "complete": complete,
-                "n_images": self.n_images, "shard_images": self.shard_images,
-                "n_shards": self.n_shards, "shards": self.shards}
-        write_json(self.meta_path, seal_meta(meta))
+        replace(self.meta, format=FORMAT, job=self.job, complete=complete, n_images=self.n_images,
+                shard_images=self.shard_images, n_shards=self.n_shards, shards=self.shards).dump(self.meta_path)

@@ -86,9 +86,8 @@ def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None,
 
 
 def _synthetic_store(root: Path, images: int, tokens: int, d_model: int, shard_images: int) -> Path:
-    from visae.store import StoreWriter
-    layout = {"n_cls": 0, "n_registers": 0, "grid": [1, tokens], "n_tokens": tokens, "stored": ["patches"]}
-    writer = StoreWriter(root, {"dtype": "float16", "d_model": d_model, "layout": layout},
+    from visae.store import StoreLayout, StoreMeta, StoreWriter
+    writer = StoreWriter(root, StoreMeta(dtype="float16", d_model=d_model, layout=StoreLayout.patches((1, tokens))),
                          {"bench": "loader"}, shard_images, images)
     writer.open()
     rng = np.random.default_rng(0)
@@ -109,7 +108,7 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(store) if store else _synthetic_store(Path(tmp) / "store", images, tokens, d_model, shard_images)
         st = ActivationStore(root)
-        files = [root / name for s in st.meta["shards"] for name in s["files"] if name.startswith("acts_")]
+        files = [root / name for s in st.info.shards for name in s["files"] if name.startswith("acts_")]
         size = max(f.stat().st_size for f in files)
         buf = bytearray(size)
 

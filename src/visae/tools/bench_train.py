@@ -124,16 +124,15 @@ def bench_train(d: int = 384, expansion: int = 16, batch: int = 4096, k: int = 3
 
 
 def _loader_ratio(sae, d, batch, n_batches):
-    from visae.store import ActivationStore, StoreWriter, TokenLoader
+    from visae.store import ActivationStore, StoreLayout, StoreMeta, StoreWriter, TokenLoader
     from visae.store.format import to_storage
 
     tokens_per_image = 64
     n_images = -(-batch * (n_batches + 1) // tokens_per_image)
     opt = make_adam(sae.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
-        meta = {"model": "bench", "layer": 0, "dataset": "random", "dtype": "float16", "d_model": d,
-                "layout": {"n_cls": 0, "n_registers": 0, "grid": [8, 8], "n_tokens": tokens_per_image,
-                           "stored": ["patches"]}}
+        meta = StoreMeta(model="bench", layer=0, dataset="random", dtype="float16", d_model=d,
+                         layout=StoreLayout.patches((8, 8)))
         w = StoreWriter(Path(tmp) / "s", meta, {"bench": 1}, shard_images=max(1, n_images // 4), n_images=n_images)
         w.open()
         g = torch.Generator().manual_seed(1)

@@ -17,7 +17,7 @@ import torch
 from visae.args import nonneg_float, nonneg_int, positive_int
 from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
-from visae.store import StoreWriter
+from visae.store import StoreLayout, StoreMeta, StoreWriter
 from visae.store.format import canonical_dtype, to_storage
 
 
@@ -48,11 +48,9 @@ def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int =
     A = make_atoms(d, atoms, seed)
     side = int(np.sqrt(tokens_per_image))
     grid = [side, tokens_per_image // side] if side * (tokens_per_image // side) == tokens_per_image else [1, tokens_per_image]
-    meta = {"model": "synthetic", "layer": 0, "dataset": f"synth-d{d}-a{atoms}-k{k}-s{seed}", "dtype": dtype,
-            "d_model": d,
-            "layout": {"n_cls": 0, "n_registers": 0, "grid": grid, "n_tokens": tokens_per_image, "stored": ["patches"]},
-            "synth": {"atoms": atoms, "k": k, "noise": noise, "seed": seed}}
-    job = {"synth": meta["synth"], "d": d, "images": images, "tokens_per_image": tokens_per_image, "dtype": dtype}
+    meta = StoreMeta(model="synthetic", layer=0, dataset=f"synth-d{d}-a{atoms}-k{k}-s{seed}", dtype=dtype, d_model=d,
+                     layout=StoreLayout.patches(grid), synth={"atoms": atoms, "k": k, "noise": noise, "seed": seed})
+    job = {"synth": meta.synth, "d": d, "images": images, "tokens_per_image": tokens_per_image, "dtype": dtype}
     clean_stale_temps(out)
     writer = StoreWriter(out, meta, job, shard_images=shard_images, n_images=images)
     done = writer.open()

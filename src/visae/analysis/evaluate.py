@@ -3,7 +3,8 @@
 The held-out part is the `heldout` fraction of images that the SAE's split (its seed, recorded
 in its config.json; the shared rule in visae.sae.split) holds out; it must lie inside what
 training held out. An SAE trained on another model or layer than the store's is refused unless
-`--allow-mismatch`, and then metrics.json says so (`source_mismatch`). Sums are accumulated in
+`--allow-mismatch`, and then metrics.json says so (`source_mismatch`); the store, the SAE and
+these checks are visae.analysis.on_store's. Sums are accumulated in
 float64.
 - L0: mean number of non-zero latents per token;
 - MSE: mean over tokens and dimensions of the squared error, in the SAE's normalised space
@@ -29,13 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visae.analysis.on_store import FROM_SAE, open_sae_on_store
 from visae.args import device as device_arg, open_fraction, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import Identity
 from visae.provenance import provenance
-from visae.sae import checkpoint as ckpt
-from visae.sae.split import split_images
 
 DENSE_THRESHOLD = 0.01
 HIST_EDGES = list(np.arange(-8.0, 0.01, 0.5))  # log10 frequency bins; "never fired" is counted apart
@@ -43,32 +43,14 @@ HIST_EDGES = list(np.arange(-8.0, 0.01, 0.5))  # log10 frequency bins; "never fi
 
 @torch.no_grad()
 def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: int = 8192,
-             device: str = "cpu", token_kind: str | None = "__from_sae__",
+             device: str = "cpu", token_kind: str | None = FROM_SAE,
              allow_mismatch: bool = False) -> tuple[dict, dict]:
     """(metrics, per-latent arrays) of the SAE at `sae_path` on the store's held-out images."""
-    from visae.store import ActivationStore, TokenLoader
-
-    store = ActivationStore(store_path, verify=True)  # re-hash: never train/evaluate on a tampered store
-    sae = ckpt.load(sae_path, device=device)
-    cfg = sae.config
-    _check_finished(Path(sae_path), cfg)
-    ckpt.check_compatible(sae, store)
-    mismatch = ckpt.source_mismatch(sae, store, allow=allow_mismatch)
-    trained_heldout = cfg.get("split", {}).get("heldout")
-    if heldout is None:
-        heldout = trained_heldout if trained_heldout is not None else 0.1
-    if trained_heldout is not None and cfg.get("source", {}).get("store_hash") == store.store_hash \
-            and heldout > trained_heldout + 1e-12:
-        raise VisaeError(f"--heldout {heldout} would evaluate on images SAE {cfg.get('name')!r} was trained on "
-                         f"(it held out only {trained_heldout}): use --heldout <= {trained_heldout}")
-    if token_kind == "__from_sae__":
-        token_kind = cfg.get("source", {}).get("token_kind")
-    split_seed = int(cfg.get("split", {}).get("seed", 0))
-    _, held = split_images(store.n_images, heldout, split_seed)
-    if not len(held):
-        raise VisaeError("nothing is held out: use --heldout > 0")
-    loader = TokenLoader(store, batch_size, images=held, shuffle=False, drop_last=False, epochs=1,
-                         token_kind=token_kind, dtype=torch.float32, device=device, prefetch=False)
+    ctx = open_sae_on_store(store_path, sae_path, heldout=heldout, token_kind=token_kind,
+                            allow_mismatch=allow_mismatch, device=device)
+    store, sae, cfg = ctx.store, ctx.sae, ctx.config
+    heldout, split_seed, held, mismatch = ctx.heldout, ctx.split_seed, ctx.held, ctx.mismatch
+    loader = ctx.loader(batch_size)
     h, d = sae.width, sae.d_model
     n = 0
     sq_err_n = torch.zeros((), dtype=torch.float64, device=device)
@@ -119,17 +101,6 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
         if not math.isfinite(metrics[key]):
             raise VisaeError(f"evaluation of {sae_path} gave {key} = {metrics[key]}: the SAE is broken")
     return metrics, {"frequency": freq, "mean_activation": mean_act}
-
-
-def _check_finished(sae_path: Path, cfg: dict) -> None:
-    """Refuse an SAE whose training run did not finish: its config must say complete, and a
-    `visae train` folder around it must hold the run's provenance.json (written last)."""
-    directory = sae_path.parent if sae_path.is_file() else sae_path
-    run = directory.parent
-    if cfg.get("complete") is not True:
-        raise VisaeError(f"SAE {directory} is not a finished checkpoint (its config.json is not complete)")
-    if (run / ".train").is_dir() and not (run / "provenance.json").is_file():
-        raise VisaeError(f"the training run in {run} did not finish (no provenance.json): rerun `visae train`")
 
 
 def write_outputs(out, metrics: dict, latents: dict, config: dict, started: float) -> None:
