@@ -143,3 +143,62 @@ def test_sae_from_another_model_or_layer_refused(tmp_path, trained, capsys, meta
     same = _copy_store(store_dir, tmp_path / "same", dataset="another-dataset")
     assert main(["evaluate", "--store", str(same), "--sae", str(saes / "relu"), "--out", str(tmp_path / "ev2")]) == 0
     assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["source_mismatch"] is None
+
+
+def _copy_sae(src: Path, dst: Path, **config_changes) -> Path:
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in config_changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_an_sae_without_a_seeded_split_is_refused(tmp_path, trained, capsys):
+    """An SAE from before the seeded split held out the last images: seed 0's held-out images would
+    be mostly its training images, so it is refused rather than evaluated on them."""
+    store, saes = trained
+    cfg = json.loads((saes / "topk" / "config.json").read_text())
+    old = _copy_sae(saes / "topk", tmp_path / "old", split={"heldout": 0.2, "train_range": [0, 64]})
+    assert main(["evaluate", "--store", str(store), "--sae", str(old), "--out", str(tmp_path / "e")]) == 1
+    assert "does not record a seeded held-out split" in capsys.readouterr().err
+    assert cfg["split"]["method"] == "seeded permutation of images" and isinstance(cfg["split"]["seed"], int)
+
+
+def test_a_rerun_removes_the_old_metrics_before_writing_latents(tmp_path, trained, monkeypatch):
+    """Killed between latents.csv and metrics.json, a rerun must not leave the earlier run's metrics
+    beside the new latents."""
+    from visae.analysis import evaluate as ev
+    store, saes = trained
+    out = tmp_path / "e"
+    assert main(["evaluate", "--store", str(store), "--sae", str(saes / "topk"), "--out", str(out)]) == 0
+    assert (out / "metrics.json").is_file()
+    real = ev.write_json
+
+    def killed(path, obj):
+        if Path(path).name == "metrics.json":
+            raise KeyboardInterrupt  # stands in for the kill, after latents.csv was replaced
+        real(path, obj)
+
+    monkeypatch.setattr(ev, "write_json", killed)
+    assert main(["evaluate", "--store", str(store), "--sae", str(saes / "relu"), "--out", str(out)]) == 130
+    assert (out / "latents.csv").is_file() and not (out / "metrics.json").exists()
+
+
+def test_a_moved_weights_file_is_the_same_model(tmp_path, trained):
+    """The SAE's model is compared by identity, not by the weights' path or the entry's name."""
+    from visae.sae import checkpoint as ckpt
+    store_dir, saes = trained
+    store = ActivationStore(store_dir)
+    sae = load(saes / "topk")
+    model = {"name": "a", "weights": "/old/path.safetensors", "identity": {"arch": "x", "weights_sha256": "ab"}}
+    sae.config = {**sae.config, "source": {**sae.config["source"], "model": model}}
+    store.meta = {**store.meta, "model": {**model, "name": "b", "weights": "/new/path.safetensors"}}
+    assert ckpt.source_mismatch(sae, store) is None
+    store.meta = {**store.meta, "model": {**model, "identity": {"arch": "x", "weights_sha256": "cd"}}}
+    with pytest.raises(Exception, match="trained on another model"):
+        ckpt.source_mismatch(sae, store)

@@ -225,3 +225,20 @@ def test_normalisation_and_split_recorded(tmp_path, store):
     # one step moved b_dec by ~lr from its start: the mean, or zero
     assert (load(out / "mean").b_dec.double() - x.mean(0)).abs().max() < 1e-2
     assert load(out / "zero").b_dec.abs().max() < 1e-2
+
+
+def test_a_shared_out_folder_keeps_files_that_are_not_visaes(tmp_path, store):
+    """A fresh start unmarks only visae's own outputs: other tools' config.json files in --out stay."""
+    out = tmp_path / "runs"
+    theirs = [out / "other-tool" / "config.json", out / "notes" / "checkpoint" / "config.json", out / "provenance.json"]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"not": "visae"}')
+    args = ["train", "--store", str(store), "--out", str(out), "--tokens", "128"]
+    assert main(args + ["--grid", str(_grid(tmp_path, ALL[1:2]))]) == 0
+    assert all(p.read_text() == '{"not": "visae"}' for p in theirs[:2])
+    assert json.loads((out / "topk" / "config.json").read_text())["complete"] is True
+    # a restart with other settings removes the earlier run's markers, and still only those
+    assert main(args + ["--grid", str(_grid(tmp_path, ALL[:1])), "--restart-stale"]) == 0
+    assert not (out / "topk" / "config.json").exists()
+    assert all(p.read_text() == '{"not": "visae"}' for p in theirs[:2])

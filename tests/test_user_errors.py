@@ -1,8 +1,11 @@
-"""Mistakes a user can fix are one line with exit 1; the rest of the CLI's range checks."""
+"""Mistakes a user can fix are one line with exit 1 (flags, damaged checkpoints, the machine's own
+OS errors); the rest is a bug with its traceback."""
 
 from __future__ import annotations
 
 import errno
+import json
+import re
 
 import pytest
 
@@ -86,3 +89,44 @@ def test_fetch_sweeps_a_killed_fetchs_temporary_files(tmp_path, fashion_mnist_di
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "train-images-idx3-ubyte.gz",
          "train-labels-idx1-ubyte.gz"])
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tmp_path_factory):
+    from visae.tools.synth import synth_store
+    root = tmp_path_factory.mktemp("ck")
+    store = synth_store(root / "store", d=8, atoms=16, k=2, images=16, tokens_per_image=4)
+    grid = '[{"name": "t", "architecture": "topk", "k": 2, "expansion": 2, "batch_size": 16, "lr_warmup": 1}]'
+    assert main(["train", "--store", str(store), "--grid-json", grid, "--out", str(root / "saes"),
+                 "--tokens", "64"]) == 0
+    return root / "saes" / "t"
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda cfg: "[1, 2]", "a JSON list, not an object"),
+    (lambda cfg: json.dumps({**cfg, "architecture": "relux"}), "architecture 'relux'"),
+    (lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "architecture"}), "architecture None"),
+    (lambda cfg: json.dumps({**cfg, "width": "16"}), "width '16' is not a positive integer"),
+    (lambda cfg: json.dumps({**cfg, "width": cfg["width"] * 2}), "does not fit its config.json"),
+])
+def test_a_damaged_sae_config_is_one_line(tmp_path, sae_dir, capsys, damage, needle):
+    import shutil
+    from visae.sae import load
+    bad = tmp_path / "bad"
+    shutil.copytree(sae_dir, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(damage(cfg))
+    with pytest.raises(VisaeError, match=re.escape(needle)):
+        load(bad)
+
+
+def test_auxk_loss_is_finite_when_the_residual_does_not_vary():
+    """One token (or a constant residual) has zero variance: the aux term is 0, not NaN."""
+    import torch
+
+    from visae.sae.modules import build_sae
+    sae = build_sae("topk", 8, 32, seed=0, k=2, k_aux=4, dead_tokens=1)
+    sae.tokens_since_fired.fill_(10)  # every latent dead
+    pre = torch.randn(1, 32)
+    loss = sae.aux_loss(pre, torch.ones(1, 8))
+    assert torch.isfinite(loss) and float(loss.detach()) >= 0

@@ -18,6 +18,7 @@ rule train:
         env=lambda wc, threads: threads_env(threads),
         heldout=config["train"]["heldout"],
         seed=config["train"]["seed"],
+        split_seed=config["train"]["split_seed"],
         token_kind=config["train"]["token_kind"],
         device=config["train"]["device"],
     log:
@@ -31,7 +32,7 @@ rule train:
     shell:
         logged(
             "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
-            " --out {params.out:q} --heldout {params.heldout} --seed {params.seed}"
+            " --out {params.out:q} --heldout {params.heldout} --seed {params.seed} --split-seed {params.split_seed}"
             " --token-kind {params.token_kind} --device {params.device} --restart-stale"
             " {params.checkpoint}"
         )

@@ -109,6 +109,9 @@ def write_outputs(out, metrics: dict, latents: dict, config: dict, started: floa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
+    # an earlier evaluation's done marker goes first: a kill below never leaves its metrics.json
+    # beside this evaluation's latents.csv
+    (out / "metrics.json").unlink(missing_ok=True)
     identity = metrics["identity"]
     with atomic_path(out / "latents.csv") as tmp:
         with open(tmp, "w", newline="") as fh:

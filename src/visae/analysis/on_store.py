@@ -18,7 +18,7 @@ import torch
 
 from visae.errors import VisaeError
 from visae.sae import checkpoint as ckpt
-from visae.sae.split import split_images
+from visae.sae.split import SPLIT_METHOD, split_images
 from visae.store import ActivationStore, TokenLoader
 
 FROM_SAE = "__from_sae__"  # token_kind default: the kind the SAE was trained on
@@ -65,7 +65,13 @@ def open_sae_on_store(store_path, sae_path, *, heldout: float | None = None, tok
                          f"(it held out only {trained_heldout}): use --heldout <= {trained_heldout}")
     if token_kind == FROM_SAE:
         token_kind = cfg.get("source", {}).get("token_kind")
-    split_seed = int(cfg.get("split", {}).get("seed", 0))
+    split = cfg.get("split", {})
+    if split.get("method") != SPLIT_METHOD or not isinstance(split.get("seed"), int):
+        # an SAE from before the seeded split held out the last images in store order: its own
+        # split cannot be rebuilt, and seed 0's held-out images would be mostly its training images
+        raise VisaeError(f"SAE {cfg.get('name')!r} does not record a seeded held-out split (trained by an older "
+                         f"visae, which held out the last images): retrain it")
+    split_seed = split["seed"]
     _, held = split_images(store.n_images, heldout, split_seed)
     if not len(held):
         raise VisaeError("nothing is held out: use --heldout > 0")

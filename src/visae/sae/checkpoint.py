@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from visae.atomic import atomic_path, write_json
 from visae.errors import VisaeError
+from visae.sae.config import ARCHITECTURES
 from visae.sae.modules import SAE, build_sae
 
 WEIGHTS, CONFIG = "sae.safetensors", "config.json"
@@ -46,9 +47,18 @@ def read_config(path: str | Path) -> dict:
                              f"checkpoint is {directory / 'checkpoint'}")
         raise VisaeError(f"{directory} is not an SAE checkpoint (no {CONFIG})")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except ValueError as err:
         raise VisaeError(f"{cfg_path} is corrupt ({err})") from None
+    if not isinstance(cfg, dict):
+        raise VisaeError(f"{cfg_path} is corrupt (a JSON {type(cfg).__name__}, not an object)")
+    if cfg.get("architecture") not in ARCHITECTURES:
+        raise VisaeError(f"{cfg_path} is corrupt (architecture {cfg.get('architecture')!r}; "
+                         f"allowed: {', '.join(ARCHITECTURES)})")
+    for key in ("d_model", "width"):
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise VisaeError(f"{cfg_path} is corrupt ({key} {cfg.get(key)!r} is not a positive integer)")
+    return cfg
 
 
 def load(path: str | Path, device: str = "cpu") -> SAE:
@@ -66,7 +76,11 @@ def load(path: str | Path, device: str = "cpu") -> SAE:
     missing = set(sae.state_dict()) - set(state)
     if missing:
         raise VisaeError(f"{directory / WEIGHTS} lacks tensors {sorted(missing)}")
-    sae.load_state_dict(state)
+    try:
+        sae.load_state_dict(state)
+    except RuntimeError as err:  # shapes that do not fit the config
+        raise VisaeError(f"{directory / WEIGHTS} does not fit its {CONFIG} "
+                         f"({str(err).strip().splitlines()[-1].strip()})") from None
     sae.config = cfg
     return sae.to(device).eval()
 
@@ -84,11 +98,12 @@ def check_compatible(cfg_or_sae, store) -> None:
 def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
     """Refuse an SAE trained on another model or layer than the store holds (one line naming
     both); with `allow`, return that line instead, for the caller's outputs to carry. None when
-    they match. The model is compared as the stores record it (meta.json's `model`)."""
+    they match. The model is compared by its recorded identity (what made the activations: not
+    the weights' path or the config's name), or as a whole where a store records none."""
     cfg = getattr(cfg_or_sae, "config", cfg_or_sae)
     src = cfg.get("source", {})
-    ours = {"model": src.get("model"), "layer": src.get("layer")}
-    theirs = {"model": store.meta.get("model"), "layer": store.meta.get("layer")}
+    ours = {"model": _model_identity(src.get("model")), "layer": src.get("layer")}
+    theirs = {"model": _model_identity(store.meta.get("model")), "layer": store.meta.get("layer")}
     if json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True):
         return None
     what = " and ".join(k for k in ("model", "layer") if json.dumps(ours[k], sort_keys=True)
@@ -98,6 +113,10 @@ def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
     if not allow:
         raise VisaeError(f"{line}: pass --allow-mismatch to use it anyway")
     return line
+
+
+def _model_identity(model):
+    return model["identity"] if isinstance(model, dict) and model.get("identity") is not None else model
 
 
 def _short(source: dict) -> str:

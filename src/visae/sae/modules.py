@@ -253,7 +253,8 @@ class _AuxKMixin:
         vals = torch.relu(vals)
         recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
         e = residual.detach()
-        return self.aux_alpha * (recon - e).pow(2).mean() / (e - e.mean(0)).pow(2).mean()
+        # clamped: a batch whose residual does not vary (one token, a constant e) gives 0, not NaN
+        return self.aux_alpha * (recon - e).pow(2).mean() / (e - e.mean(0)).pow(2).mean().clamp_min(1e-12)
 
     def after_step(self, metrics, batch_size):
         fired = metrics.get("fired")

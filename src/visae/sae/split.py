@@ -14,6 +14,8 @@ import numpy as np
 
 from visae.errors import VisaeError
 
+SPLIT_METHOD = "seeded permutation of images"  # what config.json records as its split's method
+
 
 def split_images(n_images: int, heldout: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train_images, heldout_images): sorted image indices."""
@@ -29,6 +31,6 @@ def split_images(n_images: int, heldout: float, seed: int = 0) -> tuple[np.ndarr
 def split_record(n_images: int, heldout: float, seed: int) -> dict:
     """What an SAE's config.json says about its split (enough to rebuild and to check it)."""
     train, held = split_images(n_images, heldout, seed)
-    return {"heldout": heldout, "seed": int(seed), "method": "seeded permutation of images",
+    return {"heldout": heldout, "seed": int(seed), "method": SPLIT_METHOD,
             "n_images": n_images, "train_images": len(train), "heldout_images": len(held),
             "heldout_sha256": hashlib.sha256(held.astype("<i8").tobytes()).hexdigest()}

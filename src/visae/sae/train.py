@@ -202,10 +202,17 @@ def load_state(path: Path) -> dict:
 
 def unmark_outputs(out: Path) -> None:
     """Remove the done markers of an earlier run in `out` (provenance.json first, then every SAE's
-    config.json), so that a fresh start killed midway never leaves old results that look finished."""
+    config.json), so that a fresh start killed midway never leaves old results that look finished.
+    Only visae's own: SAE folders are those holding weights or a training log, and a folder with
+    neither and no training state is not touched at all (`--out` may be shared with other files)."""
+    saes = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
+        (d / name).is_file() for name in (ckpt.WEIGHTS, "log.csv", f"checkpoint/{ckpt.WEIGHTS}"))]
+    if not saes and not (out / STATE).parent.is_dir():
+        return
     (out / "provenance.json").unlink(missing_ok=True)
-    for marker in sorted(out.glob(f"*/{ckpt.CONFIG}")) + sorted(out.glob(f"*/checkpoint/{ckpt.CONFIG}")):
-        marker.unlink()
+    for d in saes:
+        (d / ckpt.CONFIG).unlink(missing_ok=True)
+        (d / "checkpoint" / ckpt.CONFIG).unlink(missing_ok=True)
 
 
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
