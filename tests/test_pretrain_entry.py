@@ -58,3 +58,14 @@ def test_bad_entry_is_one_line(tmp_path, capsys, model, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("visae: error: ") and message in err[0], err
     assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_missing_data_names_its_config_key(tmp_path, capsys):
+    """At run time too, the pretraining data's error names the config key it came from."""
+    entry = json.dumps({"name": "vit-s", "source": "pretrain", "arch": "vit_tiny_patch16_224",
+                        "pretrain": {"dataset": "fmnist-train", "objective": "supervised"}})
+    assert cli.main(["pretrain", "--model", entry, "--data", str(tmp_path / "gone"), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("visae: error: datasets.fmnist-train: "), err
+    assert str(tmp_path / "gone") in err[0]
+    assert not (tmp_path / "o" / "model.safetensors").exists()

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import math
 import sys
 import time
@@ -139,6 +140,7 @@ def pretrain(
     knn_k: int = DEFAULTS["knn_k"],
     init_baseline: bool = True,
     data_root: str | Path | None = None,
+    data_key: str | None = None,
     device: str = "cpu",
     progress: bool | None = None,
 ) -> dict[str, Any]:
@@ -191,8 +193,11 @@ def pretrain(
     data_spec = {"format": "fashion-mnist"}
     if data_root is not None:
         data_spec["root"] = str(data_root)
-    train_ds = open_dataset(dict(data_spec, split="train"))
-    test_ds = open_dataset(dict(data_spec, split="test"))
+    try:
+        train_ds = open_dataset(dict(data_spec, split="train"))
+        test_ds = open_dataset(dict(data_spec, split="test"))
+    except VisaeError as err:  # named by the config key it came from, as extraction's are
+        raise VisaeError(f"{data_key}: {err}" if data_key else str(err)) from None
     if not hasattr(train_ds, "images"):  # pragma: no cover - fashion-mnist always has it
         raise VisaeError("visae pretrain needs the fashion-mnist format")
 
@@ -377,8 +382,6 @@ ENTRY_FLAGS = {
 def apply_entry(args: argparse.Namespace) -> None:
     """Fill `args` from `--model`, a models: entry as a JSON object with its name (what the workflow
     passes, so a job's command changes only when its entry does); the entry's keys win over flags."""
-    import json
-
     try:
         entry = json.loads(args.model)
     except ValueError as err:
@@ -398,6 +401,13 @@ def apply_entry(args: argparse.Namespace) -> None:
     args.mlp_ratio = float((entry.get("model_kwargs") or {}).get("mlp_ratio", 4.0))
 
 
+def _data_key(args) -> str | None:
+    """The config key of the pretraining data, when the command got a models: entry naming it."""
+    entry = json.loads(args.model) if args.model is not None else {}
+    dataset = entry.get("pretrain", {}).get("dataset")
+    return f"datasets.{dataset}" if dataset else None
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.model is not None:
         apply_entry(args)
@@ -412,7 +422,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, temperature=args.temperature, seed=args.seed,
         max_images=args.max_images, eval_train=args.eval_train, eval_test=args.eval_test,
-        init_baseline=not args.no_baseline, data_root=args.data, device=args.device,
+        init_baseline=not args.no_baseline, data_root=args.data, data_key=_data_key(args), device=args.device,
         progress=False if args.quiet else None,
     )
     m = cfg["metrics"]
