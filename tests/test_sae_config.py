@@ -81,26 +81,8 @@ def test_entry_is_the_common_defaults_then_the_given_keys():
     [e] = C.validate_grid([{"name": "t", "architecture": "topk", "k": 4, "lr": 1, "dead_tokens": 4096}], 16)
     assert list(e) == list(C.COMMON) + ["k", "dead_tokens"]
     assert e == {**C.COMMON_DEFAULTS, "name": "t", "architecture": "topk", "expansion": 32.0, "width": 512,
-                 "lr": 1.0, "init": "tied", "k": 4, "dead_tokens": 4096}
+                 "lr": 1.0, "k": 4, "dead_tokens": 4096}
     assert type(e["lr"]) is float and type(e["expansion"]) is float
-
-
-@pytest.mark.parametrize("arch, extra, init", [("relu", {"l1": 0.01}, "tied-0.1"), ("jumprelu", {"l0": 0.01}, "tied-0.1"),
-                                               ("topk", {"k": 4}, "tied"), ("batchtopk", {"k": 4}, "tied"),
-                                               ("matryoshka", {"k": 4}, "tied")])
-def test_each_architecture_has_its_default_init(arch, extra, init):
-    """Penalised SAEs start from 0.1 x the tied transpose, TopK-style ones from the transpose (both
-    measured, docs/paper-parity.md [f]); an explicit init: wins; the module uses the same default."""
-    import torch
-
-    from visae.sae.modules import build_sae, init_weights
-    [e] = C.validate_grid([{"name": "t", "architecture": arch, **extra}], 16)
-    assert e["init"] == init == C.DEFAULT_INIT[arch]
-    [e] = C.validate_grid([{"name": "t", "architecture": arch, "init": "kaiming", **extra}], 16)
-    assert e["init"] == "kaiming"
-    sae = build_sae(arch, 16, 64, seed=3, **{k: v for k, v in extra.items() if k == "k"})
-    w_enc, _ = init_weights(16, 64, 3, init)
-    assert torch.equal(sae.W_enc.detach(), w_enc)
 
 
 @pytest.mark.parametrize("change, message", [

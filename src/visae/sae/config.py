@@ -21,9 +21,7 @@ from dataclasses import MISSING, dataclass
 
 from visae.errors import VisaeError
 
-# Initialisations of (W_enc, W_dec); see `visae.sae.modules.init_weights`. Each architecture has its
-# default (`default_init`), measured on planted dictionaries and on the demo (docs/paper-parity.md [f]):
-# penalised SAEs train best from 0.1 x the decoder's transpose, TopK-style SAEs from the transpose.
+# Initialisations of (W_enc, W_dec), the first the default; see `visae.sae.modules.init_weights`.
 INITS = ("tied-0.1", "tied", "kaiming")
 B_DEC_INITS = ("mean", "zero")  # b_dec starts at the data mean (the recipe), or at zero (what saev ran)
 
@@ -56,9 +54,8 @@ class SAEConfig:
     batch_size: int = key(16384, exclusive_minimum=0, train_default=True)
     seed: int | None = key(None, minimum=0, doc="the SAE's initialisation seed (default: derived from its name; "
                                                 "give entries one seed to share their initial weights)")
-    init: str | None = key(None, enum=INITS, doc="initial weights: tied-0.1 (W_enc = 0.1 W_dec^T; the default of "
-                                                 "relu and jumprelu), tied (W_enc = W_dec^T; the default of topk, "
-                                                 "batchtopk and matryoshka), kaiming (the paper's, saev 2284f52)")
+    init: str = key(INITS[0], enum=INITS, doc="initial weights: tied-0.1 (W_enc = 0.1 W_dec^T), tied "
+                                              "(W_enc = W_dec^T), kaiming (the paper's, saev 2284f52)")
     b_dec_init: str = key("mean", enum=B_DEC_INITS, doc="b_dec starts at the training data's mean or at "
                                                        "zero (what saev 2284f52 ran)")
     normalize: bool = key(True, doc="train on (x - mu) / scale, estimated from the training split")
@@ -68,14 +65,12 @@ class SAEConfig:
 @dataclass(frozen=True, kw_only=True)
 class ReLUConfig(SAEConfig):
     """The paper's recipe: ReLU + L1."""
-    default_init: typing.ClassVar[str] = "tied-0.1"
     l1: float = key(minimum=0, sparsity=True, doc="the L1 coefficient λ")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TopKConfig(SAEConfig):
     """TopK with the AuxK loss (Gao et al. 2024)."""
-    default_init: typing.ClassVar[str] = "tied"
     k: int = key(exclusive_minimum=0, at_most_width=True, doc="latents kept per token")
     k_aux: int | None = key(None, exclusive_minimum=0, at_most_width=True,
                             doc="dead latents the AuxK loss uses (default: d_model / 2)")
@@ -92,7 +87,6 @@ class BatchTopKConfig(TopKConfig):
 @dataclass(frozen=True, kw_only=True)
 class JumpReLUConfig(SAEConfig):
     """JumpReLU (Rajamanoharan et al. 2024) with an L0 penalty."""
-    default_init: typing.ClassVar[str] = "tied-0.1"
     l0: float = key(minimum=0, sparsity=True, doc="the L0 coefficient λ")
     threshold_init: float = key(0.1, minimum=0, doc="every latent's initial threshold")
     bandwidth: float = key(0.05, exclusive_minimum=0, doc="the straight-through estimator's kernel width")
@@ -110,7 +104,6 @@ class MatryoshkaConfig(BatchTopKConfig):
 CONFIGS: dict[str, type[SAEConfig]] = {"relu": ReLUConfig, "topk": TopKConfig, "batchtopk": BatchTopKConfig,
                                        "jumprelu": JumpReLUConfig, "matryoshka": MatryoshkaConfig}
 ARCHITECTURES = tuple(CONFIGS)
-DEFAULT_INIT = {a: c.default_init for a, c in CONFIGS.items()}
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -280,8 +273,6 @@ def validate_grid(grid, d_model: int) -> list[dict]:
             if k not in entry:
                 _fail(i, entry, f"missing key {k!r} (required by architecture {arch!r})")
         e = {**COMMON_DEFAULTS, **entry}
-        if e["init"] is None:
-            e["init"] = DEFAULT_INIT[arch]
         for k, f in COMMON.items():
             if k not in ("name", "architecture", "expansion", "width") and e[k] is not None:
                 _check(i, e, k, f, d_model)

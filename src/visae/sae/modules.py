@@ -27,18 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visae.sae.config import ARCH_KEYS, DEFAULT_INIT, INITS
+from visae.sae.config import ARCH_KEYS, INITS
 from visae.sae.kernels import _relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace
 
-# The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config; each architecture's default is
-# DEFAULT_INIT there). Decoder rows are unit-norm in all.
+# The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
 # - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
 #   as the decoder's transpose with small rows). Measured on a planted dictionary (see
-#   docs/paper-parity.md) a ReLU SAE recovers the atoms best from it, and its first step's loss is small.
-#   The default of relu and jumprelu.
+#   docs/paper-parity.md) it recovers the atoms best, and its first step's loss is small.
 # - tied: W_enc = W_decᵀ at full scale (visae before issue 9): each token starts by firing about
-#   half the latents at full strength; the first-step MSE is ~30x the data's variance. For TopK-style
-#   SAEs, where only k latents fire, it trains best (fewer dead latents): their default.
+#   half the latents at full strength; the first-step MSE is ~30x the data's variance.
 # - kaiming: what the paper ran (saev 2284f52): torch's kaiming_uniform_ on W_enc [d, h] and then
 #   on W_dec [h, d], independently, from one generator (decoder rows then unit-normed).
 
@@ -60,12 +57,12 @@ def init_weights(d: int, h: int, seed: int, init: str) -> tuple[torch.Tensor, to
 class SAE(nn.Module):
     architecture = "base"
 
-    def __init__(self, d_model: int, width: int, *, seed: int = 0, init: str | None = None, dtype=torch.float32,
+    def __init__(self, d_model: int, width: int, *, seed: int = 0, init: str = INITS[0], dtype=torch.float32,
                  **hparams):
         super().__init__()
         self.d_model, self.width = int(d_model), int(width)
         self.hparams = dict(hparams)
-        w_enc, w_dec = init_weights(self.d_model, self.width, seed, init or DEFAULT_INIT[self.architecture])
+        w_enc, w_dec = init_weights(self.d_model, self.width, seed, init)
         self.W_dec = nn.Parameter(w_dec.to(dtype))
         self.W_enc = nn.Parameter(w_enc.to(dtype))
         self.b_enc = nn.Parameter(torch.zeros(self.width, dtype=dtype))
@@ -548,7 +545,7 @@ CLASSES = {"relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprel
            "matryoshka": MatryoshkaSAE}
 
 
-def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, init: str | None = None,
+def build_sae(architecture: str, d_model: int, width: int, seed: int = 0, init: str = INITS[0],
               **hparams) -> SAE:
     cls = CLASSES[architecture]
     kwargs = {k: v for k, v in hparams.items() if k in ARCH_KEYS[architecture] and v is not None}
