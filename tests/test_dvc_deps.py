@@ -99,7 +99,10 @@ def stage_needs(stage: dict) -> set[Path]:
     args = shlex.split(stage["cmd"])
     allowed = args[args.index("--allowed-rules") + 1: args.index("--")]
     blocks, commands = rule_blocks(), command_modules()
-    files = {RULES / "common.smk", SRC / "visae" / "cli.py"}
+    # the workflow's own files: every stage's plan (and the defaults the schema fills into its
+    # commands) comes from them
+    files = {RULES / "common.smk", REPO / "Snakefile", REPO / "workflow" / "Snakefile",
+             REPO / "workflow" / "schemas" / "config.schema.yaml", SRC / "visae" / "cli.py"}
     modules = set(workflow_imports())
     for rule in allowed:
         path, block = blocks[rule]

@@ -65,8 +65,8 @@ def _code(path: Path) -> str:
 def test_no_results_path_is_written_by_hand_in_the_rules():
     folders = "|".join(("results", "pretrain", "activations", "saes", "evaluate", "tables", "figures", "logs",
                         "benchmarks"))
-    by_hand = re.compile(rf"\{{RESULTS\}}|[\"']({folders})/|/(metrics\.json|latents\.csv|provenance\.json|"
-                         rf"extract\.json|model\.safetensors|log\.csv)")
+    by_hand = re.compile(rf"\{{RESULTS\}}|[\"']({folders})/|[\"'/](metrics\.json|latents\.csv|provenance\.json|"
+                         rf"extract\.json|model\.safetensors|log\.csv)|[\"']layer_")
     for path in RULES:
         hits = [m.group(0) for m in by_hand.finditer(_code(path))]
         assert not hits, f"{path.name} spells out results paths: {hits}"
@@ -100,3 +100,15 @@ def test_every_report_output_has_a_caption_and_every_rule_tails_its_log():
             if "shell:" in block:
                 assert "logged(" in block and "tail -n" not in block, f"{path.name}: {block.split(':')[0]}"
     assert captions >= 5
+
+
+def test_the_trees_file_names_are_spelled_only_in_layout():
+    """The commands that write the tree's files and the rules that wait for them share one name."""
+    names = re.compile(r"[\"'](metrics\.json|latents\.csv|provenance\.json|extract\.json|model\.safetensors|"
+                       r"log\.csv)[\"']|f[\"']layer_|[\"']layer_[{\"']")
+    src = REPO / "src" / "visae"
+    for path in sorted(src.rglob("*.py")):
+        if path.name == "layout.py":
+            continue
+        hits = [m.group(0) for m in names.finditer(_code(path))]
+        assert not hits, f"{path.relative_to(REPO)} spells out names visae.layout defines: {hits}"

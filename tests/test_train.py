@@ -34,6 +34,12 @@ def store(tmp_path_factory) -> Path:
                        tokens_per_image=16, seed=0, shard_images=16)
 
 
+def _log(sae_dir: Path) -> list[dict]:
+    import csv
+    with open(sae_dir / "log.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
 def _grid(tmp_path: Path, entries: list[dict]) -> Path:
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(entries))
@@ -65,17 +71,20 @@ def test_train_grid_outputs(tmp_path, store, capsys):
         assert cfg["source"]["model"] == "synthetic" and len(cfg["source"]["store_hash"]) == 64
         assert cfg["normalisation"]["scale"] > 0 and "code" in cfg
         rows = (d / "log.csv").read_text().splitlines()
-        assert rows[0].startswith("step,tokens,loss,mse,l0,lr,l1_coeff")
+        assert rows[0].startswith("model,dataset,layer,sae,store_hash,architecture,step,tokens,loss,mse,l0,lr,l1_coeff")
         assert len(rows) == 21
+        ident = cfg["identity"]
+        assert rows[1].startswith(f"synthetic,{ident['dataset']},0,{e['name']},{cfg['source']['store_hash']},"
+                                  f"{e['architecture']},1,")
         sae = load(d)
         x = torch.randn(5, 16)
         assert sae.encode(x).shape == (5, 64) and sae(x).shape == (5, 16)
     # the L0 of TopK-style SAEs is exact in every logged step
     for name in ("topk", "btk", "mat"):
-        l0s = [float(r.split(",")[4]) for r in (out / name / "log.csv").read_text().splitlines()[1:]]
+        l0s = [float(r["l0"]) for r in _log(out / name)]
         assert all(v == 4 for v in l0s)
     # lr warm-up in the log: lr/5, 2lr/5, ..., lr
-    lrs = [float(r.split(",")[5]) for r in (out / "relu" / "log.csv").read_text().splitlines()[1:7]]
+    lrs = [float(r["lr"]) for r in _log(out / "relu")[:6]]
     assert lrs == pytest.approx([3e-3 * min(1, s / 5) for s in range(1, 7)])
 
 

@@ -25,6 +25,7 @@ from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import clean_stale_temps, write_json
 from visae.data.patches import VOTES
 from visae.errors import VisaeError
+from visae.layout import EXTRACT_MARKER, RUN_MARKER, layer_dir
 from visae.provenance import package_versions, provenance
 from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
 from visae.store.meta import StoreLayout, StoreMeta
@@ -237,8 +238,8 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                "layer": layer, "layout": plan.layout.to_dict(), "dtype": plan.dtype, "n_images": plan.n_images,
                "batch_size": plan.batch_size, "shard_images": plan.shard_images}
         # Named as requested (layer_-2), so a workflow can name the folder without loading the model.
-        writers[layer] = StoreWriter(out / f"layer_{requested}", meta, job, plan.shard_images, plan.n_images)
-    (out / "extract.json").unlink(missing_ok=True)
+        writers[layer] = StoreWriter(out / layer_dir(requested), meta, job, plan.shard_images, plan.n_images)
+    (out / EXTRACT_MARKER).unlink(missing_ok=True)
     done = {layer: w.open() for layer, w in writers.items()}
     first = min(done.values())
     n_shards = next(iter(writers.values())).n_shards
@@ -309,10 +310,10 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     if shard != n_shards:
         raise RuntimeError(f"extraction stopped at shard {shard} of {n_shards}")
     for layer, w in writers.items():
-        write_json(w.root / "provenance.json",
+        write_json(w.root / RUN_MARKER,
                    provenance(config or {"job": w.job}, seeds={}, started=started))
     # Written last: its presence means every store under `out` is complete (the DAG's output).
-    write_json(out / "extract.json", {
+    write_json(out / EXTRACT_MARKER, {
         "model": model_info, "dataset": dataset_info, "n_images": plan.n_images,
         "stores": {w.root.name: {"layer": layer, "store_hash": _store_hash(w)}
                    for layer, w in writers.items()}})

@@ -18,6 +18,7 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
   interventions/<kind>/<model>/<dataset>/layer_<L>/<sae>/   (coming)
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
   logs/<stage>/....log, benchmarks/<stage>/....tsv
+  bench/<name>.json                             `visae bench` results
 ```
 """
 
@@ -30,6 +31,14 @@ from pathlib import PurePosixPath
 from visae.errors import VisaeError
 
 LAYER_PREFIX = "layer_"
+# The files inside the tree: the commands that write them and the rules that wait for them share these.
+PRETRAIN_WEIGHTS = "model.safetensors"  # `visae pretrain`, written last
+PRETRAIN_LOG = "log.csv"  # `visae pretrain`'s per-step log
+EXTRACT_MARKER = "extract.json"  # one extraction job done, beside its stores
+RUN_MARKER = "provenance.json"  # a training pass (or any stage's run) done, written last
+SAE_LOG = "log.csv"  # an SAE's per-step training log
+METRICS = "metrics.json"  # an evaluation done, written last
+LATENTS = "latents.csv"  # an evaluation's per-latent frequency and mean activation
 TABLE_FORMATS = ("md", "csv", "tex", "json")
 FIGURE_FORMATS = ("png", "pdf")
 FIGURE_KINDS = ("frontier", "latent_freq", "training")
@@ -47,6 +56,11 @@ def layer_dir(layer: int | str) -> str:
 def model_slug(model: str) -> str:
     """A model name as it appears in file names (characters outside [A-Za-z0-9._-] become `_`)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(model)) or "_"
+
+
+def figure_name(kind: str, model: str) -> str:
+    """A figure's file name without its extension: `<kind>_<model slug>`."""
+    return f"{kind}_{model_slug(model)}"
 
 
 def _join(base: str, *names: str) -> str:
@@ -67,7 +81,7 @@ class Layout:
         return self._path("pretrain", model)
 
     def pretrain_model(self, model: str) -> str:
-        return self._path("pretrain", model, "model.safetensors")
+        return self._path("pretrain", model, PRETRAIN_WEIGHTS)
 
     # -- activation stores
     def extract_dir(self, model: str, dataset: str) -> str:
@@ -75,7 +89,7 @@ class Layout:
         return self._path("activations", model, dataset)
 
     def extract_marker(self, model: str, dataset: str) -> str:
-        return self._path("activations", model, dataset, "extract.json")
+        return self._path("activations", model, dataset, EXTRACT_MARKER)
 
     def store(self, model: str, dataset: str, layer) -> str:
         return self._path("activations", model, dataset, layer_dir(layer))
@@ -85,23 +99,23 @@ class Layout:
         return self._path("saes", model, dataset, layer_dir(layer), pass_)
 
     def sae_pass_marker(self, model: str, dataset: str, layer, pass_: str) -> str:
-        return _join(self.sae_pass(model, dataset, layer, pass_), "provenance.json")
+        return _join(self.sae_pass(model, dataset, layer, pass_), RUN_MARKER)
 
     def sae(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
         return _join(self.sae_pass(model, dataset, layer, pass_), sae)
 
     def sae_log(self, model: str, dataset: str, layer, pass_: str, sae: str) -> str:
-        return _join(self.sae(model, dataset, layer, pass_, sae), "log.csv")
+        return _join(self.sae(model, dataset, layer, pass_, sae), SAE_LOG)
 
     # -- analyses of one SAE on one store
     def evaluation(self, model: str, dataset: str, layer, sae: str) -> str:
         return self._path("evaluate", model, dataset, layer_dir(layer), sae)
 
     def metrics(self, model: str, dataset: str, layer, sae: str) -> str:
-        return _join(self.evaluation(model, dataset, layer, sae), "metrics.json")
+        return _join(self.evaluation(model, dataset, layer, sae), METRICS)
 
     def latents(self, model: str, dataset: str, layer, sae: str) -> str:
-        return _join(self.evaluation(model, dataset, layer, sae), "latents.csv")
+        return _join(self.evaluation(model, dataset, layer, sae), LATENTS)
 
     def latent_index(self, model: str, dataset: str, layer, sae: str) -> str:
         return self._path("latents", model, dataset, layer_dir(layer), sae)
@@ -126,7 +140,7 @@ class Layout:
         return self._path("figures")
 
     def figure(self, kind: str, model: str, ext: str) -> str:
-        return self._path("figures", f"{kind}_{model_slug(model)}.{ext}")
+        return self._path("figures", f"{figure_name(kind, model)}.{ext}")
 
     def browser(self) -> str:
         return self._path("browser")
@@ -136,6 +150,10 @@ class Layout:
 
     def report_html(self) -> str:
         return self._path("report.html")
+
+    def bench_dir(self) -> str:
+        """Where `visae bench <name>` writes `<name>.json` (benchmarks: not a stage of the DAG)."""
+        return self._path("bench")
 
     # -- every job's log and benchmark
     def log(self, stage: str, *names: str) -> str:

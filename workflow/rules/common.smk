@@ -5,7 +5,7 @@ import os
 import shlex
 from snakemake.exceptions import WorkflowError
 
-from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, TABLE_FORMATS, Layout
+from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, TABLE_FORMATS, Layout, layer_dir
 from visae.sae.config import TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
@@ -106,7 +106,7 @@ check_config()
 
 
 def layer_names(model):
-    return [f"layer_{layer}" for layer in config["models"][model]["layers"]]
+    return [layer_dir(layer) for layer in config["models"][model]["layers"]]
 
 
 def stores():
@@ -150,7 +150,7 @@ def threads_env(threads):
 wildcard_constraints:
     model="[^/]+",
     dataset="[^/]+",
-    layer="layer_-?[0-9]+",
+    layer=LAYER_PREFIX + "-?[0-9]+",
     sae="[^/]+",
     pass_="[^/]+",
 

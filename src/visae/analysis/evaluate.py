@@ -34,7 +34,7 @@ from visae.analysis.on_store import FROM_SAE, open_sae_on_store
 from visae.args import device as device_arg, open_fraction, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
-from visae.layout import Identity
+from visae.layout import LATENTS, METRICS, RUN_MARKER, Identity
 from visae.provenance import provenance
 
 DENSE_THRESHOLD = 0.01
@@ -111,16 +111,16 @@ def write_outputs(out, metrics: dict, latents: dict, config: dict, started: floa
     clean_stale_temps(out)
     # an earlier evaluation's done marker goes first: a kill below never leaves its metrics.json
     # beside this evaluation's latents.csv
-    (out / "metrics.json").unlink(missing_ok=True)
+    (out / METRICS).unlink(missing_ok=True)
     identity = metrics["identity"]
-    with atomic_path(out / "latents.csv") as tmp:
+    with atomic_path(out / LATENTS) as tmp:
         with open(tmp, "w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow([*identity, "latent", "frequency", "mean_activation"])
             for i, (fq, ma) in enumerate(zip(latents["frequency"], latents["mean_activation"])):
                 w.writerow([*identity.values(), i, f"{fq:.9g}", f"{ma:.9g}"])
-    write_json(out / "provenance.json", provenance(config, seeds={}, started=started))
-    write_json(out / "metrics.json", metrics)  # last: its presence marks a finished evaluation
+    write_json(out / RUN_MARKER, provenance(config, seeds={}, started=started))
+    write_json(out / METRICS, metrics)  # last: its presence marks a finished evaluation
 
 
 def cmd_evaluate(args) -> int:

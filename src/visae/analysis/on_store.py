@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from visae.errors import VisaeError
+from visae.layout import RUN_MARKER
 from visae.sae import checkpoint as ckpt
 from visae.sae.split import SPLIT_METHOD, split_images
 from visae.store import ActivationStore, TokenLoader
@@ -85,5 +86,5 @@ def check_finished(sae_path: Path, cfg: dict) -> None:
     run = directory.parent
     if cfg.get("complete") is not True:
         raise VisaeError(f"SAE {directory} is not a finished checkpoint (its config.json is not complete)")
-    if (run / ".train").is_dir() and not (run / "provenance.json").is_file():
+    if (run / ".train").is_dir() and not (run / RUN_MARKER).is_file():
         raise VisaeError(f"the training run in {run} did not finish (no provenance.json): rerun `visae train`")

@@ -38,6 +38,7 @@ from visae.analysis.probes import probe_scores
 from visae.args import device as device_arg, nonneg_float, nonneg_int, positive_float, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
+from visae.layout import PRETRAIN_LOG, PRETRAIN_WEIGHTS, RUN_MARKER
 from visae.pretrain.objectives import ProjectionHead, nt_xent
 from visae.pretrain.pixels import Pixels, flip_views, simclr_views
 from visae.provenance import provenance
@@ -243,7 +244,7 @@ def pretrain(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    weights_path = out / "model.safetensors"
+    weights_path = out / PRETRAIN_WEIGHTS
     weights_path.unlink(missing_ok=True)  # its presence marks a finished run: never a stale one
 
     torch.manual_seed(seed)
@@ -275,14 +276,14 @@ def pretrain(
     model_spec = {"source": "pretrain", "arch": arch, "weights": str(weights_path), "image_size": image_size,
                   "model_kwargs": mk}
     config = {
-        **run_config, "objective": objective, "source": "pretrain", "weights": "model.safetensors",
+        **run_config, "objective": objective, "source": "pretrain", "weights": PRETRAIN_WEIGHTS,
         "model_spec": model_spec, "transform": repr(bb.transform).replace("\n", " "),
         "layout": bb.layout.to_dict(), "d_model": bb.d_model, "n_layers": bb.n_layers,
         "metrics": metrics, "metrics_at_init": baseline, "wall_time_s": round(time.time() - started, 2),
     }
-    _write_log(out / "log.csv", rows)
+    _write_log(out / PRETRAIN_LOG, rows)
     write_json(out / "config.json", config)
-    write_json(out / "provenance.json", provenance(run_config, {"seed": seed}, started))
+    write_json(out / RUN_MARKER, provenance(run_config, {"seed": seed}, started))
     from safetensors.torch import save_file
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights_path) as tmp:

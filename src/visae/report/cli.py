@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from visae.atomic import clean_stale_temps, write_json
+from visae.layout import RUN_MARKER
 from visae.provenance import provenance
 
 
@@ -25,7 +26,7 @@ def cmd_report_tables(args) -> int:
     clean_stale_temps(args.out)
     rows = collect_rows(args.metrics)
     paths = write_tables(rows, args.out)
-    write_json(Path(args.out) / "provenance.json", provenance(_config(args, "tables"), seeds={}, started=started))
+    write_json(Path(args.out) / RUN_MARKER, provenance(_config(args, "tables"), seeds={}, started=started))
     print(f"{len(rows)} SAE(s) -> {', '.join(str(p) for p in paths.values())}")
     return 0
 
@@ -40,7 +41,7 @@ def cmd_report_figures(args) -> int:
     freqs = match_latents(rows, args.latents)
     logs = [load_log(p) for p in (args.logs or [])]
     paths = write_figures(rows, args.out, freqs=freqs, logs=logs)
-    write_json(Path(args.out) / "provenance.json", provenance(_config(args, "figures"), seeds={}, started=started))
+    write_json(Path(args.out) / RUN_MARKER, provenance(_config(args, "figures"), seeds={}, started=started))
     print(f"{len(paths)} figure file(s) -> {args.out}")
     return 0
 

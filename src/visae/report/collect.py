@@ -132,21 +132,26 @@ def _read_csv(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, 
     return df
 
 
-def load_latents(path: str | Path) -> tuple[Identity, np.ndarray]:
-    """(identity, per-latent firing frequencies) of an evaluation's latents.csv."""
-    path = Path(path)
-    df = _read_csv(path, "latents file", ("latent", "frequency"), text=IDENTITY_COLUMNS)
+def _csv_identity(df: pd.DataFrame, path: Path, what: str, rerun: str) -> Identity:
+    """The identity a CSV's leading columns carry (one value each, on every row)."""
     missing = [c for c in IDENTITY_COLUMNS if c not in df.columns]
     if missing:
-        raise VisaeError(f"latents file {path} lacks identity column(s) {', '.join(missing)}: it was written "
-                         f"by an older visae; rerun visae evaluate")
+        raise VisaeError(f"{what} {path} lacks identity column(s) {', '.join(missing)}: it was written "
+                         f"by an older visae; rerun {rerun}")
     values = {}
     for col in IDENTITY_COLUMNS:
         distinct = df[col].drop_duplicates().tolist()
         if len(distinct) != 1:
-            raise VisaeError(f"latents file {path}: column {col!r} must hold one value, has {len(distinct)}")
+            raise VisaeError(f"{what} {path}: column {col!r} must hold one value, has {len(distinct)}")
         values[col] = distinct[0]
-    ident = Identity.from_file({"identity": values}, f"latents file {path}")
+    return Identity.from_file({"identity": values}, f"{what} {path}")
+
+
+def load_latents(path: str | Path) -> tuple[Identity, np.ndarray]:
+    """(identity, per-latent firing frequencies) of an evaluation's latents.csv."""
+    path = Path(path)
+    df = _read_csv(path, "latents file", ("latent", "frequency"), text=IDENTITY_COLUMNS)
+    ident = _csv_identity(df, path, "latents file", "visae evaluate")
     freq = df["frequency"].to_numpy(dtype=np.float64)
     if len(freq) == 0 or not np.all(np.isfinite(freq)) or (freq < 0).any() or (freq > 1).any():
         raise VisaeError(f"latents file {path}: frequencies must be a non-empty list in [0, 1]")
@@ -171,12 +176,12 @@ def match_latents(rows: list[Row], latents) -> dict[tuple, np.ndarray]:
 
 
 def load_log(path: str | Path) -> tuple[dict, pd.DataFrame]:
-    """(identity, per-step frame) of an SAE's training log.csv; identity from the checkpoint's
-    config.json beside it (the folder is one checkpoint, and config.json describes it)."""
+    """(identity, per-step frame) of an SAE's training log.csv, whose leading columns name the SAE
+    (identity and architecture), as latents.csv's do."""
     path = Path(path)
-    df = _read_csv(path, "training log", ("tokens", "mse", "l0"))
-    cfg_path = path.parent / "config.json"
-    cfg = read_json(cfg_path, f"SAE config (for training log {path})")
-    ident = Identity.from_file(cfg, f"SAE config {cfg_path}")
+    df = _read_csv(path, "training log", ("tokens", "mse", "l0"), text=(*IDENTITY_COLUMNS, "architecture"))
+    ident = _csv_identity(df, path, "training log", "visae train")
+    if df.empty or "architecture" not in df.columns:
+        raise VisaeError(f"training log {path} has no rows or no 'architecture' column")
     return {"model": ident.model, "dataset": ident.dataset, "layer": ident.layer, "sae": ident.sae,
-            "architecture": str(cfg.get("entry", {}).get("architecture", "?"))}, df
+            "architecture": str(df["architecture"].iloc[0])}, df

@@ -21,7 +21,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from visae.atomic import atomic_path  # noqa: E402
 from visae.errors import VisaeError  # noqa: E402
-from visae.layout import model_slug  # noqa: E402
+from visae.layout import figure_name, model_slug  # noqa: E402
 from visae.report.collect import Row  # noqa: E402
 
 ARCH_ORDER = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
@@ -194,13 +194,10 @@ def write_figures(rows: list[Row], out: str | Path, freqs: dict[tuple, np.ndarra
     with matplotlib.rc_context(), sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):
         matplotlib.rcParams.update(RC)
         for model, group in _by_model(rows, lambda r: r.model).items():
-            slug = model_slug(model)
-            fig = frontier_figure(model, group)
-            paths += _save(fig, out, f"frontier_{slug}")
-            fig = latent_freq_figure(model, group, freqs)
-            paths += _save(fig, out, f"latent_freq_{slug}")
+            paths += _save(frontier_figure(model, group), out, figure_name("frontier", model))
+            paths += _save(latent_freq_figure(model, group, freqs), out, figure_name("latent_freq", model))
         if logs:
             for model, group in _by_model(logs, lambda lg: lg[0]["model"]).items():
                 group = sorted(group, key=lambda lg: (lg[0]["dataset"], str(lg[0]["layer"]), lg[0]["sae"]))
-                paths += _save(training_figure(model, group), out, f"training_{model_slug(model)}")
+                paths += _save(training_figure(model, group), out, figure_name("training", model))
     return paths

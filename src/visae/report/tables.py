@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from visae.atomic import atomic_path
+from visae.layout import layer_dir
 from visae.report.collect import Row
 
 # (CSV column, Markdown header, LaTeX header, formatter for the rounded tables)
@@ -29,7 +30,7 @@ COLUMNS = [
 ]
 NUMERIC_FROM = 5  # columns from here on are right-aligned numbers
 MISSING = "-"
-FILES = ("saes.csv", "saes.md", "saes.tex", "saes.json")
+FILES = tuple(f"saes.{ext}" for ext in ("csv", "md", "tex", "json"))  # the formats of TABLE_FORMATS
 
 
 def rows_frame(rows: list[Row]) -> pd.DataFrame:
@@ -78,7 +79,7 @@ def metrics_json(df) -> str:
     numbers = ("l0", "mse", "nmse", "explained_variance", "dead_fraction", "dense_fraction")
     out = {}
     for row in df.to_dict("records"):
-        key = f"{row['model']}/{row['dataset']}/layer_{row['layer']}/{row['sae']}"
+        key = f"{row['model']}/{row['dataset']}/{layer_dir(row['layer'])}/{row['sae']}"
         out[key] = {k: float(row[k]) for k in numbers if row.get(k) is not None and not math.isnan(float(row[k]))}
     return json.dumps(out, indent=2, sort_keys=True) + "\n"
 

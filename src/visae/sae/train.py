@@ -13,7 +13,9 @@ and the others carry on. Outputs per SAE: `<out>/<name>/sae.safetensors`, `confi
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
+import io
 import json
 import math
 import sys
@@ -26,7 +28,7 @@ import yaml
 from visae.args import device as device_arg, nonneg_int, open_fraction, positive_int
 from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
-from visae.layout import Identity
+from visae.layout import RUN_MARKER, SAE_LOG, Identity
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
 from visae.sae.config import ARCH_KEYS, SPARSITY_KEY, validate_grid
@@ -75,15 +77,19 @@ class Member:
         self.last = {}
         self.log = None
 
-    def open_log(self, offset: int) -> None:
+    def open_log(self, offset: int, identity: Identity) -> None:
+        """log.csv, each row led by the SAE's identity and architecture (the file names itself)."""
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="").writerow([*identity.to_dict().values(), self.arch])
+        self.log_prefix = buf.getvalue() + ","
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / "log.csv"
+        path = self.dir / SAE_LOG
         mode = "r+b" if path.exists() and offset > 0 else "w+b"
         self.log = open(path, mode)
         self.log.truncate(offset)
         self.log.seek(offset)
         if offset == 0:
-            self.log.write((",".join(LOG_COLUMNS) + "\n").encode())
+            self.log.write((",".join([*identity.to_dict(), "architecture", *LOG_COLUMNS]) + "\n").encode())
             self.log.flush()
 
     def train_step(self, xn: torch.Tensor) -> None:
@@ -114,8 +120,8 @@ class Member:
                "l0": float(m["l0"]), "lr": lr, "l1_coeff": lam,
                "aux": float(m["aux"]) if "aux" in m else 0.0, "dead": float(m["dead"]) if "dead" in m else 0.0}
         self.last = row
-        self.log.write((",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
-                                 for c in LOG_COLUMNS) + "\n").encode())
+        self.log.write((self.log_prefix + ",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
+                                                   for c in LOG_COLUMNS) + "\n").encode())
         if self.step >= self.steps:
             self.status = "done"
 
@@ -206,10 +212,10 @@ def unmark_outputs(out: Path) -> None:
     Only visae's own: SAE folders are those holding weights or a training log, and a folder with
     neither and no training state is not touched at all (`--out` may be shared with other files)."""
     saes = [d for d in sorted(out.iterdir()) if d.is_dir() and any(
-        (d / name).is_file() for name in (ckpt.WEIGHTS, "log.csv", f"checkpoint/{ckpt.WEIGHTS}"))]
+        (d / name).is_file() for name in (ckpt.WEIGHTS, SAE_LOG, f"checkpoint/{ckpt.WEIGHTS}"))]
     if not saes and not (out / STATE).parent.is_dir():
         return
-    (out / "provenance.json").unlink(missing_ok=True)
+    (out / RUN_MARKER).unlink(missing_ok=True)
     for d in saes:
         (d / ckpt.CONFIG).unlink(missing_ok=True)
         (d / "checkpoint" / ckpt.CONFIG).unlink(missing_ok=True)
@@ -267,14 +273,14 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                 m.sae.set_normalisation(mu.to(device), s)
             if m.entry["b_dec_init"] == "mean":
                 m.sae.init_b_dec(m.sae.normalise(mu[None].to(device)))  # the sample's mean, normalised
-            m.open_log(0)
+            m.open_log(0, Identity.of(store.meta, m.name, store.store_hash))
         global_step = 0
     else:
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         for m in members:
             m.load(state["saes"][m.name])
-            m.open_log(state["saes"][m.name]["log_offset"])
+            m.open_log(state["saes"][m.name]["log_offset"], Identity.of(store.meta, m.name, store.store_hash))
         global_step = state["global_step"]
 
     def save_state():
@@ -328,7 +334,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
         if m.status == "done":
             ckpt.save(m.sae, m.dir, _sae_config(m, store, run, complete=True))
     from visae.atomic import write_json
-    write_json(out / "provenance.json", provenance(
+    write_json(out / RUN_MARKER, provenance(
         {"store": str(store.root), "store_hash": store.store_hash, **{k: v for k, v in run.items() if k != "store_hash"}},
         seeds={"data": data_seed, "split": split_seed, **{m.name: m.seed for m in members}}, started=started))
     failed = [m for m in members if m.status == "failed"]

@@ -19,10 +19,12 @@ import torch
 from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import write_json
 from visae.errors import VisaeError
+from visae.layout import Layout
 from visae.provenance import device_info, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
+DEFAULT_OUT = Path(Layout().bench_dir())
 
 
 def _report(result: dict, out_dir: Path) -> dict:
@@ -36,7 +38,7 @@ def _report(result: dict, out_dir: Path) -> dict:
 
 def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None, layers=(-2,),
                   images: int = 64, batch_size: int = 16, workers: int | None = None,
-                  device: str = "cpu", image_size: int | None = None, out_dir: Path = Path("results/bench")) -> dict:
+                  device: str = "cpu", image_size: int | None = None, out_dir: Path = DEFAULT_OUT) -> dict:
     """Images/s of `visae extract` against the model's recording forward pass alone on the same
     preprocessed tensors (same layers, same batches): the ratio is 1 - data and IO overhead."""
     from visae.data import parse_dataset_arg
@@ -100,7 +102,7 @@ def _synthetic_store(root: Path, images: int, tokens: int, d_model: int, shard_i
 
 def bench_loader(store: str | None = None, batch_size: int = 4096, images: int = 2048, tokens: int = 196,
                  d_model: int = 384, shard_images: int = 256, dtype: str = "float32", repeats: int = 3,
-                 out_dir: Path = Path("results/bench")) -> dict:
+                 out_dir: Path = DEFAULT_OUT) -> dict:
     """Tokens/s of the shuffled TokenLoader against a plain sequential read of the same shard
     files (both from the page cache, best of `repeats`)."""
     from visae.store import ActivationStore, TokenLoader
@@ -154,7 +156,7 @@ def add_cli(sub) -> None:
     e.add_argument("--workers", type=nonneg_int)
     e.add_argument("--image-size", type=positive_int)
     e.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    e.add_argument("--out", default="results/bench")
+    e.add_argument("--out", default=str(DEFAULT_OUT))
     e.set_defaults(func=cmd_bench_extract)
     lo = bsub.add_parser("loader", help="loader tokens/s vs a plain sequential read")
     lo.add_argument("--store", help="an existing store (default: a synthetic one)")
@@ -162,7 +164,7 @@ def add_cli(sub) -> None:
     lo.add_argument("--images", type=positive_int, default=2048)
     lo.add_argument("--d-model", type=positive_int, default=384)
     lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    lo.add_argument("--out", default="results/bench")
+    lo.add_argument("--out", default=str(DEFAULT_OUT))
     lo.set_defaults(func=cmd_bench_loader)
     t = bsub.add_parser("train", help="SAE training step FLOP/s vs torch.matmul, TopK speed-up, loader")
     t.add_argument("--d", type=positive_int, default=384)
@@ -172,7 +174,7 @@ def add_cli(sub) -> None:
     t.add_argument("--threads", type=positive_int, default=2)
     t.add_argument("--dtype", default="float32")
     t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--out", default="results/bench")
+    t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(func=cmd_bench_train)
 
 
