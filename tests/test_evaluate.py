@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -197,8 +198,8 @@ def test_a_moved_weights_file_is_the_same_model(tmp_path, trained):
     sae = load(saes / "topk")
     model = {"name": "a", "weights": "/old/path.safetensors", "identity": {"arch": "x", "weights_sha256": "ab"}}
     sae.config = {**sae.config, "source": {**sae.config["source"], "model": model}}
-    store.meta = {**store.meta, "model": {**model, "name": "b", "weights": "/new/path.safetensors"}}
+    store.info = dataclasses.replace(store.info, model={**model, "name": "b", "weights": "/new/path.safetensors"})
     assert ckpt.source_mismatch(sae, store) is None
-    store.meta = {**store.meta, "model": {**model, "identity": {"arch": "x", "weights_sha256": "cd"}}}
+    store.info = dataclasses.replace(store.info, model={**model, "identity": {"arch": "x", "weights_sha256": "cd"}})
     with pytest.raises(Exception, match="trained on another model"):
         ckpt.source_mismatch(sae, store)

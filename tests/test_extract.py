@@ -53,7 +53,7 @@ def test_dinov2_registers_store_equals_model_outputs(tmp_path, cifar10_dir, dino
     expected = dino.record(pixels, [3, 11])
     for layer, path in zip([3, 11], paths):
         store = ActivationStore(path)
-        meta = store.meta
+        meta = store.info.to_dict()
         # registers are dropped by default: CLS then the 16x16 patch grid
         assert meta["layout"]["stored"] == ["cls", "patches"]
         assert meta["layout"]["n_tokens"] == 1 + 256 and meta["layout"]["grid"] == [16, 16]
@@ -84,7 +84,7 @@ def test_clip_camvid_patch_labels(tmp_path, camvid_dir, clip):
                         dtype="bf16")
     (path,) = run_extract(plan, tmp_path, progress=False)
     store = ActivationStore(path)
-    assert store.meta["layout"]["stored"] == ["patches"] and store.meta["layout"]["n_tokens"] == 196
+    assert list(store.info.layout.stored) == ["patches"] and store.info.layout.n_tokens == 196
     assert store.dtype == torch.bfloat16 and store.images(0, 3).shape == (3, 196, 768)
     assert store.patch_labels.shape == (3, 196) and store.patch_labels.dtype == np.int16
     dataset = open_dataset(spec)
@@ -329,7 +329,7 @@ def test_paper_patch_vote_reaches_the_store(tmp_path, camvid_dir, clip):
     plan = plan_extract(CLIP, spec, [1], batch_size=2, max_images=2, backbone=clip)
     (path,) = run_extract(plan, tmp_path, progress=False)
     store = ActivationStore(path)
-    assert store.meta["dataset"]["patch_vote"] == "all-pixel-mode"
+    assert store.info.dataset["patch_vote"] == "all-pixel-mode"
     dataset = open_dataset(spec)
     differ = 0
     for i in range(2):

@@ -40,7 +40,7 @@ def test_paths_of_the_results_tree():
 
 
 def test_identity_round_trips_and_names_the_file_it_lacks():
-    ident = Identity.of({"model": {"name": "m"}, "dataset": {"name": "d"}, "layer": 2}, "s", "ab" * 32)
+    ident = Identity.of({"name": "m"}, {"name": "d"}, 2, "s", "ab" * 32)
     assert ident.to_dict() == {"model": "m", "dataset": "d", "layer": 2, "sae": "s", "store_hash": "ab" * 32}
     assert ident.key == "m/d/layer_2/s"
     assert Identity.from_file({"identity": {**ident.to_dict(), "layer": "2"}}, "f") == ident

@@ -233,7 +233,7 @@ def test_store_hash_comes_from_the_data(store, trained):
     cfg = json.loads((trained / "topk" / "config.json").read_text())
     assert cfg["source"]["store_hash"] == opened.store_hash
     assert opened._file_hashes and set(opened._file_hashes) == {
-        n for s in opened.meta["shards"] for n in s["files"]}
+        n for s in opened.info.shards for n in s["files"]}
 
 
 # -- 3. a killed restart leaves nothing that looks finished -----------------------------------

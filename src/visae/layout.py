@@ -84,10 +84,6 @@ class Layout:
         return self._path("pretrain", model, PRETRAIN_WEIGHTS)
 
     # -- activation stores
-    def extract_dir(self, model: str, dataset: str) -> str:
-        """Where one extraction job writes every layer's store."""
-        return self._path("activations", model, dataset)
-
     def extract_marker(self, model: str, dataset: str) -> str:
         return self._path("activations", model, dataset, EXTRACT_MARKER)
 
@@ -199,11 +195,12 @@ class Identity:
                    sae=str(block["sae"]), store_hash=str(block["store_hash"]))
 
     @classmethod
-    def of(cls, store_meta: dict, sae: str, store_hash: str) -> Identity:
-        """An SAE on a store: model, dataset and layer from the store's meta.json."""
+    def of(cls, model, dataset, layer, sae: str, store_hash: str) -> Identity:
+        """An SAE on a store, from the store's metadata: its model and dataset (an entry with a
+        `name`, or a name) and its layer."""
 
         def name(value):
             return value.get("name") if isinstance(value, dict) else value
 
-        return cls(model=str(name(store_meta.get("model"))), dataset=str(name(store_meta.get("dataset"))),
-                   layer=store_meta.get("layer"), sae=str(sae), store_hash=str(store_hash))
+        return cls(model=str(name(model)), dataset=str(name(dataset)), layer=layer, sae=str(sae),
+                   store_hash=str(store_hash))

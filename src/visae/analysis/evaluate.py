@@ -85,7 +85,7 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     logf = np.log10(freq[fired]) if fired.any() else np.array([])
     counts, _ = np.histogram(np.clip(logf, HIST_EDGES[0], HIST_EDGES[-1]), bins=HIST_EDGES)
     metrics = {
-        "identity": Identity.of(store.meta, cfg.get("name"), store.store_hash).to_dict(), "entry": cfg.get("entry"),
+        "identity": store.identity(cfg.get("name")).to_dict(), "entry": cfg.get("entry"),
         "sae": cfg.get("name"), "architecture": cfg.get("architecture"), "width": h, "d_model": d,
         "tokens": n, "heldout": heldout, "split_seed": split_seed, "heldout_images": len(held),
         "source_mismatch": mismatch,

@@ -31,7 +31,7 @@ of the same inputs (PNG/PDF without timestamps; `provenance.json` records the ru
 
 # Submodules load on first use, so `visae --help` does not import seaborn/matplotlib.
 _EXPORTS = {"Row": "collect", "collect_rows": "collect", "load_latents": "collect", "load_log": "collect",
-            "match_latents": "collect", "model_slug": "collect", "rows_frame": "tables", "write_tables": "tables",
+            "match_latents": "collect", "rows_frame": "tables", "write_tables": "tables",
             "write_figures": "figures"}
 __all__ = sorted(_EXPORTS)
 

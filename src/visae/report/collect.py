@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from visae.errors import VisaeError
-from visae.layout import Identity, layer_dir, model_slug
+from visae.layout import Identity, layer_dir
 from visae.sae.config import SPARSITY_KEY  # the λ key of penalised architectures
 
-__all__ = ["Row", "collect_rows", "load_latents", "load_log", "match_latents", "model_slug", "read_json"]
+__all__ = ["Row", "collect_rows", "load_latents", "load_log", "match_latents", "read_json"]
 
 # Keys a metrics.json must have, with the table column each feeds.
 REQUIRED_METRICS = ("architecture", "width", "l0", "mse", "nmse", "explained_variance", "dead_fraction",

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from visae.atomic import atomic_path, write_json
 from visae.errors import VisaeError
 from visae.sae.config import ARCHITECTURES
+from visae.store.meta import model_identity
 from visae.sae.modules import SAE, build_sae
 
 WEIGHTS, CONFIG = "sae.safetensors", "config.json"
@@ -91,8 +92,8 @@ def check_compatible(cfg_or_sae, store) -> None:
     d = int(cfg["d_model"])
     if d != store.d_model:
         raise VisaeError(f"SAE {cfg.get('name', '?')!r} was trained on d_model={d} but store {store.root} "
-                         f"has d_model={store.d_model} (model {store.meta.get('model', '?')}, "
-                         f"layer {store.meta.get('layer', '?')})")
+                         f"has d_model={store.d_model} (model {store.info.model or '?'}, "
+                         f"layer {store.info.layer})")
 
 
 def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
@@ -103,7 +104,7 @@ def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
     cfg = getattr(cfg_or_sae, "config", cfg_or_sae)
     src = cfg.get("source", {})
     ours = {"model": _model_identity(src.get("model")), "layer": src.get("layer")}
-    theirs = {"model": _model_identity(store.meta.get("model")), "layer": store.meta.get("layer")}
+    theirs = {"model": _model_identity(store.info.model), "layer": store.info.layer}
     if json.dumps(ours, sort_keys=True) == json.dumps(theirs, sort_keys=True):
         return None
     what = " and ".join(k for k in ("model", "layer") if json.dumps(ours[k], sort_keys=True)
@@ -116,7 +117,8 @@ def source_mismatch(cfg_or_sae, store, allow: bool = False) -> str | None:
 
 
 def _model_identity(model):
-    return model["identity"] if isinstance(model, dict) and model.get("identity") is not None else model
+    """The model's recorded identity, or the model as recorded where a store has none."""
+    return model_identity(model) or model
 
 
 def _short(source: dict) -> str:

@@ -74,11 +74,6 @@ def _topk_workspace(B: int, d: int, h: int, k: int, device: torch.device, dtype:
     return {**ws, **per_k}
 
 
-def clear_workspaces() -> None:
-    """Free the cached CPU buffers of the ReLU and TopK training steps."""
-    _WORKSPACES.clear()
-
-
 _TOPK_CHUNKS = 8
 
 

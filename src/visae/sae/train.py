@@ -140,13 +140,13 @@ class Member:
 
 # -- the run ---------------------------------------------------------------------------------
 def _sae_config(m: Member, store, run: dict, complete: bool) -> dict:
-    meta = store.meta
-    return {"name": m.name, "identity": Identity.of(meta, m.name, store.store_hash).to_dict(),
+    info = store.info
+    return {"name": m.name, "identity": store.identity(m.name).to_dict(),
             "entry": m.entry, "status": m.status, "failure": m.failure, "complete": complete,
             "tokens_seen": m.tokens, "steps": m.step, "seed": m.seed,
             "seed_from": "entry" if m.entry["seed"] is not None else "name",
             "init": m.entry["init"], "b_dec_init": m.entry["b_dec_init"],
-            "source": {"model": meta.get("model"), "layer": meta.get("layer"), "dataset": meta.get("dataset"),
+            "source": {"model": info.model, "layer": info.layer, "dataset": info.dataset,
                        "store": str(store.root), "store_hash": store.store_hash,
                        "token_kind": run["token_kind"], "d_model": store.d_model},
             "split": run["split"], "normalisation_sample": run["normalisation_sample"],
@@ -273,14 +273,14 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                 m.sae.set_normalisation(mu.to(device), s)
             if m.entry["b_dec_init"] == "mean":
                 m.sae.init_b_dec(m.sae.normalise(mu[None].to(device)))  # the sample's mean, normalised
-            m.open_log(0, Identity.of(store.meta, m.name, store.store_hash))
+            m.open_log(0, store.identity(m.name))
         global_step = 0
     else:
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["torch_rng"])
         for m in members:
             m.load(state["saes"][m.name])
-            m.open_log(state["saes"][m.name]["log_offset"], Identity.of(store.meta, m.name, store.store_hash))
+            m.open_log(state["saes"][m.name]["log_offset"], store.identity(m.name))
         global_step = state["global_step"]
 
     def save_state():

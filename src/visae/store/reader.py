@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from visae.errors import VisaeError
+from visae.layout import Identity
 from visae.store.format import STORE_DTYPES, from_storage, sha256_file, shard_name
 from visae.store.meta import TOKEN_GROUPS, StoreLayout, StoreMeta
 
@@ -27,7 +28,6 @@ class ActivationStore:
     def __init__(self, root: str | Path, verify: bool = False):
         self.root = Path(root)
         self.info = StoreMeta.load(self.root)
-        self.meta = self.info.to_dict()  # meta.json as JSON, for outputs that record where data came from
         if not self.info.complete:
             raise VisaeError(f"store {self.root} is incomplete ({len(self.info.shards)} of "
                              f"{self.info.n_shards} shards): rerun `visae extract` to finish it")
@@ -106,6 +106,10 @@ class ActivationStore:
                 h.update(f"{name}:{hashes[name]}\n".encode())
         return h.hexdigest()
 
+
+    def identity(self, sae: str) -> Identity:
+        """What a result of `sae` on this store is about (model, dataset, layer, SAE, store hash)."""
+        return Identity.of(self.info.model, self.info.dataset, self.info.layer, sae, self.store_hash)
     def images(self, start: int, stop: int) -> torch.Tensor:
         """Activations of images [start, stop) as a [n, tokens, d] tensor in the store dtype."""
         parts = []
