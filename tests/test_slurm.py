@@ -1,7 +1,7 @@
 """The workflow on a real SLURM cluster: munged, slurmctld and slurmd started here, on localhost.
 
 Debian's slurm-wlm and munge (installed by .ci/run) as root, every file of the cluster in a temp
-dir. Jobs go through `snakemake --executor slurm` (the pinned executor plugin) with
+dir, its config linked at /run/slurm/conf while it runs (see NODE_CONF_LINK). Jobs go through `snakemake --executor slurm` (the pinned executor plugin) with
 profiles/slurm-local: no Apptainer, so jobs run in this environment. The test compares the
 outputs with a local run of the same target and reads the scheduler's own job records.
 """
