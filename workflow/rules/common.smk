@@ -6,7 +6,7 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, TABLE_FORMATS, Layout, layer_dir
-from visae.sae.config import TRAIN_DEFAULTS
+from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
 # Every shell command ends so: its output goes to the job's log, and a failure shows the log's
@@ -81,9 +81,9 @@ def plan_d_model(entry):
 
 def check_sae_width(model, d_model, sae, entry):
     """What `visae train` would refuse about k / k_aux against the SAE's width."""
-    width = entry.get("width") or int(round(entry.get("expansion", 32) * d_model))
+    width = entry.get("width") or int(round(entry.get("expansion", COMMON_DEFAULTS["expansion"]) * d_model))
     where = f"saes.{sae}"
-    for key in ("k", "k_aux"):
+    for key in AT_MOST_WIDTH[entry["architecture"]]:
         if key in entry and entry[key] > width:
             raise WorkflowError(
                 f"{where}.{key} = {entry[key]} exceeds the SAE's width {width} on model {model} "

@@ -126,6 +126,8 @@ REQUIRED = {a: tuple(n for n, f in fs.items() if f.default is MISSING and f.defa
 SPARSITY_KEY = {a: n for a, fs in ARCH_FIELDS.items() for n, f in fs.items() if f.metadata["sparsity"]}
 ARCH_KEYS = {a: tuple(n for n, f in fs.items() if not f.metadata["sparsity"]) for a, fs in ARCH_FIELDS.items()}
 TRAIN_DEFAULTS = tuple(n for n, f in COMMON.items() if f.metadata["train_default"])
+# Per architecture, the keys that may not exceed the SAE's width (checked at plan time too).
+AT_MOST_WIDTH = {a: tuple(n for n, f in fs.items() if f.metadata["at_most_width"]) for a, fs in ARCH_FIELDS.items()}
 
 
 def _base_type(f: dataclasses.Field):
