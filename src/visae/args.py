@@ -19,50 +19,27 @@ class Parser(argparse.ArgumentParser):
         raise VisaeError(f"{self.prog}: {message}")
 
 
-def _number(kind, text: str, what: str):
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-    return value
+def _ranged(kind, what: str, ok, name: str):
+    """An argparse type: `kind(text)`, finite, and `ok(value)`; else one line saying `what` it must be."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    parse.__name__ = name
+    return parse
 
 
-def positive_int(text: str) -> int:
-    value = _number(int, text, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    value = _number(int, text, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(float, text, "a positive number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = _number(float, text, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
-def open_fraction(text: str) -> float:
-    """A fraction strictly between 0 and 1 (e.g. a held-out share)."""
-    value = _number(float, text, "a number in (0, 1)")
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
-    return value
+positive_int = _ranged(int, "a positive integer", lambda v: v >= 1, "positive_int")
+nonneg_int = _ranged(int, "an integer >= 0", lambda v: v >= 0, "nonneg_int")
+positive_float = _ranged(float, "a positive number", lambda v: v > 0, "positive_float")
+nonneg_float = _ranged(float, "a number >= 0", lambda v: v >= 0, "nonneg_float")
+# a fraction strictly between 0 and 1 (e.g. a held-out share)
+open_fraction = _ranged(float, "a number in (0, 1)", lambda v: 0 < v < 1, "open_fraction")
 
 
 def device(text: str) -> str:
