@@ -150,7 +150,7 @@ def threads_env(threads):
 wildcard_constraints:
     model="[^/]+",
     dataset="[^/]+",
-    layer=LAYER_PREFIX + "-?[0-9]+",
+    layer=rf"{LAYER_PREFIX}-?[0-9]+",
     sae="[^/]+",
     pass_="[^/]+",
 
