@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from visae.atomic import clean_stale_temps
 from visae.errors import VisaeError
-from visae.store.format import FORMAT, META_DIGEST, meta_digest, sha256_file, shard_name
-from visae.store.meta import StoreMeta, model_identity
+from visae.store.format import FORMAT, sha256_file, shard_name
+from visae.store.meta import StoreMeta
 
 
 def _write_npy(path: Path, array: np.ndarray) -> str:
@@ -72,27 +73,19 @@ class StoreWriter:
 
     def open(self) -> int:
         """Prepare the directory; return how many leading shards are already done and verified."""
-        import json
         self.root.mkdir(parents=True, exist_ok=True)
-        for stray in self.root.glob(".*.tmp"):
-            stray.unlink()
+        clean_stale_temps(self.root)
         done: list[dict] = []
         if self.meta_path.exists():
-            try:
-                old = json.loads(self.meta_path.read_text())
-            except (OSError, ValueError) as err:
-                raise VisaeError(f"{self.meta_path} is unreadable ({err}): remove {self.root} and rerun") from None
-            if not isinstance(old, dict) or old.get(META_DIGEST) != meta_digest(old):
-                raise VisaeError(f"{self.meta_path} does not match its {META_DIGEST} (edited or damaged): "
-                                 f"remove {self.root} and rerun")
-            made_by, now = model_identity(old.get("model")), self.meta.model_identity
+            old = StoreMeta.load(self.root)  # checked and sealed: an edited or damaged one is refused by name
+            made_by, now = old.model_identity, self.meta.model_identity
             if made_by != now:
                 raise VisaeError(f"{self.root} holds a store made by another model "
                                  f"({identity_difference(made_by, now)}): remove it or choose another output folder")
-            if old.get("job") != self.job:
+            if old.job != self.job:
                 raise VisaeError(f"{self.root} holds a store made with other settings: "
                                  f"remove it or choose another output folder")
-            for shard in old.get("shards", []):
+            for shard in old.shards:
                 ok = all((self.root / name).is_file() and sha256_file(self.root / name) == sha
                          for name, sha in shard["files"].items())
                 if not ok or shard["index"] != len(done):
