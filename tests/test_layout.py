@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from visae.errors import VisaeError
-from visae.layout import FIGURE_KINDS, Identity, Layout, layer_dir
+from visae.layout import FIGURE_KINDS, Identity, Layout, layer_dir, seed_twin
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = sorted((REPO / "workflow" / "rules").glob("*.smk"))
@@ -33,8 +33,14 @@ def test_paths_of_the_results_tree():
     # Snakemake wildcards pass through, so rules build their patterns here too
     assert r.metrics("{model}", "{dataset}", "{layer}", "{sae}") == \
         "out/evaluate/{model}/{dataset}/{layer}/{sae}/metrics.json"
-    assert len({r.latent_index("m", "d", 6, "s"), r.comparison("a", "b", "d"), r.probe("m", "d", 6, "cls"),
-                r.intervention("segmentation", "m", "d", 6, "s"), r.browser(), r.readme(), r.report_html()}) == 7
+    assert r.latent_index_marker("m", "d", 6, "s") == "out/latents/m/d/layer_6/s/index.json"
+    assert r.profile_marker("m", "d", -2, "s") == "out/profiles/m/d/layer_-2/s/profile.json"
+    assert r.comparison_marker("a", 6, "s", "b", -2, "s", "d") == "out/compare/a__b/d/layer_6__layer_-2/s__s/matching.json"
+    assert r.comparison("a", 6, "s", "a", 6, seed_twin("s"), "d") == "out/compare/a__a/d/layer_6__layer_6/s__s.seed1"
+    assert r.similarity_marker("a", "b", "d") == "out/compare/a__b/d/similarity/similarity.json"
+    assert len({r.latent_index("m", "d", 6, "s"), r.comparison("a", 6, "s", "b", 6, "s", "d"), r.probe("m", "d", 6, "cls"),
+                r.profile("m", "d", 6, "s"), r.similarity("a", "b", "d"),
+                r.intervention("segmentation", "m", "d", 6, "s"), r.browser(), r.readme(), r.report_html()}) == 9
     with pytest.raises(TypeError):
         layer_dir(True)
 

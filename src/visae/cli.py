@@ -32,6 +32,7 @@ COMMANDS = {
     "synth": ("visae.tools.synth", "write a ground-truth activation store from a planted dictionary"),
     "train": ("visae.sae.train", "train a grid of SAEs on one activation store"),
     "evaluate": ("visae.analysis.evaluate", "SAE metrics on the held-out part of a store"),
+    "latents": ("visae.analysis.latent_index", "the latent index of an SAE: top images, per-class and image-level activations"),
     "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }

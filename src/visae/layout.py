@@ -12,8 +12,11 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
   saes/<model>/<dataset>/layer_<L>/<pass>/      one training pass (provenance.json marks it done)
   saes/.../<pass>/<sae>/                        an SAE checkpoint (config.json, log.csv, weights)
   evaluate/<model>/<dataset>/layer_<L>/<sae>/   metrics.json, latents.csv
-  latents/<model>/<dataset>/layer_<L>/<sae>/    the latent index (coming)
-  compare/<model_a>__<model_b>/<dataset>/       a comparison pair (coming)
+  latents/<model>/<dataset>/layer_<L>/<sae>/    the latent index: index.json, index.safetensors
+  profiles/<model>/<dataset>/layer_<L>/<sae>/   abstraction, invariance, concept probe of one SAE
+  compare/<a>__<b>/<dataset>/<La>__<Lb>/<sae_a>__<sae_b>/   latent matching of two SAEs (a == b:
+                                                the seed baseline, sae_b the second seed)
+  compare/<a>__<b>/<dataset>/similarity/        CKA and mutual kNN of two models, per layer pair
   probes/<model>/<dataset>/layer_<L>/<probe>/   a linear probe (coming)
   interventions/<kind>/<model>/<dataset>/layer_<L>/<sae>/   (coming)
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
@@ -39,6 +42,12 @@ RUN_MARKER = "provenance.json"  # a training pass (or any stage's run) done, wri
 SAE_LOG = "log.csv"  # an SAE's per-step training log
 METRICS = "metrics.json"  # an evaluation done, written last
 LATENTS = "latents.csv"  # an evaluation's per-latent frequency and mean activation
+LATENT_INDEX = "index.json"  # a latent index done, written last (`visae latents`)
+LATENT_ARRAYS = "index.safetensors"  # the latent index's arrays
+PROFILE = "profile.json"  # a profile (abstraction, invariance, concept probe) done, written last
+MATCHING = "matching.json"  # a latent matching done, written last
+SIMILARITY = "similarity.json"  # a model pair's CKA / mutual kNN done, written last
+SEED_TWIN = ".seed1"  # `<sae>.seed1`: the compared SAE's second seed (the seed baseline)
 TABLE_FORMATS = ("md", "csv", "tex", "json")
 FIGURE_FORMATS = ("png", "pdf")
 FIGURE_KINDS = ("frontier", "latent_freq", "training")
@@ -56,6 +65,11 @@ def layer_dir(layer: int | str) -> str:
 def model_slug(model: str) -> str:
     """A model name as it appears in file names (characters outside [A-Za-z0-9._-] become `_`)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", str(model)) or "_"
+
+
+def seed_twin(sae: str) -> str:
+    """The name of an SAE's second-seed copy, trained for the comparison's seed baseline."""
+    return f"{sae}{SEED_TWIN}"
 
 
 def figure_name(kind: str, model: str) -> str:
@@ -116,8 +130,29 @@ class Layout:
     def latent_index(self, model: str, dataset: str, layer, sae: str) -> str:
         return self._path("latents", model, dataset, layer_dir(layer), sae)
 
-    def comparison(self, model_a: str, model_b: str, dataset: str) -> str:
-        return self._path("compare", f"{model_a}__{model_b}", dataset)
+    def latent_index_marker(self, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.latent_index(model, dataset, layer, sae), LATENT_INDEX)
+
+    def profile(self, model: str, dataset: str, layer, sae: str) -> str:
+        return self._path("profiles", model, dataset, layer_dir(layer), sae)
+
+    def profile_marker(self, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.profile(model, dataset, layer, sae), PROFILE)
+
+    def comparison(self, model_a: str, layer_a, sae_a: str, model_b: str, layer_b, sae_b: str, dataset: str) -> str:
+        """Latent matching of SAE `sae_a` on (model_a, layer_a) with `sae_b` on (model_b, layer_b)."""
+        return self._path("compare", f"{model_a}__{model_b}", dataset, f"{layer_dir(layer_a)}__{layer_dir(layer_b)}",
+                          f"{sae_a}__{sae_b}")
+
+    def comparison_marker(self, model_a: str, layer_a, sae_a: str, model_b: str, layer_b, sae_b: str,
+                          dataset: str) -> str:
+        return _join(self.comparison(model_a, layer_a, sae_a, model_b, layer_b, sae_b, dataset), MATCHING)
+
+    def similarity(self, model_a: str, model_b: str, dataset: str) -> str:
+        return self._path("compare", f"{model_a}__{model_b}", dataset, "similarity")
+
+    def similarity_marker(self, model_a: str, model_b: str, dataset: str) -> str:
+        return _join(self.similarity(model_a, model_b, dataset), SIMILARITY)
 
     def probe(self, model: str, dataset: str, layer, probe: str) -> str:
         return self._path("probes", model, dataset, layer_dir(layer), probe)

@@ -3,9 +3,10 @@
 import json
 import os
 import shlex
+from itertools import combinations
 from snakemake.exceptions import WorkflowError
 
-from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, TABLE_FORMATS, Layout, layer_dir
+from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, TABLE_FORMATS, Layout, layer_dir, seed_twin
 from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
@@ -58,6 +59,20 @@ def check_config():
         if d_model is not None:
             for sae in config["saes"]:
                 check_sae_width(model, d_model, sae, config["saes"][sae])
+    compare = config["compare"]
+    for section in ("models", "saes"):
+        for name in config[section]:
+            if "__" in name:  # comparison folders join two names with "__"
+                raise WorkflowError(f"{section}.{name}: a name may not contain '__'")
+    for sae in compare["saes"] or []:
+        if sae not in config["saes"]:
+            raise WorkflowError(f"compare.saes: {sae!r} is not a key of saes ({', '.join(config['saes'])})")
+    if compare["dataset"] is not None and compare["dataset"] not in config["extract"]["datasets"]:
+        raise WorkflowError(f"compare.dataset: {compare['dataset']!r} is not one of extract.datasets "
+                            f"({', '.join(config['extract']['datasets'])})")
+    hierarchy = compare["hierarchy"] or {}
+    if len({"groups", "wordnet"} & set(hierarchy)) > 1:
+        raise WorkflowError("compare.hierarchy: give groups or wordnet, not both")
     for section in config.get("interventions", {}).values():
         if section.get("model") and section["model"] not in config["models"]:
             raise WorkflowError(f"interventions: model {section['model']!r} is not a key of models")
@@ -103,6 +118,27 @@ def check_pretrain_root(model, dataset):
 
 
 check_config()
+
+# The comparison's SAEs (before their second seeds join the grid) and its dataset.
+COMPARED = list(config["saes"]) if config["compare"]["saes"] is None else list(config["compare"]["saes"])
+COMPARE_DATASET = config["compare"]["dataset"] or config["extract"]["datasets"][0]
+
+
+def add_seed_twins():
+    """With compare.seeds: 2, every compared SAE gets a second entry `<sae>.seed1` in its pass:
+    the same settings and data order, an independent initialisation (its seed derives from its
+    own name), so the seed baseline measures what initialisation alone changes."""
+    if config["compare"]["seeds"] < 2:
+        return
+    for sae in COMPARED:
+        twin = seed_twin(sae)
+        if twin in config["saes"]:
+            raise WorkflowError(f"saes.{twin}: the name is taken by compare.seeds' second seed of {sae}")
+        entry = {k: v for k, v in config["saes"][sae].items() if k != "seed"}
+        config["saes"][twin] = {**entry, "pass": config["saes"][sae].get("pass", sae)}
+
+
+add_seed_twins()
 
 
 def layer_names(model):
@@ -153,6 +189,12 @@ wildcard_constraints:
     layer=rf"{LAYER_PREFIX}-?[0-9]+",
     sae="[^/]+",
     pass_="[^/]+",
+    model_a="[^/]+",
+    model_b="[^/]+",
+    layer_a=rf"{LAYER_PREFIX}-?[0-9]+",
+    layer_b=rf"{LAYER_PREFIX}-?[0-9]+",
+    sae_a="[^/]+",
+    sae_b="[^/]+",
 
 
 def dataset_files(name):
@@ -223,3 +265,53 @@ def figure_outputs(ext):
 def report_outputs():
     figures = [path for ext in FIGURE_FORMATS for path in figure_outputs(ext)]
     return [RESULTS.table("saes", ext) for ext in TABLE_FORMATS] + figures
+
+
+def compare_stores():
+    """(model, layer folder) of every store of the comparison's dataset."""
+    return [(model, layer) for model in config["models"] for layer in layer_names(model)]
+
+
+def latent_index_outputs():
+    twins = [seed_twin(sae) for sae in COMPARED] if config["compare"]["seeds"] > 1 else []
+    return [RESULTS.latent_index_marker(model, COMPARE_DATASET, layer, sae)
+            for model, layer in compare_stores() for sae in COMPARED + twins]
+
+
+def profile_outputs():
+    return [RESULTS.profile_marker(model, COMPARE_DATASET, layer, sae)
+            for model, layer in compare_stores() for sae in COMPARED]
+
+
+def model_pairs():
+    """Every unordered pair of models, in config order: a new model adds only its own pairs."""
+    return list(combinations(config["models"], 2))
+
+
+def comparison_outputs(seed_baseline=False):
+    """Every cross-model matching (or, seed_baseline, every model's SAE against its second seed)."""
+    if seed_baseline:
+        if config["compare"]["seeds"] < 2:
+            return []
+        return [RESULTS.comparison_marker(m, l, sae, m, l, seed_twin(sae), COMPARE_DATASET)
+                for m, l in compare_stores() for sae in COMPARED]
+    return [RESULTS.comparison_marker(a, la, sae, b, lb, sae, COMPARE_DATASET)
+            for a, b in model_pairs() for la in layer_names(a) for lb in layer_names(b) for sae in COMPARED]
+
+
+def similarity_outputs():
+    return [RESULTS.similarity_marker(a, b, COMPARE_DATASET) for a, b in model_pairs()]
+
+
+def model_weights(model):
+    """`--weights PATH` for a model that `visae pretrain` trained (others name theirs in the entry)."""
+    return f"--weights {shlex.quote(RESULTS.pretrain_model(model))}" if "pretrain" in config["models"][model] else ""
+
+
+def compare_report_outputs():
+    tables = [RESULTS.table(name, ext) for name in ("profiles", "matching", "similarity") for ext in TABLE_FORMATS]
+    figures = [RESULTS.figure(kind, model, ext) for ext in FIGURE_FORMATS for model in config["models"]
+               for kind in ("abstraction", "invariance")]
+    figures += [RESULTS.figure(kind, f"{a}__{b}", ext) for ext in FIGURE_FORMATS for a, b in model_pairs()
+                for kind in ("matching", "exemplars")]
+    return tables + figures

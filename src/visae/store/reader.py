@@ -122,6 +122,23 @@ class ActivationStore:
             return torch.empty(0, self.tokens_per_image, self.d_model, dtype=self.dtype)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def take(self, images, tokens: np.ndarray | None = None) -> torch.Tensor:
+        """The tokens at positions `tokens` (default all) of the given images, as a
+        [len(images), len(tokens), d] tensor in the store dtype: one index_select per shard."""
+        images = np.asarray(images, dtype=np.int64)
+        tokens = np.arange(self.tokens_per_image) if tokens is None else np.asarray(tokens, dtype=np.int64)
+        if len(images) and (images.min() < 0 or images.max() >= self.n_images):
+            raise VisaeError(f"store {self.root} has images 0..{self.n_images - 1}; asked for {images.min()}..{images.max()}")
+        rows = (images[:, None] * self.tokens_per_image + tokens[None, :]).reshape(-1)
+        out = torch.empty((len(rows), self.d_model), dtype=self.shard_tensors[0].dtype)
+        starts = np.array([s["start"] * self.tokens_per_image for s in self.info.shards] + [self.n_tokens])
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        for s in np.unique(shard_of):
+            at = np.flatnonzero(shard_of == s)
+            out[torch.from_numpy(at)] = torch.index_select(self.shard_tensors[s], 0, torch.from_numpy(rows[at] - starts[s]))
+        data = out.view(torch.bfloat16) if self.dtype_name == "bfloat16" else out
+        return data.view(len(images), len(tokens), self.d_model)
+
     def token_index(self, kind: str | None) -> np.ndarray:
         """Positions (within an image's stored tokens) of 'cls', 'registers', 'patches' or all."""
         lay = self.layout

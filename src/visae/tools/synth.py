@@ -36,7 +36,9 @@ def synth_tokens(atoms: torch.Tensor, n: int, k: int, noise: float, g: torch.Gen
 
 
 def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int = 256, tokens_per_image: int = 16,
-                noise: float = 0.01, seed: int = 0, dtype: str = "float32", shard_images: int = 128) -> Path:
+                noise: float = 0.01, seed: int = 0, dtype: str = "float32", shard_images: int = 128,
+                classes: int = 1) -> Path:
+    """A store of tokens that are sparse sums of planted atoms; image i has label i % classes."""
     if d < 1 or atoms < 1 or images < 1 or tokens_per_image < 1:
         raise VisaeError("synth: --d, --atoms, --images and --tokens-per-image must be positive")
     if not (noise >= 0 and np.isfinite(noise)):
@@ -50,7 +52,8 @@ def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int =
     grid = [side, tokens_per_image // side] if side * (tokens_per_image // side) == tokens_per_image else [1, tokens_per_image]
     meta = StoreMeta(model="synthetic", layer=0, dataset=f"synth-d{d}-a{atoms}-k{k}-s{seed}", dtype=dtype, d_model=d,
                      layout=StoreLayout.patches(grid), synth={"atoms": atoms, "k": k, "noise": noise, "seed": seed})
-    job = {"synth": meta.synth, "d": d, "images": images, "tokens_per_image": tokens_per_image, "dtype": dtype}
+    job = {"synth": meta.synth, "d": d, "images": images, "tokens_per_image": tokens_per_image, "dtype": dtype,
+           "classes": int(classes)}
     clean_stale_temps(out)
     writer = StoreWriter(out, meta, job, shard_images=shard_images, n_images=images)
     done = writer.open()
@@ -61,7 +64,7 @@ def synth_store(out, *, d: int = 64, atoms: int = 256, k: int = 4, images: int =
         a, b = writer.shard_range(i)
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + i + 1)  # per shard: resumable
         x = synth_tokens(A, (b - a) * tokens_per_image, k, noise, g).reshape(b - a, tokens_per_image, d)
-        labels = np.zeros(b - a, dtype=np.int64)
+        labels = np.arange(a, b, dtype=np.int64) % max(1, int(classes))
         writer.write_shard(i, {"acts": to_storage(x, dtype), "labels": labels})
     return out
 

@@ -1,0 +1,124 @@
+# The cross-model comparison: a latent index per compared SAE (and its second seed), a profile per
+# SAE (abstraction, invariance, concept probe), a latent matching per pair of models and per model
+# against its second seed (the baseline), and CKA / mutual kNN per pair of models.
+
+
+rule latent_index:
+    input:
+        lambda wc: RESULTS.sae_pass_marker(wc.model, wc.dataset, wc.layer, sae_pass(wc.sae)),
+    output:
+        RESULTS.latent_index_marker("{model}", "{dataset}", "{layer}", "{sae}"),
+    params:
+        store=lambda wc: RESULTS.store(wc.model, wc.dataset, wc.layer),
+        sae=lambda wc: sae_dir(wc.model, wc.dataset, wc.layer, wc.sae),
+        out=lambda wc, output: os.path.dirname(output[0]),
+        env=lambda wc, threads: threads_env(threads),
+        top=config["compare"]["top"],
+        max_images=(f"--max-images {config['compare']['max_images']}" if config["compare"]["max_images"] else ""),
+    log:
+        RESULTS.log("latents", "{model}", "{dataset}", "{layer}", "{sae}"),
+    benchmark:
+        RESULTS.benchmark("latents", "{model}", "{dataset}", "{layer}", "{sae}")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        logged(
+            "{params.env} visae latents --store {params.store:q} --sae {params.sae:q} --out {params.out:q}"
+            " --top {params.top} {params.max_images}"
+        )
+
+
+rule profile:
+    input:
+        index=RESULTS.latent_index_marker("{model}", "{dataset}", "{layer}", "{sae}"),
+        weights=lambda wc: extract_weights(wc).values(),
+        data=lambda wc: dataset_files(wc.dataset),
+    output:
+        RESULTS.profile_marker("{model}", "{dataset}", "{layer}", "{sae}"),
+    params:
+        out=lambda wc, output: os.path.dirname(output[0]),
+        env=lambda wc, threads: threads_env(threads),
+        weights=lambda wc: model_weights(wc.model),
+        hierarchy=json.dumps(config["compare"]["hierarchy"] or {}, sort_keys=True),
+        shifts=" ".join(config["compare"]["shifts"]),
+        latents=config["compare"]["invariance_latents"],
+        seed=config["compare"]["seed"],
+        device=config["extract"]["device"],
+    log:
+        RESULTS.log("profile", "{model}", "{dataset}", "{layer}", "{sae}"),
+    benchmark:
+        RESULTS.benchmark("profile", "{model}", "{dataset}", "{layer}", "{sae}")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        logged(
+            "{params.env} visae profile --index {input.index:q} --out {params.out:q} {params.weights}"
+            " --hierarchy-json {params.hierarchy:q} --shifts {params.shifts} --invariance-latents {params.latents}"
+            " --seed {params.seed} --device {params.device}"
+        )
+
+
+rule compare:
+    input:
+        a=RESULTS.latent_index_marker("{model_a}", "{dataset}", "{layer_a}", "{sae_a}"),
+        b=RESULTS.latent_index_marker("{model_b}", "{dataset}", "{layer_b}", "{sae_b}"),
+        data=lambda wc: dataset_files(wc.dataset),
+    output:
+        RESULTS.comparison_marker("{model_a}", "{layer_a}", "{sae_a}", "{model_b}", "{layer_b}", "{sae_b}", "{dataset}"),
+    params:
+        out=lambda wc, output: os.path.dirname(output[0]),
+        env=lambda wc, threads: threads_env(threads),
+        threshold=config["compare"]["match_threshold"],
+        seed=config["compare"]["seed"],
+    log:
+        RESULTS.log("compare", "{model_a}__{model_b}", "{dataset}", "{layer_a}__{layer_b}", "{sae_a}__{sae_b}"),
+    benchmark:
+        RESULTS.benchmark("compare", "{model_a}__{model_b}", "{dataset}", "{layer_a}__{layer_b}", "{sae_a}__{sae_b}")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        logged(
+            "{params.env} visae compare --a {input.a:q} --b {input.b:q} --out {params.out:q}"
+            " --threshold {params.threshold} --seed {params.seed}"
+        )
+
+
+rule similarity:
+    input:
+        a=lambda wc: RESULTS.extract_marker(wc.model_a, wc.dataset),
+        b=lambda wc: RESULTS.extract_marker(wc.model_b, wc.dataset),
+    output:
+        RESULTS.similarity_marker("{model_a}", "{model_b}", "{dataset}"),
+    params:
+        a=lambda wc: [RESULTS.store(wc.model_a, wc.dataset, layer) for layer in layer_names(wc.model_a)],
+        b=lambda wc: [RESULTS.store(wc.model_b, wc.dataset, layer) for layer in layer_names(wc.model_b)],
+        out=lambda wc, output: os.path.dirname(output[0]),
+        env=lambda wc, threads: threads_env(threads),
+        knn=config["compare"]["knn"],
+        seed=config["compare"]["seed"],
+        heldout=config["train"]["heldout"],
+        split_seed=config["train"]["split_seed"],
+        max_images=(f"--max-images {config['compare']['max_images']}" if config["compare"]["max_images"] else ""),
+    log:
+        RESULTS.log("similarity", "{model_a}__{model_b}", "{dataset}"),
+    benchmark:
+        RESULTS.benchmark("similarity", "{model_a}__{model_b}", "{dataset}")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        logged(
+            "{params.env} visae similarity --a {params.a:q} --b {params.b:q} --out {params.out:q} --knn {params.knn}"
+            " --seed {params.seed} --heldout {params.heldout} --split-seed {params.split_seed} {params.max_images}"
+        )
+
+
+rule compare_all:
+    input:
+        profile_outputs(),
+        comparison_outputs(),
+        comparison_outputs(seed_baseline=True),
+        similarity_outputs(),
