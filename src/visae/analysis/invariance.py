@@ -358,7 +358,6 @@ def encoder_from_store(store, sae, *, weights=None, device: str = "cpu",
     accounted for). The model is rebuilt from meta.json (`model_spec`, the model's config entry,
     overrides it; `weights` replaces the recorded weights path) and must have the identity the
     store records. `store`, `sae`: paths, or an open ActivationStore and a loaded SAE."""
-    from visae.data import open_dataset
     from visae.models import load_backbone
     from visae.sae import checkpoint as ckpt
     from visae.store import ActivationStore
@@ -383,15 +382,7 @@ def encoder_from_store(store, sae, *, weights=None, device: str = "cpu",
                          f"{meta.layout.model}")
     backbone.to(device)
 
-    dataset = open_dataset(meta.dataset.get("spec") or {})
-    total = meta.dataset.get("n_images_total")
-    if len(dataset) != total:
-        raise VisaeError(f"dataset {meta.dataset.get('name')} now has {len(dataset)} images, but store {store.root} "
-                         f"was extracted from {total}: point its root at the same data")
-    dataset_index = store_to_dataset_index(store.n_images, meta.dataset.get("skipped_images"))
-    if not np.array_equal(dataset.label_array()[dataset_index], store.labels):
-        raise VisaeError(f"dataset {meta.dataset.get('name')}'s labels differ from store {store.root}'s: "
-                         f"its root holds other images than were extracted")
+    load_image = image_loader(store)
 
     layer, store_dtype = meta.layer, STORE_DTYPES[meta.dtype][1]
     patches = slice(backbone.layout.n_prefix, backbone.layout.n_tokens)
@@ -406,9 +397,30 @@ def encoder_from_store(store, sae, *, weights=None, device: str = "cpu",
             return torch.cat([sae.encode(tokens[i:i + rows].to(sae_device)).amax(dim=1)
                               for i in range(0, len(tokens), rows)]).float().cpu().numpy()
 
+    return encode, load_image
+
+
+def image_loader(store) -> LoadImage:
+    """`load_image(i)`: store image i decoded from the store's dataset (skipped images accounted
+    for), after checking the dataset still holds the images that were extracted."""
+    from visae.data import open_dataset
+
+    meta = store.info
+    if not isinstance(meta.dataset, dict):
+        raise VisaeError(f"store {store.root} records no dataset spec (not made by `visae extract`)")
+    dataset = open_dataset(meta.dataset.get("spec") or {})
+    total = meta.dataset.get("n_images_total")
+    if len(dataset) != total:
+        raise VisaeError(f"dataset {meta.dataset.get('name')} now has {len(dataset)} images, but store {store.root} "
+                         f"was extracted from {total}: point its root at the same data")
+    dataset_index = store_to_dataset_index(store.n_images, meta.dataset.get("skipped_images"))
+    if not np.array_equal(dataset.label_array()[dataset_index], store.labels):
+        raise VisaeError(f"dataset {meta.dataset.get('name')}'s labels differ from store {store.root}'s: "
+                         f"its root holds other images than were extracted")
+
     def load_image(index: int) -> Image.Image:
         if not 0 <= index < store.n_images:
             raise VisaeError(f"image {index} is not in store {store.root} ({store.n_images} images)")
         return dataset[int(dataset_index[index])].image
 
-    return encode, load_image
+    return load_image
