@@ -40,6 +40,8 @@ positive_float = _ranged(float, "a positive number", lambda v: v > 0, "positive_
 nonneg_float = _ranged(float, "a number >= 0", lambda v: v >= 0, "nonneg_float")
 # a fraction strictly between 0 and 1 (e.g. a held-out share)
 open_fraction = _ranged(float, "a number in (0, 1)", lambda v: 0 < v < 1, "open_fraction")
+# a fraction in (0, 1] (a threshold relative to a maximum)
+unit_fraction = _ranged(float, "a number in (0, 1]", lambda v: 0 < v <= 1, "unit_fraction")
 
 
 def device(text: str) -> str:

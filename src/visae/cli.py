@@ -33,6 +33,9 @@ COMMANDS = {
     "train": ("visae.sae.train", "train a grid of SAEs on one activation store"),
     "evaluate": ("visae.analysis.evaluate", "SAE metrics on the held-out part of a store"),
     "latents": ("visae.analysis.latent_index", "the latent index of an SAE: top images, per-class and image-level activations"),
+    "profile": ("visae.analysis.profile", "abstraction, concept probe and invariance of one SAE's latents"),
+    "compare": ("visae.analysis.compare", "match two SAEs' latents one-to-one (two models, or two seeds of one)"),
+    "similarity": ("visae.analysis.compare", "CKA and mutual kNN between two models, per layer pair"),
     "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }

@@ -17,6 +17,7 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
   compare/<a>__<b>/<dataset>/<La>__<Lb>/<sae_a>__<sae_b>/   latent matching of two SAEs (a == b:
                                                 the seed baseline, sae_b the second seed)
   compare/<a>__<b>/<dataset>/similarity/        CKA and mutual kNN of two models, per layer pair
+  compare/tables/<name>.<ext>, compare/figures/<kind>_<model or a__b>.<ext>   the comparison's report
   probes/<model>/<dataset>/layer_<L>/<probe>/   a linear probe (coming)
   interventions/<kind>/<model>/<dataset>/layer_<L>/<sae>/   (coming)
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
@@ -45,12 +46,19 @@ LATENTS = "latents.csv"  # an evaluation's per-latent frequency and mean activat
 LATENT_INDEX = "index.json"  # a latent index done, written last (`visae latents`)
 LATENT_ARRAYS = "index.safetensors"  # the latent index's arrays
 PROFILE = "profile.json"  # a profile (abstraction, invariance, concept probe) done, written last
+PROFILE_LATENTS = "profile_latents.csv"  # a profile's per-latent table
+CONCEPTS = "concepts.csv"  # a profile's per-class concept probe
 MATCHING = "matching.json"  # a latent matching done, written last
+MATCHES = "matches.csv"  # a matching's per-latent table (both sides)
+EXEMPLARS = "exemplars.safetensors"  # a matching's unique latents: thumbnails and patch heatmaps
 SIMILARITY = "similarity.json"  # a model pair's CKA / mutual kNN done, written last
 SEED_TWIN = ".seed1"  # `<sae>.seed1`: the compared SAE's second seed (the seed baseline)
 TABLE_FORMATS = ("md", "csv", "tex", "json")
 FIGURE_FORMATS = ("png", "pdf")
 FIGURE_KINDS = ("frontier", "latent_freq", "training")
+COMPARISON_TABLES = ("profiles", "matching", "similarity")
+MODEL_COMPARISON_FIGURES = ("abstraction", "invariance")  # one per model
+PAIR_COMPARISON_FIGURES = ("matching", "exemplars")  # one per pair of models, named a__b
 
 
 def layer_dir(layer: int | str) -> str:
@@ -147,6 +155,19 @@ class Layout:
     def comparison_marker(self, model_a: str, layer_a, sae_a: str, model_b: str, layer_b, sae_b: str,
                           dataset: str) -> str:
         return _join(self.comparison(model_a, layer_a, sae_a, model_b, layer_b, sae_b, dataset), MATCHING)
+
+    def comparison_tables_dir(self) -> str:
+        return self._path("compare", "tables")
+
+    def comparison_table(self, name: str, ext: str) -> str:
+        return self._path("compare", "tables", f"{name}.{ext}")
+
+    def comparison_figures_dir(self) -> str:
+        return self._path("compare", "figures")
+
+    def comparison_figure(self, kind: str, name: str, ext: str) -> str:
+        """A comparison figure of one model (abstraction, invariance) or one pair `a__b` (matching, exemplars)."""
+        return self._path("compare", "figures", f"{figure_name(kind, name)}.{ext}")
 
     def similarity(self, model_a: str, model_b: str, dataset: str) -> str:
         return self._path("compare", f"{model_a}__{model_b}", dataset, "similarity")

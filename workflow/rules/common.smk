@@ -6,7 +6,8 @@ import shlex
 from itertools import combinations
 from snakemake.exceptions import WorkflowError
 
-from visae.layout import FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, TABLE_FORMATS, Layout, layer_dir, seed_twin
+from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, MODEL_COMPARISON_FIGURES,
+                          PAIR_COMPARISON_FIGURES, TABLE_FORMATS, Layout, layer_dir, seed_twin)
 from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
@@ -309,9 +310,11 @@ def model_weights(model):
 
 
 def compare_report_outputs():
-    tables = [RESULTS.table(name, ext) for name in ("profiles", "matching", "similarity") for ext in TABLE_FORMATS]
-    figures = [RESULTS.figure(kind, model, ext) for ext in FIGURE_FORMATS for model in config["models"]
-               for kind in ("abstraction", "invariance")]
-    figures += [RESULTS.figure(kind, f"{a}__{b}", ext) for ext in FIGURE_FORMATS for a, b in model_pairs()
-                for kind in ("matching", "exemplars")]
+    if not COMPARED:
+        return []
+    tables = [RESULTS.comparison_table(name, ext) for name in COMPARISON_TABLES for ext in TABLE_FORMATS]
+    figures = [RESULTS.comparison_figure(kind, model, ext) for ext in FIGURE_FORMATS for model in config["models"]
+               for kind in MODEL_COMPARISON_FIGURES]
+    figures += [RESULTS.comparison_figure(kind, f"{a}__{b}", ext) for ext in FIGURE_FORMATS for a, b in model_pairs()
+                for kind in PAIR_COMPARISON_FIGURES]
     return tables + figures

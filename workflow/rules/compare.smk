@@ -37,9 +37,11 @@ rule profile:
     output:
         RESULTS.profile_marker("{model}", "{dataset}", "{layer}", "{sae}"),
     params:
+        index=lambda wc, input: os.path.dirname(input.index),
         out=lambda wc, output: os.path.dirname(output[0]),
         env=lambda wc, threads: threads_env(threads),
         weights=lambda wc: model_weights(wc.model),
+        model=lambda wc: entry_json("models", wc.model),
         hierarchy=json.dumps(config["compare"]["hierarchy"] or {}, sort_keys=True),
         shifts=" ".join(config["compare"]["shifts"]),
         latents=config["compare"]["invariance_latents"],
@@ -54,7 +56,8 @@ rule profile:
         mem_mb=2000,
     shell:
         logged(
-            "{params.env} visae profile --index {input.index:q} --out {params.out:q} {params.weights}"
+            "{params.env} visae profile --index {params.index:q} --out {params.out:q} --model {params.model:q}"
+            " {params.weights}"
             " --hierarchy-json {params.hierarchy:q} --shifts {params.shifts} --invariance-latents {params.latents}"
             " --seed {params.seed} --device {params.device}"
         )
@@ -68,6 +71,8 @@ rule compare:
     output:
         RESULTS.comparison_marker("{model_a}", "{layer_a}", "{sae_a}", "{model_b}", "{layer_b}", "{sae_b}", "{dataset}"),
     params:
+        a=lambda wc, input: os.path.dirname(input.a),
+        b=lambda wc, input: os.path.dirname(input.b),
         out=lambda wc, output: os.path.dirname(output[0]),
         env=lambda wc, threads: threads_env(threads),
         threshold=config["compare"]["match_threshold"],
@@ -81,7 +86,7 @@ rule compare:
         mem_mb=2000,
     shell:
         logged(
-            "{params.env} visae compare --a {input.a:q} --b {input.b:q} --out {params.out:q}"
+            "{params.env} visae compare --a {params.a:q} --b {params.b:q} --out {params.out:q}"
             " --threshold {params.threshold} --seed {params.seed}"
         )
 
@@ -116,9 +121,27 @@ rule similarity:
         )
 
 
+rule compare_report:
+    input:
+        profiles=profile_outputs(),
+        matchings=comparison_outputs() + comparison_outputs(seed_baseline=True),
+        similarities=similarity_outputs(),
+    output:
+        compare_report_outputs(),
+    params:
+        tables=RESULTS.comparison_tables_dir(),
+        figures=RESULTS.comparison_figures_dir(),
+    log:
+        RESULTS.log("report", "compare"),
+    benchmark:
+        RESULTS.benchmark("report", "compare")
+    shell:
+        logged(
+            "visae report compare --profiles {input.profiles:q} --matchings {input.matchings:q}"
+            " --similarities {input.similarities:q} --tables {params.tables:q} --figures {params.figures:q}"
+        )
+
+
 rule compare_all:
     input:
-        profile_outputs(),
-        comparison_outputs(),
-        comparison_outputs(seed_baseline=True),
-        similarity_outputs(),
+        compare_report_outputs(),

@@ -28,15 +28,13 @@ from visae.analysis.latent_index import LatentIndex, covered_images, image_set, 
 from visae.args import nonneg_int, open_fraction, positive_int, unit_fraction
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
-from visae.layout import MATCHING, RUN_MARKER, SIMILARITY
+from visae.layout import EXEMPLARS, MATCHES, MATCHING, RUN_MARKER, SIMILARITY
 from visae.provenance import provenance
 
 EXEMPLAR_LATENTS = 8  # unique latents shown per side
 EXEMPLAR_IMAGES = 8  # top images per shown latent
 THUMBNAIL = 96  # pixels: the longest side of a stored exemplar thumbnail
 MIN_COMMON_IMAGES = 10
-MATCHES = "matches.csv"
-EXEMPLARS = "exemplars.safetensors"
 
 
 def check_same_images(set_a: dict, set_b: dict, what_a: str, what_b: str) -> None:

@@ -46,6 +46,20 @@ def cmd_report_figures(args) -> int:
     return 0
 
 
+def cmd_report_compare(args) -> int:
+    from visae.report.comparison import write_comparison
+
+    started = time.time()
+    for out in (args.tables, args.figures):
+        clean_stale_temps(out)
+    paths = write_comparison(args.profiles, args.matchings, args.similarities, args.tables, args.figures)
+    config = {"command": "report compare", **{k: [str(p) for p in getattr(args, k)]
+                                              for k in ("profiles", "matchings", "similarities")}}
+    write_json(Path(args.figures) / RUN_MARKER, provenance(config, seeds={}, started=started))
+    print(f"{len(paths)} comparison table/figure file(s) -> {args.tables}, {args.figures}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("report", description=__doc__)
     sub = p.add_subparsers(dest="report_command", metavar="<what>", required=True)
@@ -63,3 +77,12 @@ def add_cli(subparsers) -> None:
                    help="SAE training log.csv files (beside each checkpoint's config.json)")
     f.add_argument("--out", required=True, help="output folder")
     f.set_defaults(func=cmd_report_figures)
+    c = sub.add_parser("compare", help="profiles / matching / similarity tables; abstraction_<m>, invariance_<m>, "
+                                       "matching_<a>__<b>, exemplars_<a>__<b> figures")
+    c.add_argument("--profiles", nargs="*", default=[], metavar="PROFILE_JSON", help="`visae profile` outputs")
+    c.add_argument("--matchings", nargs="*", default=[], metavar="MATCHING_JSON", help="`visae compare` outputs")
+    c.add_argument("--similarities", nargs="*", default=[], metavar="SIMILARITY_JSON",
+                   help="`visae similarity` outputs")
+    c.add_argument("--tables", required=True, help="output folder of the tables")
+    c.add_argument("--figures", required=True, help="output folder of the figures")
+    c.set_defaults(func=cmd_report_compare)

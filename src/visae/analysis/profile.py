@@ -1,0 +1,157 @@
+"""`visae profile`: what one SAE's latents are about, each number beside its baseline.
+
+From the SAE's latent index (`visae latents`):
+- abstraction (visae.analysis.abstraction): per latent, the class purity, entropy and number of
+  classes of its top images, whether it is specific, abstract or mixed under the class hierarchy
+  (the config's groups, WordNet for ImageNet-1k, or none: every class its own group), and the
+  depth of their lowest common ancestor; beside random latents drawn from the same images;
+- concept probe (visae.analysis.concepts): per class, the F1 of the best latent and of the best
+  five, against latents of matched firing frequency;
+- invariance (visae.analysis.invariance): a seeded sample of live latents, their top images under
+  domain shifts re-run through the model, against random other images.
+
+Writes `profile_latents.csv` (one row per latent), `concepts.csv` (one row per class) and
+`profile.json` (the summaries; last, it marks the profile done).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from visae.analysis.latent_index import LatentIndex
+from visae.args import device as device_arg, nonneg_int, positive_int, unit_fraction
+from visae.atomic import atomic_path, clean_stale_temps, write_json
+from visae.errors import VisaeError
+from visae.layout import CONCEPTS, PROFILE, PROFILE_LATENTS, RUN_MARKER
+
+
+
+def build_hierarchy(classes: list[str], spec: dict | None):
+    """The class hierarchy the config names: {groups: {...}}, {wordnet: dir, coarse_depth: n}, or
+    none (each class its own group, so no latent can be abstract)."""
+    from visae.data.hierarchy import Hierarchy
+
+    spec = spec or {}
+    if "groups" in spec:
+        return Hierarchy.from_groups(classes, spec["groups"])
+    if "wordnet" in spec:
+        kw = {"coarse_depth": spec["coarse_depth"]} if "coarse_depth" in spec else {}
+        return Hierarchy.from_wordnet(classes, spec["wordnet"], **kw)
+    return Hierarchy.from_groups(classes, {c: [c] for c in classes})
+
+
+def invariance_sample(index: LatentIndex, n: int, seed: int) -> np.ndarray:
+    """Up to `n` live latents, a seeded sample, ascending."""
+    alive = np.flatnonzero(index.alive)
+    if len(alive) <= n:
+        return alive
+    return np.sort(np.random.default_rng([seed, 0x1A]).choice(alive, n, replace=False))
+
+
+def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_latents: int = 512,
+            threshold: float = 0.5, seed: int = 0, weights=None, model_spec: dict | None = None,
+            device: str = "cpu") -> tuple[dict, pd.DataFrame, pd.DataFrame]:
+    """(profile.json's content, the per-latent table, the per-class table)."""
+    from visae.analysis.abstraction import latent_abstraction, summarize_abstraction
+    from visae.analysis.concepts import concept_probe
+
+    index = LatentIndex.load(index_dir)
+    tree = build_hierarchy(index.classes, hierarchy)
+    per_latent = latent_abstraction(index.top_labels, tree)
+    abstraction = summarize_abstraction(per_latent, index.labels, tree, seed=seed)
+    latents = pd.DataFrame({"latent": np.arange(index.width), "frequency": index.frequency,
+                            "max_activation": index.max_activation, **per_latent.columns()})
+    probe = concept_probe(index.acts, index.labels, len(index.classes), seed=seed)
+    concepts = pd.DataFrame(probe["rows"])
+    if "class" in concepts:
+        concepts.insert(1, "class_name", [index.classes[c] for c in concepts["class"]])
+    result = {"identity": index.identity.to_dict(), "index": str(index_dir), "images": len(index.images),
+              "width": index.width, "alive_fraction": float(index.alive.mean()), "classes": index.classes,
+              "abstraction": abstraction, "concepts": {"summary": probe["summary"], "settings": probe["settings"]},
+              "invariance": None}
+    if shifts:
+        from visae.analysis.invariance import encoder_from_store, invariance
+
+        sample = invariance_sample(index, invariance_latents, seed)
+        encode, load_image = encoder_from_store(index.meta["store"], index.meta["sae_path"], weights=weights,
+                                                device=device, model_spec=model_spec)
+        inv = invariance(encode, load_image, index.top_images[sample], index.top_values[sample], shifts=list(shifts),
+                         threshold=threshold, baseline_images=index.images, seed=seed)
+        result["invariance"] = {**inv.summary(), "latents": len(sample), "sampled_from": int(index.alive.sum())}
+        for name, column in inv.per_latent().items():
+            full = np.full(index.width, np.nan if column.dtype.kind == "f" else -1, dtype=column.dtype)
+            full[sample] = column
+            latents[f"invariance_{name}"] = full
+    return result, latents, concepts
+
+
+def write_profile(out, result: dict, latents: pd.DataFrame, concepts: pd.DataFrame, config: dict,
+                  started: float) -> None:
+    from visae.provenance import provenance
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    (out / PROFILE).unlink(missing_ok=True)
+    identity = result["identity"]
+    for name, frame in ((PROFILE_LATENTS, latents), (CONCEPTS, concepts)):
+        lead = pd.DataFrame({k: [v] * len(frame) for k, v in identity.items()})
+        with atomic_path(out / name) as tmp:
+            pd.concat([lead, frame.reset_index(drop=True)], axis=1).to_csv(tmp, index=False, float_format="%.6g")
+    write_json(out / RUN_MARKER, provenance(config, seeds={"profile": config["seed"]}, started=started))
+    write_json(out / PROFILE, result)
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise VisaeError(f"{flag} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise VisaeError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def cmd_profile(args) -> int:
+    started = time.time()
+    hierarchy = _json_object(args.hierarchy_json, "--hierarchy-json")
+    model = _json_object(args.model, "--model") if args.model else None
+    result, latents, concepts = profile(args.index, hierarchy=hierarchy, shifts=args.shifts,
+                                        invariance_latents=args.invariance_latents, threshold=args.threshold,
+                                        seed=args.seed, weights=args.weights, model_spec=model, device=args.device)
+    config = {"index": str(args.index), "hierarchy": hierarchy, "shifts": list(args.shifts), "model": model,
+              "weights": args.weights, "invariance_latents": args.invariance_latents, "threshold": args.threshold,
+              "seed": args.seed}
+    write_profile(args.out, result, latents, concepts, config, started)
+    a = result["abstraction"]["model"]
+    print(f"{result['identity']['sae']}: purity {a['mean_purity']['value']:.3f} "
+          f"(chance {result['abstraction']['chance']['mean_purity']['value']:.3f}), "
+          f"abstract {a['abstract_fraction']['value']:.3f} -> {args.out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    from visae.analysis.invariance import SHIFTS
+
+    p = subparsers.add_parser("profile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="abstraction, concept probe and invariance of one SAE's latents")
+    p.add_argument("--index", required=True, help="the SAE's latent index folder (`visae latents`)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--hierarchy-json", default="{}",
+                   help='{"groups": {group: [class, ...]}} or {"wordnet": DIR, "coarse_depth": N}; {} = none')
+    p.add_argument("--shifts", nargs="*", default=list(SHIFTS), choices=list(SHIFTS),
+                   help="domain shifts of the invariance test (none: skip it)")
+    p.add_argument("--invariance-latents", type=positive_int, default=512)
+    p.add_argument("--threshold", type=unit_fraction, default=0.5,
+                   help="invariance: still fires at this fraction of its original activation")
+    p.add_argument("--model", default=None, help="the model's config entry as JSON (its preprocessing settings)")
+    p.add_argument("--weights", default=None, help="the model's weights file (a `visae pretrain` model's)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.set_defaults(func=cmd_profile)
