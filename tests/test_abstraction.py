@@ -117,7 +117,7 @@ def test_chance_baseline_of_balanced_labels_has_the_expected_purity(tree):
     assert chance["mean_purity"]["value"] == pytest.approx(expected_max_share(16, 10), abs=0.005)
     assert expected_max_share(2, 2) == pytest.approx(0.75) and expected_max_share(1, 10) == pytest.approx(1)
     assert summary["model"]["counts"] == {"specific": 3000, "abstract": 0, "mixed": 0, "too_few": 0}
-    assert summary["model"]["mean_purity"] == {"value": 1.0, "low": 1.0, "high": 1.0}
+    assert summary["model"]["mean_purity"] == {"value": 1.0, "low": 1.0, "high": 1.0, "n": 3000}
     assert chance["counts"]["specific"] == 0 and chance["n_classified"] == 3000
     assert summary["excess"]["mean_purity"] == pytest.approx(1 - chance["mean_purity"]["value"])
     assert sum(chance["purity_histogram"]["counts"]) == 3000

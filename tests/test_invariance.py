@@ -81,8 +81,8 @@ def test_colour_blind_latent_survives_inversion_and_brightness_does_not():
     # blur keeps the mean: brightness survives it
     assert result.shifts["blur"].scores[1] == 1.0
     summary = result.summary()
-    assert summary["shifts"]["invert"]["headline"]["mean"] == pytest.approx(2 / 3)
-    lo, hi = summary["shifts"]["invert"]["headline"]["ci95"]
+    assert summary["shifts"]["invert"]["headline"]["value"] == pytest.approx(2 / 3)
+    lo, hi = summary["shifts"]["invert"]["headline"]["low"], summary["shifts"]["invert"]["headline"]["high"]
     assert 0 <= lo <= 2 / 3 <= hi <= 1
     assert summary["shifts"]["invert"]["histogram"]["counts"] == [1] + [0] * 8 + [2]
     assert summary["n_latents_scored"] == 3 and summary["headline_shifts"] == ["invert", "grayscale", "blur"]
@@ -96,7 +96,7 @@ def test_baseline_is_how_often_a_latent_fires_that_strongly_anyway():
     assert result.baseline.scores[1] == 0.0 and result.baseline.scores[2] == 1.0
     summary = result.summary()
     assert summary["baseline"]["headline"]["n"] == 3
-    diff = summary["shifts"]["invert"]["minus_baseline"]["mean"]
+    diff = summary["shifts"]["invert"]["minus_baseline"]["value"]
     assert diff == pytest.approx(np.mean(result.shifts["invert"].scores - result.baseline.scores))
 
 
@@ -217,7 +217,7 @@ def test_domain_dataset_scores_the_dominant_class():
     assert out["scores"][0] == 1.0 and out["baseline"][0] == 0.0  # bright class 1 against dark classes 0, 2
     assert np.isnan(out["scores"][1]) and np.isnan(out["scores"][2]) and list(out["n_images"]) == [10, 0, 0]
     assert set(loads) == set(range(20)) and set(loads.values()) == {1} and max(calls) == 7
-    assert out["headline"]["mean"] == 1.0 and out["headline"]["n"] == 1
+    assert out["headline"]["value"] == 1.0 and out["headline"]["n"] == 1
     with pytest.raises(VisaeError, match=r"one class id \(>= 0"):
         domain_invariance(encode, loader(images, loads), [-1, 2], top_labels, top_values, seed=0)
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import sparse, stats
+from scipy import sparse
 
+from visae.analysis.stats import bootstrap_mean
 from visae.data.hierarchy import Hierarchy
 from visae.errors import VisaeError
 
@@ -161,16 +162,3 @@ def _category_stats(result: LatentAbstraction, rng: np.random.Generator, n_boot:
                                             n_boot),
         "mean_lca_depth": bootstrap_mean(result.lca_depth[classified].astype(np.float64), rng, n_boot),
     }
-
-
-def bootstrap_mean(values: np.ndarray, rng: np.random.Generator, n_boot: int) -> dict:
-    """The mean with a 95% percentile-bootstrap interval (resampling the values); NaN when
-    empty, and the value itself for a single one (every resample equals it)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
-        mean = float(values.mean()) if values.size else float("nan")
-        return {"value": mean, "low": mean, "high": mean}
-    batch = max(1, 4_000_000 // values.size)  # bounds the resample matrix at 4M values
-    ci = stats.bootstrap((values,), np.mean, n_resamples=n_boot, batch=batch, method="percentile",
-                         rng=rng).confidence_interval
-    return {"value": float(values.mean()), "low": float(ci.low), "high": float(ci.high)}

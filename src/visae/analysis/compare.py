@@ -16,11 +16,11 @@ Two indexes or stores of different image sets are refused with one line.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
@@ -85,9 +85,12 @@ def thumbnails(index: LatentIndex, images: np.ndarray) -> np.ndarray:
     from visae.analysis.invariance import image_loader
     from visae.store import ActivationStore
 
-    load = image_loader(ActivationStore(index.meta["store"]))
+    store = ActivationStore(index.meta["store"])
     flat = images.reshape(-1)
     out = np.zeros((len(flat), THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
+    if not isinstance(store.info.dataset, dict):  # a `visae synth` store has no images: blank thumbnails
+        return out.reshape(*images.shape, THUMBNAIL, THUMBNAIL, 3)
+    load = image_loader(store)
     for i, img in enumerate(flat.tolist()):
         if img >= 0:
             out[i] = np.asarray(ImageOps.fit(load(img).convert("RGB"), (THUMBNAIL, THUMBNAIL)))
@@ -113,12 +116,21 @@ def compare_indexes(a_dir, b_dir, *, threshold: float = 0.5, seed: int = 0) -> t
     ia, ib = a.identity, b.identity
     kind = "seed baseline" if (ia.model, ia.layer) == (ib.model, ib.layer) else "cross-model"
     arrays = {side: exemplars(idx, result[f"unique_{side}"][:EXEMPLAR_LATENTS]) for side, idx in (("a", a), ("b", b))}
+    s = result["summary"]
     summary = {
         "kind": kind, "identity_a": ia.to_dict(), "identity_b": ib.to_dict(), "images": len(common),
-        "threshold": threshold, "seed": seed, **result["summary"],
+        "threshold": threshold, "seed": seed, **s,
+        # the headline: the fraction of A's live latents with a partner above the threshold
+        "matched_fraction": s["matched_fraction_a"], "null_matched_fraction": s["null_matched_fraction_a"],
+        "mean_matched_correlation": s["mean_match_correlation"],
         "exemplars": {side: [int(j) for j in arrays[side]["latents"]] for side in ("a", "b")},
     }
-    rows = {side: result[f"rows_{side}"] for side in ("a", "b")}
+    rows = {side: pd.DataFrame({"latent": np.arange(len(result[f"partner_{side}"])),
+                                "match": result[f"partner_{side}"],
+                                "matched_correlation": result[f"match_correlation_{side}"],
+                                "best_correlation": result[f"best_{side}"],
+                                "best_partner": result[f"best_partner_{side}"],
+                                "alive": np.isfinite(result[f"best_{side}"]).astype(int)}) for side in ("a", "b")}
     return summary, rows, arrays
 
 
@@ -128,13 +140,8 @@ def write_compare(out, summary: dict, rows: dict, arrays: dict, config: dict, st
     clean_stale_temps(out)
     (out / MATCHING).unlink(missing_ok=True)
     with atomic_path(out / MATCHES) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            columns = ["side", "latent", "match", "matched_correlation", "best_correlation", "alive"]
-            w.writerow(columns)
-            for side in ("a", "b"):
-                for r in rows[side]:
-                    w.writerow([side, *[f"{r[c]:.6g}" if isinstance(r[c], float) else r[c] for c in columns[1:]]])
+        pd.concat([frame.assign(side=side)[["side", *frame.columns]] for side, frame in rows.items()]).to_csv(
+            tmp, index=False, float_format="%.6g")
     with atomic_path(out / EXEMPLARS) as tmp:
         save_file({f"{side}_{k}": np.ascontiguousarray(v) for side in arrays for k, v in arrays[side].items()}, str(tmp))
     write_json(out / RUN_MARKER, provenance(config, seeds={"null": summary["seed"]}, started=started))
@@ -146,7 +153,7 @@ def cmd_compare(args) -> int:
     summary, rows, arrays = compare_indexes(args.a, args.b, threshold=args.threshold, seed=args.seed)
     write_compare(args.out, summary, rows, arrays, {"a": args.a, "b": args.b, "threshold": args.threshold,
                                                    "seed": args.seed}, started)
-    print(f"{summary['kind']}: matched {summary['matched_fraction']:.3f} at r >= {args.threshold} "
+    print(f"{summary['kind']}: matched {summary['matched_fraction']:.3f} at r > {args.threshold} "
           f"(null {summary['null_matched_fraction']:.3f}) -> {args.out}")
     return 0
 
@@ -216,7 +223,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--a", required=True, help="latent index folder of model A's SAE (`visae latents`)")
     p.add_argument("--b", required=True, help="latent index folder of model B's SAE")
     p.add_argument("--out", required=True)
-    p.add_argument("--threshold", type=unit_fraction, default=0.5, help="matched at or above this correlation")
+    p.add_argument("--threshold", type=unit_fraction, default=0.5, help="a pair is matched above this correlation")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the permutation null")
     p.set_defaults(func=cmd_compare)
     s = subparsers.add_parser("similarity", formatter_class=argparse.ArgumentDefaultsHelpFormatter,

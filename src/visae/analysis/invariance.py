@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
-from scipy import stats
 
+from visae.analysis.stats import bootstrap_mean
 from visae.errors import VisaeError
 
 Encode = Callable[[list], np.ndarray]  # list of PIL images -> float32 [B, h] image-level activations
@@ -135,16 +135,8 @@ class InvarianceResult:
 
 
 def mean_interval(values: np.ndarray, seed: int, n_resamples: int = N_BOOTSTRAP) -> dict:
-    """Mean with a seeded percentile-bootstrap 95% interval (None below two values)."""
-    values = np.asarray(values, dtype=np.float64)
-    if not len(values):
-        return {"mean": None, "ci95": None, "n": 0}
-    ci = None
-    if len(values) > 1:
-        res = stats.bootstrap((values,), np.mean, n_resamples=n_resamples, confidence_level=0.95,
-                              method="percentile", rng=np.random.default_rng(seed), batch=100)
-        ci = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
-    return {"mean": float(values.mean()), "ci95": ci, "n": len(values)}
+    """The mean with a seeded 95% bootstrap interval (visae.analysis.stats' format)."""
+    return bootstrap_mean(values, np.random.default_rng(seed), n_resamples)
 
 
 def _check_tops(top_images, top_values) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ def build_hierarchy(classes: list[str], spec: dict | None):
     if "wordnet" in spec:
         kw = {"coarse_depth": spec["coarse_depth"]} if "coarse_depth" in spec else {}
         return Hierarchy.from_wordnet(classes, spec["wordnet"], **kw)
-    return Hierarchy.from_groups(classes, {c: [c] for c in classes})
+    return Hierarchy.flat(classes)
 
 
 def invariance_sample(index: LatentIndex, n: int, seed: int) -> np.ndarray:
@@ -81,13 +81,14 @@ def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_l
         sample = invariance_sample(index, invariance_latents, seed)
         encode, load_image = encoder_from_store(index.meta["store"], index.meta["sae_path"], weights=weights,
                                                 device=device, model_spec=model_spec)
-        inv = invariance(encode, load_image, index.top_images[sample], index.top_values[sample], shifts=list(shifts),
-                         threshold=threshold, baseline_images=index.images, seed=seed)
+        top_images = np.full_like(index.top_images, -1)  # latents outside the sample: no images to score
+        top_values = np.zeros_like(index.top_values)
+        top_images[sample], top_values[sample] = index.top_images[sample], index.top_values[sample]
+        inv = invariance(encode, load_image, top_images, top_values, shifts=list(shifts), threshold=threshold,
+                         baseline_images=index.images, seed=seed)
         result["invariance"] = {**inv.summary(), "latents": len(sample), "sampled_from": int(index.alive.sum())}
         for name, column in inv.per_latent().items():
-            full = np.full(index.width, np.nan if column.dtype.kind == "f" else -1, dtype=column.dtype)
-            full[sample] = column
-            latents[f"invariance_{name}"] = full
+            latents[f"invariance_{name}"] = column
     return result, latents, concepts
 
 
