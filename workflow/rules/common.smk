@@ -309,12 +309,13 @@ def model_weights(model):
     return f"--weights {shlex.quote(RESULTS.pretrain_model(model))}" if "pretrain" in config["models"][model] else ""
 
 
-def compare_report_outputs():
+def compare_report_outputs(table_formats=TABLE_FORMATS, figure_formats=FIGURE_FORMATS):
+    """The comparison's tables and figures (none when compare.saes is empty)."""
     if not COMPARED:
         return []
-    tables = [RESULTS.comparison_table(name, ext) for name in COMPARISON_TABLES for ext in TABLE_FORMATS]
-    figures = [RESULTS.comparison_figure(kind, model, ext) for ext in FIGURE_FORMATS for model in config["models"]
+    tables = [RESULTS.comparison_table(name, ext) for name in COMPARISON_TABLES for ext in table_formats]
+    figures = [RESULTS.comparison_figure(kind, model, ext) for ext in figure_formats for model in config["models"]
                for kind in MODEL_COMPARISON_FIGURES]
-    figures += [RESULTS.comparison_figure(kind, f"{a}__{b}", ext) for ext in FIGURE_FORMATS for a, b in model_pairs()
+    figures += [RESULTS.comparison_figure(kind, f"{a}__{b}", ext) for ext in figure_formats for a, b in model_pairs()
                 for kind in PAIR_COMPARISON_FIGURES]
     return tables + figures

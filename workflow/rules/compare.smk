@@ -127,10 +127,19 @@ rule compare_report:
         matchings=comparison_outputs() + comparison_outputs(seed_baseline=True),
         similarities=similarity_outputs(),
     output:
-        compare_report_outputs(),
+        [report(path, caption="../report/compare_tables.rst", category="Comparison", labels={"table": name})
+         for name in COMPARISON_TABLES for path in [RESULTS.comparison_table(name, "md")]],
+        [report(RESULTS.comparison_figure(kind, model, "png"), caption=f"../report/{kind}.rst", category="Comparison",
+                subcategory=model, labels={"model": model, "figure": kind})
+         for model in config["models"] for kind in MODEL_COMPARISON_FIGURES],
+        [report(RESULTS.comparison_figure(kind, f"{a}__{b}", "png"), caption=f"../report/{kind}.rst",
+                category="Comparison", subcategory=f"{a} vs {b}", labels={"pair": f"{a} vs {b}", "figure": kind})
+         for a, b in model_pairs() for kind in PAIR_COMPARISON_FIGURES],
+        compare_report_outputs(table_formats=[f for f in TABLE_FORMATS if f != "md"],
+                               figure_formats=[f for f in FIGURE_FORMATS if f != "png"]),
     params:
-        tables=RESULTS.comparison_tables_dir(),
-        figures=RESULTS.comparison_figures_dir(),
+        tables=lambda wc, output: os.path.dirname(output[0]),  # comparison_tables_dir()
+        figures=lambda wc, output: os.path.dirname(output[len(COMPARISON_TABLES)]),  # comparison_figures_dir()
     log:
         RESULTS.log("report", "compare"),
     benchmark:

@@ -115,7 +115,10 @@ def compare_indexes(a_dir, b_dir, *, threshold: float = 0.5, seed: int = 0) -> t
                            alive_b=np.asarray(acts_b.getnnz(0) > 0), null_seed=seed)
     ia, ib = a.identity, b.identity
     kind = "seed baseline" if (ia.model, ia.layer) == (ib.model, ib.layer) else "cross-model"
-    arrays = {side: exemplars(idx, result[f"unique_{side}"][:EXEMPLAR_LATENTS]) for side, idx in (("a", a), ("b", b))}
+    # shown: the most unique latents that fire on enough images for their correlations to mean something
+    shown = {side: [j for j in result[f"unique_{side}"] if acts.getnnz(0)[j] >= EXEMPLAR_IMAGES][:EXEMPLAR_LATENTS]
+             for side, acts in (("a", acts_a), ("b", acts_b))}
+    arrays = {side: exemplars(idx, np.asarray(shown[side], dtype=np.int64)) for side, idx in (("a", a), ("b", b))}
     s = result["summary"]
     summary = {
         "kind": kind, "identity_a": ia.to_dict(), "identity_b": ib.to_dict(), "images": len(common),

@@ -85,7 +85,7 @@ def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_l
         top_values = np.zeros_like(index.top_values)
         top_images[sample], top_values[sample] = index.top_images[sample], index.top_values[sample]
         inv = invariance(encode, load_image, top_images, top_values, shifts=list(shifts), threshold=threshold,
-                         baseline_images=index.images, seed=seed)
+                         baseline_images=index.images, seed=seed, batch_size=256)
         result["invariance"] = {**inv.summary(), "latents": len(sample), "sampled_from": int(index.alive.sum())}
         for name, column in inv.per_latent().items():
             latents[f"invariance_{name}"] = column

@@ -111,7 +111,8 @@ def similarity_rows(paths) -> pd.DataFrame:
 
 
 def _rounded(df: pd.DataFrame) -> pd.DataFrame:
-    out = df.copy()
+    """The Markdown / LaTeX view: numbers to 3 decimals, without the store hash (the CSV keeps it)."""
+    out = df.drop(columns=[c for c in ("store_hash",) if c in df.columns])
     for col in out.columns:
         if out[col].dtype.kind == "f":
             out[col] = [("-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
