@@ -98,6 +98,30 @@ def test_full_dag_writes_tables_figures_and_provenance(project):
     sae_config = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16"))
                              / "config.json").read_text())
     assert sae_config["identity"] == metrics["identity"]
+
+
+def test_full_dag_compares_the_models_against_the_seed_baseline(project):
+    import pandas as pd
+
+    results = Layout(project / "results")
+    matching = pd.read_csv(results.comparison_table("matching", "csv"))
+    assert sorted(matching.kind) == ["cross-model", "seed baseline", "seed baseline"]
+    cross = matching[matching.kind == "cross-model"].iloc[0]
+    assert (cross.model_a, cross.model_b, cross.sae_a) == ("vit-simclr", "vit-supervised", "topk-16")
+    assert 0 <= cross.matched <= 1 and 0 <= cross.seed_a <= 1 and 0 <= cross.seed_b <= 1
+    seed = matching[matching.kind == "seed baseline"]
+    assert set(seed.sae_b) == {"topk-16.seed1"}
+    profiles = pd.read_csv(results.comparison_table("profiles", "csv"))
+    assert sorted(profiles.model) == ["vit-simclr", "vit-supervised"] and profiles.purity.between(0, 1).all()
+    similarity = pd.read_csv(results.comparison_table("similarity", "csv"))
+    assert sorted(similarity["pool"]) == ["cls", "mean"]
+    for kind in ("matching", "exemplars"):
+        assert Path(results.comparison_figure(kind, "vit-simclr__vit-supervised", "png")).stat().st_size > 1000
+    twin = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16.seed1"))
+                       / "config.json").read_text())
+    original = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16"))
+                           / "config.json").read_text())
+    assert twin["seed"] != original["seed"] and twin["split"] == original["split"]  # independent init, same split
     again = run(project, "snakemake", "--cores", "2")
     assert "Nothing to be done" in again.stdout + again.stderr
 
@@ -112,8 +136,11 @@ def test_paper_config_plans_the_whole_dag(project):
     counts = {}
     for rule, _ in planned_jobs(proc):
         counts[rule] = counts.get(rule, 0) + 1
-    # 2 models x ImageNet, the 9-SAE grid trained in one pass per store, 18 evaluations
-    assert counts == {"extract": 2, "train": 2, "evaluate": 18, "tables": 1, "figures": 1, "all": 1}
+    # 2 models x ImageNet, the 9-SAE grid and the compared SAE's second seed trained in one pass per
+    # store, 20 evaluations; the comparison: 2 SAEs indexed per model, a profile per model, the
+    # cross-model matching and one seed baseline per model, CKA / mutual kNN for the pair
+    assert counts == {"extract": 2, "train": 2, "evaluate": 20, "latent_index": 4, "profile": 2, "compare": 3,
+                      "similarity": 1, "compare_report": 1, "tables": 1, "figures": 1, "all": 1}
 
 
 def test_paper_run_without_data_names_the_missing_input(tmp_path, project):
@@ -147,9 +174,15 @@ def test_adding_a_model_plans_only_its_jobs(project, tmp_path):
     jobs = planned_jobs(run(project, "snakemake", "-n", "--configfile", str(path)))
     per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
     assert per_model and all(wc["model"] == "vit-random" for _, wc in per_model)
-    assert sorted(rule for rule, wc in per_model) == ["evaluate", "evaluate", "extract", "train", "train"]
-    # the cross-model jobs that now include the new model
-    assert sorted(rule for rule, wc in jobs if "model" not in wc) == ["all", "figures", "tables"]
+    # its own: two passes (topk-16 with its second seed), three evaluations, the compared SAE's index
+    # and its second seed's, one profile
+    assert sorted(rule for rule, wc in per_model) == ["evaluate"] * 3 + ["extract", "latent_index", "latent_index",
+                                                                          "profile", "train", "train"]
+    # the cross-model jobs: its pairs with each model, its seed baseline, and the reports
+    pairs = [(rule, wc) for rule, wc in jobs if "model_a" in wc]
+    assert sorted(rule for rule, _ in pairs) == ["compare"] * 3 + ["similarity"] * 2
+    assert all("vit-random" in (wc["model_a"], wc["model_b"]) for _, wc in pairs)
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "compare_report", "figures", "tables"]
 
 
 def test_changing_one_sae_replans_only_that_sae(project):
@@ -191,7 +224,7 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
     first = run(project, "dvc", "repro")
     assert "Nothing to be done" in first.stdout + first.stderr
     second = run(project, "dvc", "repro")
-    assert second.stdout.count("didn't change, skipping") == 5
+    assert second.stdout.count("didn't change, skipping") == 6
 
     config = yaml.safe_load((project / "config" / "config.yaml").read_text())
     config["saes"]["relu-l1-0.01"]["lr"] = 0.002

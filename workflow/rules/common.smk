@@ -285,8 +285,9 @@ def profile_outputs():
 
 
 def model_pairs():
-    """Every unordered pair of models, in config order: a new model adds only its own pairs."""
-    return list(combinations(config["models"], 2))
+    """Every unordered pair of models, each pair's names in sorted order: a new model adds only its
+    own pairs, and reordering the config replans nothing."""
+    return list(combinations(sorted(config["models"]), 2))
 
 
 def comparison_outputs(seed_baseline=False):

@@ -63,7 +63,8 @@ def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_l
 
     index = LatentIndex.load(index_dir)
     tree = build_hierarchy(index.classes, hierarchy)
-    per_latent = latent_abstraction(index.top_labels, tree)
+    # a latent is classified from at least 5 top images (fewer when the index keeps fewer)
+    per_latent = latent_abstraction(index.top_labels, tree, min_images=min(5, max(1, index.top_images.shape[1])))
     abstraction = summarize_abstraction(per_latent, index.labels, tree, seed=seed)
     latents = pd.DataFrame({"latent": np.arange(index.width), "frequency": index.frequency,
                             "max_activation": index.max_activation, **per_latent.columns()})
