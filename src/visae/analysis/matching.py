@@ -27,9 +27,8 @@ from visae.errors import VisaeError
 
 BLOCK = 1024                # A latents per block
 CHUNK = 2048                # images per dense chunk
-TOP_K = 32                  # candidates kept per latent, each side
+TOP_K = 128                 # candidates kept per latent, each side
 MOMENT_SLICE = 1 << 20      # sparse entries per float64 slice of the column moments
-SLAB = 64                   # rows of a block's product widened to float64 at once
 DENSE_LIMIT = 4096 * 4096   # largest h_a * h_b assigned with the dense Hungarian solver
 UNIQUE_BELOW = 0.2          # best correlation under which a latent counts as unique to its model
 
@@ -123,14 +122,14 @@ def _column_moments(m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
 def working_memory_bytes(h_a: int, h_b: int, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = CHUNK,
                          keep_dense: bool = False) -> int:
     """Upper bound on what `correlations` allocates beyond its inputs and A's column block (a
-    CSR slice of A): a block's float64 accumulator and float32 product plus room for top-k's
-    work (16 * block * h_b bytes), the float64 slab that widens the product (8 * SLAB * h_b), the
-    dense chunk buffers of both sides (4 * chunk * (block + h_b)), the top-k state and, with
+    CSR slice of A): a block's float64 accumulator and float32 product (12 * block * h_b bytes),
+    the dense chunk buffers of both sides (4 * chunk * (block + h_b)), the top-k state with the
+    buffers and work of merging a block's top-k into B's (16 * h_a * k + 96 * h_b * k) and, with
     keep_dense, the dense result (4 * h_a * h_b)."""
     block = min(block, h_a)
     k_a, k_b = min(top_k, h_b), min(top_k, h_a)
-    return (16 * block * h_b + 8 * min(SLAB, h_a) * h_b + 4 * chunk * (block + h_b)
-            + 16 * (h_a * k_a + 3 * h_b * k_b) + (4 * h_a * h_b if keep_dense else 0))
+    return (12 * block * h_b + 4 * chunk * (block + h_b) + 16 * h_a * k_a + 96 * h_b * k_b
+            + (4 * h_a * h_b if keep_dense else 0))
 
 
 def _product(xa: torch.Tensor, xb: torch.Tensor, out: torch.Tensor, seconds: list | None) -> None:
@@ -147,6 +146,15 @@ def _product(xa: torch.Tensor, xb: torch.Tensor, out: torch.Tensor, seconds: lis
     seconds.append(time.perf_counter() - start)
 
 
+def _accumulate(acc: torch.Tensor, prod: torch.Tensor) -> None:
+    """acc (float64) += prod (float32). On the CPU through numpy: its single-threaded mixed-dtype
+    add is several times faster than torch's, and has no thread barrier for a busy machine to stall."""
+    if acc.device.type == "cpu":
+        np.add(acc.numpy(), prod.numpy(), out=acc.numpy())
+    else:
+        acc.add_(prod)
+
+
 @torch.no_grad()
 def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = CHUNK, keep_dense: bool = False,
                  device: str = "cpu", product_seconds: list | None = None) -> Correlations:
@@ -156,7 +164,7 @@ def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = C
     Column means and variances are float64 sums over the sparse entries. The cross products are
     streamed: for each block of `block` A latents, `chunk` images at a time are made dense,
     centred (float32) and multiplied on `device` with torch; the products accumulate in float64.
-    Memory beyond the inputs stays under `working_memory_bytes` (0.68 GB at the defaults with
+    Memory beyond the inputs stays under `working_memory_bytes` (0.86 GB at the defaults with
     h_a = h_b = 24,576; the full float64 matrix there would be 4.8 GB). With a list as
     `product_seconds`, the time of each matrix product (synchronised) is appended to it."""
     a, b = _check_pair(a, b)
@@ -169,43 +177,48 @@ def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = C
     mean_b_t = torch.from_numpy(mean_b.astype(np.float32)).to(dev)
     inv_b_t = torch.from_numpy(inv_b).to(dev)
     k_a, k_b = min(top_k, h_b), min(top_k, h_a)
-    row_values = np.empty((h_a, k_a))
-    row_indices = np.empty((h_a, k_a), dtype=np.int64)
-    col_values = torch.full((k_b, h_b), -np.inf, dtype=torch.float64, device=dev)
-    col_indices = torch.zeros((k_b, h_b), dtype=torch.int64, device=dev)
+    block, chunk = min(block, h_a), min(chunk, n)
+    # Everything is allocated once, here: per-block temporaries would fragment the heap, and
+    # resident memory would creep up block after block.
+    f32, f64, i64 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.float64, device=dev), \
+        dict(dtype=torch.int64, device=dev)
+    acc_buf, prod_buf = torch.empty(block * h_b, **f64), torch.empty(block * h_b, **f32)
+    dense_a_buf, dense_b_buf = np.empty(chunk * block, np.float32), np.empty(chunk * h_b, np.float32)
+    row_values, row_indices = torch.empty((h_a, k_a), **f64), torch.empty((h_a, k_a), **i64)
+    # B's running top-k over A (rows :k_b) above the current block's (rows k_b:)
+    cand_values, cand_indices = torch.full((2 * k_b, h_b), -torch.inf, **f64), torch.zeros((2 * k_b, h_b), **i64)
+    merged_values, merged_rows, merged_indices = (torch.empty((k_b, h_b), **f64), torch.empty((k_b, h_b), **i64),
+                                                  torch.empty((k_b, h_b), **i64))
     dense = np.empty((h_a, h_b), dtype=np.float32) if keep_dense else None
-    wide = torch.empty((min(SLAB, h_a), h_b), dtype=torch.float64, device=dev)
-    dense_b = np.empty((min(chunk, n), h_b), dtype=np.float32)  # the chunk buffers, reused
     for i0 in range(0, h_a, block):
         i1 = min(i0 + block, h_a)
+        width = i1 - i0
         a_block = a[:, i0:i1]
-        dense_a = np.empty((min(chunk, n), i1 - i0), dtype=np.float32)
         mean_blk = torch.from_numpy(mean_a[i0:i1].astype(np.float32)).to(dev)
-        acc = torch.zeros((i1 - i0, h_b), dtype=torch.float64, device=dev)
-        prod = torch.empty((i1 - i0, h_b), dtype=torch.float32, device=dev)
+        acc = acc_buf[:width * h_b].view(width, h_b).zero_()
+        prod = prod_buf[:width * h_b].view(width, h_b)
         for r0 in range(0, n, chunk):
-            r1 = min(r0 + chunk, n)
-            xa = torch.from_numpy(a_block[r0:r1].toarray(out=dense_a[:r1 - r0])).to(dev).sub_(mean_blk)
-            xb = torch.from_numpy(b[r0:r1].toarray(out=dense_b[:r1 - r0])).to(dev).sub_(mean_b_t)
+            rows = min(r0 + chunk, n) - r0
+            dense_a = a_block[r0:r0 + rows].toarray(out=dense_a_buf[:rows * width].reshape(rows, width))
+            dense_b = b[r0:r0 + rows].toarray(out=dense_b_buf[:rows * h_b].reshape(rows, h_b))
+            xa = torch.from_numpy(dense_a).to(dev).sub_(mean_blk)
+            xb = torch.from_numpy(dense_b).to(dev).sub_(mean_b_t)
             _product(xa, xb, prod, product_seconds)
-            for s0 in range(0, i1 - i0, SLAB):  # float32 -> float64 a slab at a time: torch's
-                slab = prod[s0:s0 + SLAB]      # mixed-dtype add_ is several times slower
-                acc[s0:s0 + SLAB].add_(wide[:len(slab)].copy_(slab))
-        del prod
+            _accumulate(acc, prod)
         inv_blk = torch.from_numpy(inv_a[i0:i1]).to(dev)
         acc.mul_(inv_blk[:, None]).mul_(inv_b_t[None, :]).clamp_(-1.0, 1.0)
-        top = torch.topk(acc, k_a, dim=1)
-        row_values[i0:i1] = top.values.cpu().numpy()
-        row_indices[i0:i1] = top.indices.cpu().numpy()
-        top = torch.topk(acc, min(k_b, i1 - i0), dim=0)
-        merged = torch.topk(torch.cat([col_values, top.values]), k_b, dim=0)
-        col_indices = torch.gather(torch.cat([col_indices, top.indices + i0]), 0, merged.indices)
-        col_values = merged.values
+        torch.topk(acc, k_a, dim=1, out=(row_values[i0:i1], row_indices[i0:i1]))
+        k_blk = min(k_b, width)
+        torch.topk(acc, k_blk, dim=0, out=(cand_values[k_b:k_b + k_blk], cand_indices[k_b:k_b + k_blk]))
+        cand_values[k_b + k_blk:] = -torch.inf
+        cand_indices[k_b:k_b + k_blk] += i0
+        torch.topk(cand_values, k_b, dim=0, out=(merged_values, merged_rows))
+        torch.gather(cand_indices, 0, merged_rows, out=merged_indices)
+        cand_values[:k_b], cand_indices[:k_b] = merged_values, merged_indices
         if keep_dense:
-            dense[i0:i1] = acc.to(torch.float32).cpu().numpy()
-        del acc, top, merged
-    return Correlations(n, row_values, row_indices, col_values.T.cpu().numpy().copy(),
-                        col_indices.T.cpu().numpy().copy(), dense)
+            dense[i0:i1] = acc.cpu().numpy()
+    return Correlations(n, row_values.cpu().numpy(), row_indices.cpu().numpy(),
+                        cand_values[:k_b].T.cpu().numpy().copy(), cand_indices[:k_b].T.cpu().numpy().copy(), dense)
 
 
 def _sparse_assignment(corr: Correlations) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

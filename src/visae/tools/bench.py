@@ -179,7 +179,7 @@ def add_cli(sub) -> None:
     c = bsub.add_parser("compare", help="latent matching's time and peak memory vs its matrix products alone")
     c.add_argument("--images", type=positive_int, default=50_000)
     c.add_argument("--latents", type=positive_int, default=24_576, help="per SAE")
-    c.add_argument("--top-k", type=positive_int, default=32)
+    c.add_argument("--top-k", type=positive_int, default=128, help="candidates kept per latent")
     c.add_argument("--block", type=positive_int, default=1024, help="A latents per block")
     c.add_argument("--chunk", type=positive_int, default=2048, help="images per dense chunk")
     c.add_argument("--sample", type=positive_int, default=3, help="timed products per distinct shape")
