@@ -164,6 +164,6 @@ def test_user_errors_are_one_line():
 def test_working_memory_bound_at_the_issue_size():
     # 24,576 x 24,576: under a fifth of the 4.8 GB float64 matrix; more A latents add only their top-k.
     full = working_memory_bytes(24_576, 24_576)
-    assert 0.5e9 < full < 0.9e9
+    assert 0.5e9 < full < 4.8e9 / 5
     assert working_memory_bytes(2 * 24_576, 24_576) - full == 16 * 24_576 * 128
     assert working_memory_bytes(24_576, 24_576, keep_dense=True) - full == 4 * 24_576 ** 2

@@ -124,11 +124,11 @@ def working_memory_bytes(h_a: int, h_b: int, *, top_k: int = TOP_K, block: int =
     """Upper bound on what `correlations` allocates beyond its inputs and A's column block (a
     CSR slice of A): a block's float64 accumulator and float32 product (12 * block * h_b bytes),
     the dense chunk buffers of both sides (4 * chunk * (block + h_b)), the top-k state with the
-    buffers and work of merging a block's top-k into B's (16 * h_a * k + 96 * h_b * k) and, with
+    buffers and work of merging a block's top-k into B's (16 * h_a * k + 112 * h_b * k) and, with
     keep_dense, the dense result (4 * h_a * h_b)."""
     block = min(block, h_a)
     k_a, k_b = min(top_k, h_b), min(top_k, h_a)
-    return (12 * block * h_b + 4 * chunk * (block + h_b) + 16 * h_a * k_a + 96 * h_b * k_b
+    return (12 * block * h_b + 4 * chunk * (block + h_b) + 16 * h_a * k_a + 112 * h_b * k_b
             + (4 * h_a * h_b if keep_dense else 0))
 
 
@@ -164,7 +164,7 @@ def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = C
     Column means and variances are float64 sums over the sparse entries. The cross products are
     streamed: for each block of `block` A latents, `chunk` images at a time are made dense,
     centred (float32) and multiplied on `device` with torch; the products accumulate in float64.
-    Memory beyond the inputs stays under `working_memory_bytes` (0.86 GB at the defaults with
+    Memory beyond the inputs stays under `working_memory_bytes` (0.91 GB at the defaults with
     h_a = h_b = 24,576; the full float64 matrix there would be 4.8 GB). With a list as
     `product_seconds`, the time of each matrix product (synchronised) is appended to it."""
     a, b = _check_pair(a, b)
@@ -180,15 +180,16 @@ def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = C
     block, chunk = min(block, h_a), min(chunk, n)
     # Everything is allocated once, here: per-block temporaries would fragment the heap, and
     # resident memory would creep up block after block.
-    f32, f64, i64 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.float64, device=dev), \
-        dict(dtype=torch.int64, device=dev)
-    acc_buf, prod_buf = torch.empty(block * h_b, **f64), torch.empty(block * h_b, **f32)
+    f64, i64 = {"dtype": torch.float64, "device": dev}, {"dtype": torch.int64, "device": dev}
+    acc_buf = torch.empty(block * h_b, **f64)
+    prod_buf = torch.empty(block * h_b, dtype=torch.float32, device=dev)
     dense_a_buf, dense_b_buf = np.empty(chunk * block, np.float32), np.empty(chunk * h_b, np.float32)
     row_values, row_indices = torch.empty((h_a, k_a), **f64), torch.empty((h_a, k_a), **i64)
-    # B's running top-k over A (rows :k_b) above the current block's (rows k_b:)
-    cand_values, cand_indices = torch.full((2 * k_b, h_b), -torch.inf, **f64), torch.zeros((2 * k_b, h_b), **i64)
-    merged_values, merged_rows, merged_indices = (torch.empty((k_b, h_b), **f64), torch.empty((k_b, h_b), **i64),
-                                                  torch.empty((k_b, h_b), **i64))
+    # B's running top-k over A in rows :k_b, the current block's below them
+    cand_values = torch.full((2 * k_b, h_b), -torch.inf, **f64)
+    cand_indices = torch.zeros((2 * k_b, h_b), **i64)
+    merged_values, merged_rows = torch.empty((k_b, h_b), **f64), torch.empty((k_b, h_b), **i64)
+    merged_indices = torch.empty((k_b, h_b), **i64)
     dense = np.empty((h_a, h_b), dtype=np.float32) if keep_dense else None
     for i0 in range(0, h_a, block):
         i1 = min(i0 + block, h_a)

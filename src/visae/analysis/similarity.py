@@ -74,7 +74,7 @@ def mutual_knn(x, y, k: int = 10, *, chunk: int = 1024) -> float:
 
 
 @torch.no_grad()
-def image_representations(store, images, pool: str = "mean", *, chunk: int = 256) -> np.ndarray:
+def image_representations(store, images, pool: str = "mean", *, chunk: int = 64) -> np.ndarray:
     """One vector per image from an activation store (`visae.store.ActivationStore`): the mean
     over its patch tokens ("mean", in float64) or its CLS token ("cls"). float32 [len(images), d],
     in the order of `images` (store image indices), read `chunk` images at a time."""

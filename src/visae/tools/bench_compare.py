@@ -130,10 +130,12 @@ def _products_time(n: int, h_a: int, h_b: int, block: int, chunk: int, device: s
         out = torch.empty(rows, h_b, device=dev)
         times = []
         for _ in range(sample + 1):  # the first is a warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
             t = time.perf_counter()
             torch.matmul(xa.T, xb, out=out)
             if dev.type == "cuda":
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t)
         median = float(np.median(times[1:]))
         total += median * count
@@ -193,8 +195,9 @@ def bench_compare(images: int = 50_000, latents: int = 24_576, *, top_k: int = T
         "peak_memory_bytes": peak_kib * 1024,
         "correlations_peak_bytes": correlations_kib * 1024, "assign_peak_bytes": assign_kib * 1024,
         "memory_method": ("per step, ru_maxrss after it minus VmRSS before it, freed heap returned (malloc_trim) "
-                          "and the peak reset to the current RSS (/proc/self/clear_refs) first; the pipeline's peak is the larger of correlations' and "
-                          "assign's (plus what correlations left)" if peak_reset else
+                          "and the peak reset to the current RSS (/proc/self/clear_refs) first; the pipeline's "
+                          "peak is the larger of correlations' and assign's (plus what correlations left)"
+                          if peak_reset else
                           "per step, ru_maxrss after it minus VmRSS before it; the peak could not be reset, so an "
                           "earlier peak may hide a step's"),
         "memory_bound_bytes": bound,
