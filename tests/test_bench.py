@@ -1,4 +1,4 @@
-"""`visae bench extract|loader|train` at a tiny size (seconds): each prints and writes the JSON
+"""`visae bench extract|loader|train|compare` at a tiny size (seconds): each prints and writes the JSON
 object DESIGN.md promises (`bench`, `device`, `params`, `ratios`, `goals`, raw figures), under
 `--out` and nowhere else, and every ratio is the quotient of the raw figures it claims.
 Timings themselves are noise here; the arithmetic that turns them into ratios is not."""
@@ -95,3 +95,20 @@ def test_train(tmp_path, capsys):
 def test_default_images_are_found_from_the_repo_root():
     assert bench.REPO_ROOT == REPO and (bench.REPO_ROOT / "Snakefile").is_file()
     assert bench.DEFAULT_IMAGES == REPO.parent / "shared" / "data" / "imagenet-sample"
+
+
+def test_compare(tmp_path, capsys):
+    from visae.analysis.matching import working_memory_bytes
+    r = run_bench(["compare", "--images", "600", "--latents", "160", "--block", "64", "--chunk", "256",
+                   "--sample", "1", "--threads", "1", "--device", "cpu"], tmp_path / "bench", capsys)
+    p = r["params"]
+    assert (p["images"], p["latents"], p["block"], p["chunk"], p["top_k"], p["threads"]) == (600, 160, 64, 256, 128, 1)
+    assert r["goals"] == {"products_vs_pipeline": 0.8, "memory_bound_vs_peak": 1.0}
+    assert r["products_count"] == 3 * 3   # ceil(160 / 64) blocks x ceil(600 / 256) chunks
+    assert sum(s["count"] for s in r["products_alone_shapes"]) == r["products_count"]
+    assert r["pipeline_s"] == r["correlations_s"] + r["assign_s"]
+    assert r["ratios"]["products_vs_pipeline"] == r["products_s"] / r["pipeline_s"]
+    assert r["products_alone_s"] == sum(r["products_alone_s_runs"]) / 2
+    assert r["memory_bound_bytes"] == working_memory_bytes(160, 160, top_k=128, block=64, chunk=256)
+    assert r["ratios"]["memory_bound_vs_peak"] == r["memory_bound_bytes"] / max(r["correlations_peak_bytes"], 1)
+    assert r["planted_recovered"] > 0.8 and p["planted_pairs"] == 80 and 0 < p["density_a"] < 0.1

@@ -176,6 +176,18 @@ def add_cli(sub) -> None:
     t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(func=cmd_bench_train)
+    c = bsub.add_parser("compare", help="latent matching's time and peak memory vs its matrix products alone")
+    c.add_argument("--images", type=positive_int, default=50_000)
+    c.add_argument("--latents", type=positive_int, default=24_576, help="per SAE")
+    c.add_argument("--top-k", type=positive_int, default=128, help="candidates kept per latent")
+    c.add_argument("--block", type=positive_int, default=1024, help="A latents per block")
+    c.add_argument("--chunk", type=positive_int, default=2048, help="images per dense chunk")
+    c.add_argument("--sample", type=positive_int, default=3, help="timed products per distinct shape")
+    c.add_argument("--threads", type=positive_int, default=2)
+    c.add_argument("--seed", type=nonneg_int, default=0)
+    c.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--out", default=str(DEFAULT_OUT))
+    c.set_defaults(func=cmd_bench_compare)
 
 
 def cmd_bench_extract(a) -> int:
@@ -195,4 +207,11 @@ def cmd_bench_train(a) -> int:
                          dtype=a.dtype, device=a.device)
     result.pop("passed", None)
     _report(result, Path(a.out))
+    return 0
+
+
+def cmd_bench_compare(a) -> int:
+    from visae.tools.bench_compare import bench_compare
+    _report(bench_compare(a.images, a.latents, top_k=a.top_k, block=a.block, chunk=a.chunk, threads=a.threads,
+                          sample=a.sample, seed=a.seed, device=a.device), Path(a.out))
     return 0
