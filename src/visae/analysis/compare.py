@@ -221,16 +221,14 @@ def cmd_similarity(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="match the latents of two SAEs (two latent indexes) one-to-one")
+    p = subparsers.add_parser("compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--a", required=True, help="latent index folder of model A's SAE (`visae latents`)")
     p.add_argument("--b", required=True, help="latent index folder of model B's SAE")
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=unit_fraction, default=0.5, help="a pair is matched above this correlation")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the permutation null")
     p.set_defaults(func=cmd_compare)
-    s = subparsers.add_parser("similarity", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="CKA and mutual kNN between two models, per layer pair")
+    s = subparsers.add_parser("similarity", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--a", nargs="+", required=True, help="model A's stores (one per layer)")
     s.add_argument("--b", nargs="+", required=True, help="model B's stores")
     s.add_argument("--out", required=True)

@@ -236,8 +236,7 @@ def cmd_latents(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("latents", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="the latent index of an SAE on its held-out images")
+    p = subparsers.add_parser("latents", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--store", required=True)
     p.add_argument("--sae", required=True, help="SAE checkpoint directory")
     p.add_argument("--out", required=True)

@@ -141,8 +141,7 @@ def cmd_profile(args) -> int:
 def add_cli(subparsers) -> None:
     from visae.analysis.invariance import SHIFTS
 
-    p = subparsers.add_parser("profile", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="abstraction, concept probe and invariance of one SAE's latents")
+    p = subparsers.add_parser("profile", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--index", required=True, help="the SAE's latent index folder (`visae latents`)")
     p.add_argument("--out", required=True)
     p.add_argument("--hierarchy-json", default="{}",
