@@ -34,6 +34,7 @@ bench: setup
 	$(BIN)/visae bench extract
 	$(BIN)/visae bench loader
 	$(BIN)/visae bench train
+	$(BIN)/visae bench compare
 
 clean:
 	rm -rf results/* .snakemake

@@ -130,3 +130,20 @@ def test_auxk_loss_is_finite_when_the_residual_does_not_vary():
     pre = torch.randn(1, 32)
     loss = sae.aux_loss(pre, torch.ones(1, 8))
     assert torch.isfinite(loss) and float(loss.detach()) >= 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["latents", "--store", "s", "--sae", "x", "--out", "{out}", "--top", "0"], "--top"),
+    (["bench", "compare", "--out", "{out}", "--latents", "0"], "--latents"),
+    (["compare", "--a", "{missing}", "--b", "{missing}", "--out", "{out}"], "no finished latent index"),
+    (["compare", "--a", "x", "--b", "y", "--out", "{out}", "--threshold", "1.5"], "--threshold"),
+    (["profile", "--index", "{missing}", "--out", "{out}", "--hierarchy-json", "{bad"], "--hierarchy-json"),
+    (["profile", "--index", "{missing}", "--out", "{out}", "--shifts", "sepia"], "--shifts"),
+    (["similarity", "--a", "{missing}", "--b", "{missing}", "--out", "{out}", "--knn", "0"], "--knn"),
+])
+def test_comparison_commands_refuse_bad_input_in_one_line(tmp_path, capsys, argv, needle):
+    out, missing = tmp_path / "out", tmp_path / "missing"
+    msg = one_line_error(capsys, [a.format(out=out, missing=missing) if "{" in a and a != "{bad" else a
+                                  for a in argv])
+    assert needle in msg
+    assert not out.exists()

@@ -258,12 +258,17 @@ def test_two_clean_runs_give_identical_metrics(tmp_path):
     config = tiny_config()
     del config["models"]["vit-simclr"]
     del config["saes"]["relu-l1-0.01"]
-    target = Layout("results").metrics("vit-supervised", DATASET, LAYER, "topk-16")
+    results = Layout("results")
+    # the metrics, and the seed baseline's matching (latent indexes of both seeds, correlations,
+    # assignment, permutation null, exemplars)
+    targets = [results.metrics("vit-supervised", DATASET, LAYER, "topk-16"),
+               results.comparison_marker("vit-supervised", LAYER, "topk-16", "vit-supervised", LAYER,
+                                         "topk-16.seed1", DATASET)]
     outputs = []
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
         copy_project(root, config)
-        run(root, "snakemake", "--cores", "2", target)
-        outputs.append((root / target).read_bytes())
+        run(root, "snakemake", "--cores", "2", *targets)
+        outputs.append([(root / target).read_bytes() for target in targets])
     assert outputs[0] == outputs[1]
