@@ -8,7 +8,6 @@ import sys
 import pytest
 
 from visae import cli
-from visae.errors import VisaeError
 
 
 def test_help_lists_every_command_without_importing_torch():

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from visae.cli import main

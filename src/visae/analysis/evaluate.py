@@ -34,7 +34,7 @@ from visae.analysis.on_store import FROM_SAE, open_sae_on_store
 from visae.args import device as device_arg, open_fraction, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
-from visae.layout import LATENTS, METRICS, RUN_MARKER, Identity
+from visae.layout import LATENTS, METRICS, RUN_MARKER
 from visae.provenance import provenance
 
 DENSE_THRESHOLD = 0.01
