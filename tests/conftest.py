@@ -1,4 +1,4 @@
-"""Shared fixtures: real data locations, skipping with a reason when absent."""
+"""Shared fixtures: real data locations, skipping with a reason when absent; a small trained SAE."""
 
 from __future__ import annotations
 
@@ -13,6 +13,34 @@ SHARED_DATA = Path(os.environ.get("VISAE_SHARED_DATA", REPO_ROOT.parent / "share
 FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+SYNTH_IMAGES, SYNTH_CLASSES, SYNTH_HELDOUT = 160, 4, 0.5
+
+
+@pytest.fixture(scope="session")
+def synth_sae(tmp_path_factory):
+    """(store, SAE folder): a ReLU SAE trained on a `visae synth` store of 160 images of 4 classes
+    (image i has label i % 4), half of them held out; the latent index and comparison tests use it."""
+    import yaml
+
+    from visae.cli import main
+    from visae.tools.synth import synth_store
+
+    root = tmp_path_factory.mktemp("synth_sae")
+    store = synth_store(root / "store", d=16, atoms=32, k=3, images=SYNTH_IMAGES, tokens_per_image=16,
+                        shard_images=70, classes=SYNTH_CLASSES)
+    grid = root / "grid.yaml"
+    grid.write_text(yaml.safe_dump([{"name": "relu", "architecture": "relu", "l1": 1e-2, "expansion": 4,
+                                     "lr": 3e-3, "lr_warmup": 5, "batch_size": 64}]))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", "--store", str(store), "--grid", str(grid), "--out", str(root / "saes"),
+                     "--tokens", "4000", "--heldout", str(SYNTH_HELDOUT)]) == 0
+    finally:
+        torch.set_num_threads(old)
+    return store, root / "saes" / "relu"
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from visae.analysis.latent_index import LatentIndex, build_index, write_index
 from visae.cli import main
@@ -19,18 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cmp")
-    store = synth_store(root / "store", d=16, atoms=32, k=3, images=160, tokens_per_image=16, shard_images=80,
-                        classes=4)
-    grid = root / "grid.yaml"
-    grid.write_text(yaml.safe_dump([{"name": "relu", "architecture": "relu", "l1": 1e-2, "expansion": 4,
-                                     "lr": 3e-3, "lr_warmup": 5, "batch_size": 64}]))
-    assert main(["train", "--store", str(store), "--grid", str(grid), "--out", str(root / "saes"),
-                 "--tokens", "4000", "--heldout", "0.5"]) == 0
-    index = root / "index"
-    assert main(["latents", "--store", str(store), "--sae", str(root / "saes" / "relu"), "--out", str(index)]) == 0
-    return root, store, root / "saes" / "relu", index
+def trained(synth_sae, tmp_path_factory):
+    store, sae = synth_sae
+    index = tmp_path_factory.mktemp("cmp") / "index"
+    assert main(["latents", "--store", str(store), "--sae", str(sae), "--out", str(index)]) == 0
+    return index.parent, store, sae, index
 
 
 def permuted_copy(sae_dir, out, perm: np.ndarray):

@@ -7,28 +7,19 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
-
 from visae.analysis.latent_index import LatentIndex, build_index
 from visae.cli import main
 from visae.sae import load, split_images
 from visae.store import ActivationStore
-from visae.tools.synth import synth_store
+
+from conftest import SYNTH_HELDOUT, SYNTH_IMAGES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("li")
-    store = synth_store(root / "store", d=16, atoms=48, k=3, images=120, tokens_per_image=16, shard_images=50,
-                        classes=4)
-    grid = root / "grid.yaml"
-    grid.write_text(yaml.safe_dump([{"name": "relu", "architecture": "relu", "l1": 1e-2, "expansion": 4,
-                                     "lr": 3e-3, "lr_warmup": 5, "batch_size": 64}]))
-    assert main(["train", "--store", str(store), "--grid", str(grid), "--out", str(root / "saes"),
-                 "--tokens", "3200", "--heldout", "0.5"]) == 0
-    return store, root / "saes" / "relu"
+@pytest.fixture
+def trained(synth_sae):
+    return synth_sae
 
 
 def dense_image_acts(store_path, sae_path, images):
@@ -45,7 +36,7 @@ def test_index_matches_a_dense_computation(tmp_path, trained):
     out = tmp_path / "index"
     assert main(["latents", "--store", str(store), "--sae", str(sae), "--out", str(out), "--top", "5"]) == 0
     idx = LatentIndex.load(out)
-    _, held = split_images(120, 0.5, 0)
+    _, held = split_images(SYNTH_IMAGES, SYNTH_HELDOUT, 0)
     assert np.array_equal(idx.images, held)
     value, patch, labels = dense_image_acts(store, sae, held)
     np.testing.assert_allclose(idx.acts.toarray(), value, rtol=1e-5, atol=1e-6)
@@ -75,7 +66,7 @@ def test_index_matches_a_dense_computation(tmp_path, trained):
 def test_small_chunks_and_a_rerun_give_the_same_index(tmp_path, trained):
     store, sae = trained
     _, whole = build_index(store, sae, top_n=4)
-    _, chunked = build_index(store, sae, top_n=4, chunk_floats=16 * 64 * 3)  # 3 images per chunk
+    _, chunked = build_index(store, sae, top_n=4, chunk_floats=16 * 64 * 3)  # 3 images per chunk, across shards
     for name in whole:
         assert np.array_equal(whole[name], chunked[name]), name
 
@@ -83,7 +74,7 @@ def test_small_chunks_and_a_rerun_give_the_same_index(tmp_path, trained):
 def test_max_images_takes_a_seeded_sample(trained):
     store, sae = trained
     meta, arrays = build_index(store, sae, max_images=10)
-    _, held = split_images(120, 0.5, 0)
+    _, held = split_images(SYNTH_IMAGES, SYNTH_HELDOUT, 0)
     assert len(arrays["images"]) == 10 and set(arrays["images"]) <= set(held)
     assert np.array_equal(arrays["images"], build_index(store, sae, max_images=10)[1]["images"])
     assert meta["sample"]["max_images"] == 10 and meta["heldout_images"] == len(held)
