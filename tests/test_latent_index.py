@@ -12,14 +12,18 @@ from visae.cli import main
 from visae.sae import load, split_images
 from visae.store import ActivationStore
 
-from conftest import SYNTH_HELDOUT, SYNTH_IMAGES
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
 def trained(synth_sae):
     return synth_sae
+
+
+def held_out(store, sae) -> np.ndarray:
+    """The SAE's held-out images, rebuilt from the split its config records."""
+    split = load(sae).config["split"]
+    return split_images(ActivationStore(store).n_images, split["heldout"], split["seed"])[1]
 
 
 def dense_image_acts(store_path, sae_path, images):
@@ -36,7 +40,7 @@ def test_index_matches_a_dense_computation(tmp_path, trained):
     out = tmp_path / "index"
     assert main(["latents", "--store", str(store), "--sae", str(sae), "--out", str(out), "--top", "5"]) == 0
     idx = LatentIndex.load(out)
-    _, held = split_images(SYNTH_IMAGES, SYNTH_HELDOUT, 0)
+    held = held_out(store, sae)
     assert np.array_equal(idx.images, held)
     value, patch, labels = dense_image_acts(store, sae, held)
     np.testing.assert_allclose(idx.acts.toarray(), value, rtol=1e-5, atol=1e-6)
@@ -74,7 +78,7 @@ def test_small_chunks_and_a_rerun_give_the_same_index(tmp_path, trained):
 def test_max_images_takes_a_seeded_sample(trained):
     store, sae = trained
     meta, arrays = build_index(store, sae, max_images=10)
-    _, held = split_images(SYNTH_IMAGES, SYNTH_HELDOUT, 0)
+    held = held_out(store, sae)
     assert len(arrays["images"]) == 10 and set(arrays["images"]) <= set(held)
     assert np.array_equal(arrays["images"], build_index(store, sae, max_images=10)[1]["images"])
     assert meta["sample"]["max_images"] == 10 and meta["heldout_images"] == len(held)
