@@ -111,3 +111,30 @@ def test_profile_and_the_comparison_report(tmp_path, trained):
     for ext in ("md", "tex", "json"):
         assert (tables / f"profiles.{ext}").stat().st_size > 0
     assert (figures / "abstraction_synthetic.png").is_file() and (figures / "invariance_synthetic.pdf").is_file()
+
+
+class _Renditions:
+    """A domain dataset's class names and labels (what `domain_sample` reads)."""
+
+    name = "renditions"
+
+    def __init__(self, classes, labels):
+        self.classes, self._labels = classes, np.asarray(labels)
+
+    def label_array(self):
+        return self._labels
+
+
+def test_a_domain_dataset_is_mapped_to_the_compared_classes_by_wordnet_id():
+    from visae.analysis.profile import domain_sample
+    from visae.errors import VisaeError
+
+    ours = ["n01440764_tench", "n01443537", "n09999999 other"]
+    domain = _Renditions(["n01443537", "n01440764", "n07777777"], [0, 1, 2, 1, 0, 2])
+    picked, labels = domain_sample(ours, domain, max_images=10, seed=0)
+    assert picked.tolist() == [0, 1, 3, 4] and labels.tolist() == [1, 0, 0, 1]  # n07777777 is not ours
+    few, few_labels = domain_sample(ours, domain, max_images=2, seed=0)
+    assert len(few) == 2 and set(few) <= {0, 1, 3, 4}
+    assert np.array_equal(few, domain_sample(ours, domain, max_images=2, seed=0)[0])
+    with pytest.raises(VisaeError, match="shares no class"):
+        domain_sample(["cat", "dog"], domain, max_images=10, seed=0)

@@ -71,6 +71,9 @@ def check_config():
     if compare["dataset"] is not None and compare["dataset"] not in config["extract"]["datasets"]:
         raise WorkflowError(f"compare.dataset: {compare['dataset']!r} is not one of extract.datasets "
                             f"({', '.join(config['extract']['datasets'])})")
+    if compare["domain"] is not None and compare["domain"] not in config["datasets"]:
+        raise WorkflowError(f"compare.domain: {compare['domain']!r} is not a key of datasets "
+                            f"({', '.join(config['datasets'])})")
     hierarchy = compare["hierarchy"] or {}
     if len({"groups", "wordnet"} & set(hierarchy)) > 1:
         raise WorkflowError("compare.hierarchy: give groups or wordnet, not both")
@@ -320,3 +323,11 @@ def compare_report_outputs(table_formats=TABLE_FORMATS, figure_formats=FIGURE_FO
     figures += [RESULTS.comparison_figure(kind, f"{a}__{b}", ext) for ext in figure_formats for a, b in model_pairs()
                 for kind in PAIR_COMPARISON_FIGURES]
     return tables + figures
+
+
+def domain_flags():
+    """`--domain-json ENTRY --domain-images N` when compare.domain names a dataset."""
+    domain = config["compare"]["domain"]
+    if domain is None:
+        return ""
+    return f"--domain-json {shlex.quote(entry_json('datasets', domain))} --domain-images {config['compare']['domain_images']}"

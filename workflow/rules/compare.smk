@@ -34,6 +34,7 @@ rule profile:
         index=RESULTS.latent_index_marker("{model}", "{dataset}", "{layer}", "{sae}"),
         weights=lambda wc: extract_weights(wc).values(),
         data=lambda wc: dataset_files(wc.dataset),
+        domain=lambda wc: dataset_files(config["compare"]["domain"]) if config["compare"]["domain"] else [],
     output:
         RESULTS.profile_marker("{model}", "{dataset}", "{layer}", "{sae}"),
     params:
@@ -42,6 +43,7 @@ rule profile:
         env=lambda wc, threads: threads_env(threads),
         weights=lambda wc: model_weights(wc.model),
         model=lambda wc: entry_json("models", wc.model),
+        domain=domain_flags(),
         hierarchy=json.dumps(config["compare"]["hierarchy"] or {}, sort_keys=True),
         shifts=" ".join(config["compare"]["shifts"]),
         latents=config["compare"]["invariance_latents"],
@@ -59,7 +61,7 @@ rule profile:
             "{params.env} visae profile --index {params.index:q} --out {params.out:q} --model {params.model:q}"
             " {params.weights}"
             " --hierarchy-json {params.hierarchy:q} --shifts {params.shifts} --invariance-latents {params.latents}"
-            " --seed {params.seed} --device {params.device}"
+            " --seed {params.seed} --device {params.device} {params.domain}"
         )
 
 

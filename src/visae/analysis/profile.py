@@ -8,7 +8,9 @@ From the SAE's latent index (`visae latents`):
 - concept probe (visae.analysis.concepts): per class, the F1 of the best latent and of the best
   five, against latents of matched firing frequency;
 - invariance (visae.analysis.invariance): a seeded sample of live latents, their top images under
-  domain shifts re-run through the model, against random other images.
+  domain shifts re-run through the model, against random other images; and with a domain dataset
+  (ImageNet-R, -Sketch: the same classes as other renditions), how often each latent fires on its
+  dominant class's images there, against the domain's other classes.
 
 Writes `profile_latents.csv` (one row per latent), `concepts.csv` (one row per class) and
 `profile.json` (the summaries; last, it marks the profile done).
@@ -54,8 +56,33 @@ def invariance_sample(index: LatentIndex, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 0x1A]).choice(alive, n, replace=False))
 
 
+def class_key(name: str) -> str:
+    """What makes two datasets' classes the same class: the WordNet id if the name has one
+    (`n01440764`, `n01440764_tench`), else the name itself."""
+    from visae.data.hierarchy import WNID
+
+    match = WNID.match(str(name))
+    return match.group(0) if match else str(name)
+
+
+def domain_sample(classes: list[str], domain, max_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(domain dataset indices, their labels as the store dataset's class ids): a seeded sample of
+    at most `max_images` of the domain images whose class the store dataset has."""
+    ours = {class_key(c): i for i, c in enumerate(classes)}
+    mapping = np.array([ours.get(class_key(c), -1) for c in domain.classes], dtype=np.int64)
+    if (mapping < 0).all():
+        raise VisaeError(f"domain dataset {domain.name} shares no class with the compared dataset "
+                         f"(e.g. {domain.classes[0]!r} vs {classes[0]!r}): give a rendition set of the same classes")
+    labels = mapping[domain.label_array()]
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) > max_images:
+        keep = np.sort(np.random.default_rng([seed, 0xD0]).choice(keep, max_images, replace=False))
+    return keep, labels[keep]
+
+
 def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_latents: int = 512,
             threshold: float = 0.5, seed: int = 0, weights=None, model_spec: dict | None = None,
+            domain: dict | None = None, domain_images: int = 2000,
             device: str = "cpu") -> tuple[dict, pd.DataFrame, pd.DataFrame]:
     """(profile.json's content, the per-latent table, the per-class table)."""
     from visae.analysis.abstraction import latent_abstraction, summarize_abstraction
@@ -75,13 +102,30 @@ def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_l
     result = {"identity": index.identity.to_dict(), "index": str(index_dir), "images": len(index.images),
               "width": index.width, "alive_fraction": float(index.alive.mean()), "classes": index.classes,
               "abstraction": abstraction, "concepts": {"summary": probe["summary"], "settings": probe["settings"]},
-              "invariance": None}
-    if shifts:
-        from visae.analysis.invariance import encoder_from_store, invariance
+              "invariance": None, "domain": None}
+    if shifts or domain:
+        from visae.analysis.invariance import domain_invariance, encoder_from_store, invariance
 
         sample = invariance_sample(index, invariance_latents, seed)
         encode, load_image = encoder_from_store(index.meta["store"], index.meta["sae_path"], weights=weights,
                                                 device=device, model_spec=model_spec)
+    if domain:
+        from visae.data import open_dataset
+
+        dataset = open_dataset(domain)
+        picked, labels = domain_sample(index.classes, dataset, domain_images, seed)
+        tops = np.full_like(index.top_labels, -1)
+        tops[sample] = index.top_labels[sample]
+        dom = domain_invariance(encode, lambda i: dataset[int(picked[i])].image, labels, tops, index.top_values,
+                                threshold=threshold, seed=seed, batch_size=256)
+        result["domain"] = {"dataset": dataset.name, "images": len(picked), "latents": len(sample),
+                            "headline": dom["headline"], "baseline": dom["baseline_headline"],
+                            "rule": "fraction of the domain's images of the latent's dominant class (its top images') "
+                                    "on which it fires at >= threshold x its median top-image activation; baseline: "
+                                    "the same on the domain's other classes"}
+        latents["domain"] = dom["scores"]
+        latents["domain_baseline"] = dom["baseline"]
+    if shifts:
         top_images = np.full_like(index.top_images, -1)  # latents outside the sample: no images to score
         top_values = np.zeros_like(index.top_values)
         top_images[sample], top_values[sample] = index.top_images[sample], index.top_values[sample]
@@ -124,10 +168,13 @@ def cmd_profile(args) -> int:
     started = time.time()
     hierarchy = _json_object(args.hierarchy_json, "--hierarchy-json")
     model = _json_object(args.model, "--model") if args.model else None
+    domain = _json_object(args.domain_json, "--domain-json") if args.domain_json else None
     result, latents, concepts = profile(args.index, hierarchy=hierarchy, shifts=args.shifts,
                                         invariance_latents=args.invariance_latents, threshold=args.threshold,
-                                        seed=args.seed, weights=args.weights, model_spec=model, device=args.device)
+                                        seed=args.seed, weights=args.weights, model_spec=model, domain=domain,
+                                        domain_images=args.domain_images, device=args.device)
     config = {"index": str(args.index), "hierarchy": hierarchy, "shifts": list(args.shifts), "model": model,
+              "domain": domain, "domain_images": args.domain_images,
               "weights": args.weights, "invariance_latents": args.invariance_latents, "threshold": args.threshold,
               "seed": args.seed}
     write_profile(args.out, result, latents, concepts, config, started)
@@ -153,6 +200,9 @@ def add_cli(subparsers) -> None:
                    help="invariance: still fires at this fraction of its original activation")
     p.add_argument("--model", default=None, help="the model's config entry as JSON (its preprocessing settings)")
     p.add_argument("--weights", default=None, help="the model's weights file (a `visae pretrain` model's)")
+    p.add_argument("--domain-json", default=None,
+                   help="a dataset entry (JSON) of renditions of the same classes, e.g. ImageNet-R or -Sketch")
+    p.add_argument("--domain-images", type=positive_int, default=2000, help="domain images used (a seeded sample)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu")
     p.set_defaults(func=cmd_profile)

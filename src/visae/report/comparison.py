@@ -72,6 +72,9 @@ def profile_rows(paths) -> pd.DataFrame:
             row[f"inv_{shift}"] = _ci(inv["shifts"][shift]["headline"])[0]
         if inv:
             row["inv_baseline"] = _ci(inv["baseline"]["headline"])[0]
+        if p.get("domain"):
+            row[f"domain_{p['domain']['dataset']}"] = _ci(p["domain"]["headline"])[0]
+            row["domain_baseline"] = _ci(p["domain"]["baseline"])[0]
         records.append(row)
     df = pd.DataFrame.from_records(records)
     return df.sort_values(["model", "dataset", "sae"], kind="stable").reset_index(drop=True) if len(df) else df
