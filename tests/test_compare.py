@@ -46,7 +46,7 @@ def test_a_permuted_sae_is_matched_back_to_its_permutation(tmp_path, trained):
     out = tmp_path / "match"
     assert main(["compare", "--a", str(index), "--b", str(tmp_path / "index_b"), "--out", str(out)]) == 0
     summary = json.loads((out / "matching.json").read_text())
-    assert summary["kind"] == "seed baseline"  # one model and layer on both sides
+    assert summary["kind"] == "same seed"  # one model and layer, and the copy kept the original's seed
     assert summary["matched_fraction"] == 1.0 and summary["null_matched_fraction"] < 0.2
     import pandas as pd
 
@@ -107,10 +107,24 @@ def test_profile_and_the_comparison_report(tmp_path, trained):
     profiles = pd.read_csv(tables / "profiles.csv")
     assert profiles.sae.tolist() == ["relu"] and profiles.purity[0] == pytest.approx(a["model"]["mean_purity"]["value"])
     matching = pd.read_csv(tables / "matching.csv")
-    assert matching.kind.tolist() == ["seed baseline"] and matching.matched[0] == 1.0
+    assert matching.kind.tolist() == ["same seed"] and matching.matched[0] == 1.0
     for ext in ("md", "tex", "json"):
         assert (tables / f"profiles.{ext}").stat().st_size > 0
     assert (figures / "abstraction_synthetic.png").is_file() and (figures / "invariance_synthetic.pdf").is_file()
+    # a matching's data files are checked against the sha256 matching.json records
+    with open(tmp_path / "m" / "matches.csv", "a") as fh:
+        fh.write("a,0,0,1,1,0,1\n")
+    assert main(["report", "compare", "--matchings", str(tmp_path / "m" / "matching.json"), "--tables",
+                 str(tmp_path / "t2"), "--figures", str(tmp_path / "f2")]) == 1
+
+
+def test_an_sae_retrained_after_its_index_is_refused(tmp_path, trained, capsys):
+    root, store, sae, index = trained
+    copy = permuted_copy(sae, tmp_path / "relu-copy", np.arange(LatentIndex.load(index).width))
+    assert main(["latents", "--store", str(store), "--sae", str(copy), "--out", str(tmp_path / "ix")]) == 0
+    permuted_copy(sae, copy, np.arange(LatentIndex.load(index).width)[::-1].copy())  # "retrained" in place
+    assert main(["compare", "--a", str(index), "--b", str(tmp_path / "ix"), "--out", str(tmp_path / "m")]) == 1
+    assert "changed since the latent index" in capsys.readouterr().err
 
 
 class _Renditions:

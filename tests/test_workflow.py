@@ -117,7 +117,7 @@ def test_full_dag_compares_the_models_against_the_seed_baseline(project):
     assert sorted(similarity["pool"]) == ["cls", "mean"]
     for kind in ("matching", "exemplars"):
         assert Path(results.comparison_figure(kind, "vit-simclr__vit-supervised", "png")).stat().st_size > 1000
-    twin = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16.seed1"))
+    twin = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16.seed1", "topk-16.seed1"))
                        / "config.json").read_text())
     original = json.loads((Path(results.sae("vit-supervised", DATASET, LAYER, "topk-16", "topk-16"))
                            / "config.json").read_text())
@@ -136,10 +136,10 @@ def test_paper_config_plans_the_whole_dag(project):
     counts = {}
     for rule, _ in planned_jobs(proc):
         counts[rule] = counts.get(rule, 0) + 1
-    # 2 models x ImageNet, the 9-SAE grid and the compared SAE's second seed trained in one pass per
-    # store, 20 evaluations; the comparison: 2 SAEs indexed per model, a profile per model, the
+    # 2 models x ImageNet, the 9-SAE grid trained in one pass per store and the compared SAE's second
+    # seed in a pass of its own, 20 evaluations; the comparison: 2 SAEs indexed per model, a profile per model, the
     # cross-model matching and one seed baseline per model, CKA / mutual kNN for the pair
-    assert counts == {"extract": 2, "train": 2, "evaluate": 20, "latent_index": 4, "profile": 2, "compare": 3,
+    assert counts == {"extract": 2, "train": 4, "evaluate": 20, "latent_index": 4, "profile": 2, "compare": 3,
                       "similarity": 1, "compare_report": 1, "tables": 1, "figures": 1, "all": 1}
 
 
@@ -174,10 +174,10 @@ def test_adding_a_model_plans_only_its_jobs(project, tmp_path):
     jobs = planned_jobs(run(project, "snakemake", "-n", "--configfile", str(path)))
     per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
     assert per_model and all(wc["model"] == "vit-random" for _, wc in per_model)
-    # its own: two passes (topk-16 with its second seed), three evaluations, the compared SAE's index
-    # and its second seed's, one profile
+    # its own: three passes (the compared topk-16's second seed has its own), three evaluations, the
+    # compared SAE's index and its second seed's, one profile
     assert sorted(rule for rule, wc in per_model) == ["evaluate"] * 3 + ["extract", "latent_index", "latent_index",
-                                                                          "profile", "train", "train"]
+                                                                          "profile", "train", "train", "train"]
     # the cross-model jobs: its pairs with each model, its seed baseline, and the reports
     pairs = [(rule, wc) for rule, wc in jobs if "model_a" in wc]
     assert sorted(rule for rule, _ in pairs) == ["compare"] * 3 + ["similarity"] * 2

@@ -63,8 +63,8 @@ def check_config():
     compare = config["compare"]
     for section in ("models", "saes"):
         for name in config[section]:
-            if "__" in name:  # comparison folders join two names with "__"
-                raise WorkflowError(f"{section}.{name}: a name may not contain '__'")
+            if "__" in name or name.startswith("_") or name.endswith("_"):  # folders join two names with "__"
+                raise WorkflowError(f"{section}.{name}: a name may not contain '__' nor start or end with '_'")
     for sae in compare["saes"] or []:
         if sae not in config["saes"]:
             raise WorkflowError(f"compare.saes: {sae!r} is not a key of saes ({', '.join(config['saes'])})")
@@ -129,9 +129,11 @@ COMPARE_DATASET = config["compare"]["dataset"] or config["extract"]["datasets"][
 
 
 def add_seed_twins():
-    """With compare.seeds: 2, every compared SAE gets a second entry `<sae>.seed1` in its pass:
-    the same settings and data order, an independent initialisation (its seed derives from its
-    own name), so the seed baseline measures what initialisation alone changes."""
+    """With compare.seeds: 2, every compared SAE gets a second entry `<sae>.seed1`: the same
+    settings, an independent initialisation (its seed derives from its own name), trained in a
+    pass of its own (`<pass>.seed1`, the same data order and split), so that turning the
+    comparison on retrains nothing that exists. The seed baseline measures what initialisation
+    alone changes."""
     if config["compare"]["seeds"] < 2:
         return
     for sae in COMPARED:
@@ -139,7 +141,7 @@ def add_seed_twins():
         if twin in config["saes"]:
             raise WorkflowError(f"saes.{twin}: the name is taken by compare.seeds' second seed of {sae}")
         entry = {k: v for k, v in config["saes"][sae].items() if k != "seed"}
-        config["saes"][twin] = {**entry, "pass": config["saes"][sae].get("pass", sae)}
+        config["saes"][twin] = {**entry, "pass": seed_twin(config["saes"][sae].get("pass", sae))}
 
 
 add_seed_twins()
@@ -274,12 +276,6 @@ def report_outputs():
 def compare_stores():
     """(model, layer folder) of every store of the comparison's dataset."""
     return [(model, layer) for model in config["models"] for layer in layer_names(model)]
-
-
-def latent_index_outputs():
-    twins = [seed_twin(sae) for sae in COMPARED] if config["compare"]["seeds"] > 1 else []
-    return [RESULTS.latent_index_marker(model, COMPARE_DATASET, layer, sae)
-            for model, layer in compare_stores() for sae in COMPARED + twins]
 
 
 def profile_outputs():

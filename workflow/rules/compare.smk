@@ -1,6 +1,9 @@
 # The cross-model comparison: a latent index per compared SAE (and its second seed), a profile per
 # SAE (abstraction, invariance, concept probe), a latent matching per pair of models and per model
-# against its second seed (the baseline), and CKA / mutual kNN per pair of models.
+# against its second seed (the baseline), and CKA / mutual kNN per pair of models. The jobs that run
+# the SAE or the model (index, profile, matching) run on compare.device and hold a GPU there.
+
+COMPARE_GPU = 1 if config["compare"]["device"] == "cuda" else 0
 
 
 rule latent_index:
@@ -15,6 +18,7 @@ rule latent_index:
         env=lambda wc, threads: threads_env(threads),
         top=config["compare"]["top"],
         max_images=(f"--max-images {config['compare']['max_images']}" if config["compare"]["max_images"] else ""),
+        device=config["compare"]["device"],
     log:
         RESULTS.log("latents", "{model}", "{dataset}", "{layer}", "{sae}"),
     benchmark:
@@ -22,10 +26,11 @@ rule latent_index:
     threads: 1
     resources:
         mem_mb=2000,
+        gpu=COMPARE_GPU,
     shell:
         logged(
             "{params.env} visae latents --store {params.store:q} --sae {params.sae:q} --out {params.out:q}"
-            " --top {params.top} {params.max_images}"
+            " --top {params.top} {params.max_images} --device {params.device}"
         )
 
 
@@ -48,7 +53,7 @@ rule profile:
         shifts=" ".join(config["compare"]["shifts"]),
         latents=config["compare"]["invariance_latents"],
         seed=config["compare"]["seed"],
-        device=config["extract"]["device"],
+        device=config["compare"]["device"],
     log:
         RESULTS.log("profile", "{model}", "{dataset}", "{layer}", "{sae}"),
     benchmark:
@@ -56,6 +61,7 @@ rule profile:
     threads: 1
     resources:
         mem_mb=2000,
+        gpu=COMPARE_GPU,
     shell:
         logged(
             "{params.env} visae profile --index {params.index:q} --out {params.out:q} --model {params.model:q}"
@@ -79,6 +85,7 @@ rule compare:
         env=lambda wc, threads: threads_env(threads),
         threshold=config["compare"]["match_threshold"],
         seed=config["compare"]["seed"],
+        device=config["compare"]["device"],
     log:
         RESULTS.log("compare", "{model_a}__{model_b}", "{dataset}", "{layer_a}__{layer_b}", "{sae_a}__{sae_b}"),
     benchmark:
@@ -86,10 +93,11 @@ rule compare:
     threads: 1
     resources:
         mem_mb=2000,
+        gpu=COMPARE_GPU,
     shell:
         logged(
             "{params.env} visae compare --a {params.a:q} --b {params.b:q} --out {params.out:q}"
-            " --threshold {params.threshold} --seed {params.seed}"
+            " --threshold {params.threshold} --seed {params.seed} --device {params.device}"
         )
 
 

@@ -24,8 +24,9 @@ import pandas as pd
 import torch
 from safetensors.numpy import save_file
 
-from visae.analysis.latent_index import LatentIndex, covered_images, image_set, pooled_tokens
-from visae.args import nonneg_int, open_fraction, positive_int, unit_fraction
+from visae.analysis.latent_index import LatentIndex, covered_images, image_set, pooled_tokens, reopen_sources
+from visae.store.format import sha256_file
+from visae.args import device as device_arg, nonneg_int, open_fraction, positive_int, unit_fraction
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import EXEMPLARS, MATCHES, MATCHING, RUN_MARKER, SIMILARITY
@@ -61,11 +62,7 @@ def aligned_acts(a: LatentIndex, b: LatentIndex):
 def latent_heatmaps(index: LatentIndex, latents, images: np.ndarray) -> np.ndarray:
     """[len(latents), images.shape[1], gh, gw]: each latent's activation on each patch of its
     images (re-encoded from the store; -1 pads stay zero)."""
-    from visae.sae import checkpoint as ckpt
-    from visae.store import ActivationStore
-
-    store = ActivationStore(index.meta["store"])
-    sae = ckpt.load(index.meta["sae_path"])
+    store, sae = reopen_sources(index)
     tokens, kind = pooled_tokens(store)
     gh, gw = store.layout.grid if kind == "patches" else (1, 1)
     out = np.zeros((len(latents), images.shape[1], gh, gw), dtype=np.float32)
@@ -105,19 +102,25 @@ def exemplars(index: LatentIndex, latents: np.ndarray) -> dict:
             "heatmaps": latent_heatmaps(index, latents, images), "thumbnails": thumbnails(index, images)}
 
 
-def compare_indexes(a_dir, b_dir, *, threshold: float = 0.5, seed: int = 0) -> tuple[dict, dict, dict]:
+def compare_indexes(a_dir, b_dir, *, threshold: float = 0.5, seed: int = 0,
+                    device: str = "cpu") -> tuple[dict, dict, dict]:
     """(matching.json's content, per-latent rows of each side, exemplar arrays)."""
     from visae.analysis.matching import match_latents
 
     a, b = LatentIndex.load(a_dir), LatentIndex.load(b_dir)
     acts_a, acts_b, common = aligned_acts(a, b)
-    result = match_latents(acts_a, acts_b, threshold=threshold, alive_a=np.asarray(acts_a.getnnz(0) > 0),
-                           alive_b=np.asarray(acts_b.getnnz(0) > 0), null_seed=seed)
+    fired = {"a": acts_a.getnnz(0), "b": acts_b.getnnz(0)}
+    result = match_latents(acts_a, acts_b, threshold=threshold, alive_a=fired["a"] > 0, alive_b=fired["b"] > 0,
+                           null_seed=seed, device=device)
     ia, ib = a.identity, b.identity
-    kind = "seed baseline" if (ia.model, ia.layer) == (ib.model, ib.layer) else "cross-model"
+    kind = "cross-model"
+    if (ia.model, ia.layer) == (ib.model, ib.layer):
+        # two SAEs of one model: a seed baseline only if their initialisations are independent
+        same = a.meta.get("sae_seed") is not None and a.meta.get("sae_seed") == b.meta.get("sae_seed")
+        kind = "same seed" if same else "seed baseline"
     # shown: the most unique latents that fire on enough images for their correlations to mean something
-    shown = {side: [j for j in result[f"unique_{side}"] if acts.getnnz(0)[j] >= EXEMPLAR_IMAGES][:EXEMPLAR_LATENTS]
-             for side, acts in (("a", acts_a), ("b", acts_b))}
+    shown = {side: [j for j in result[f"unique_{side}"] if fired[side][j] >= EXEMPLAR_IMAGES][:EXEMPLAR_LATENTS]
+             for side in ("a", "b")}
     arrays = {side: exemplars(idx, np.asarray(shown[side], dtype=np.int64)) for side, idx in (("a", a), ("b", b))}
     s = result["summary"]
     summary = {
@@ -147,13 +150,15 @@ def write_compare(out, summary: dict, rows: dict, arrays: dict, config: dict, st
             tmp, index=False, float_format="%.6g")
     with atomic_path(out / EXEMPLARS) as tmp:
         save_file({f"{side}_{k}": np.ascontiguousarray(v) for side in arrays for k, v in arrays[side].items()}, str(tmp))
+    summary = {**summary, "files_sha256": {name: sha256_file(out / name) for name in (MATCHES, EXEMPLARS)}}
     write_json(out / RUN_MARKER, provenance(config, seeds={"null": summary["seed"]}, started=started))
     write_json(out / MATCHING, summary)
 
 
 def cmd_compare(args) -> int:
     started = time.time()
-    summary, rows, arrays = compare_indexes(args.a, args.b, threshold=args.threshold, seed=args.seed)
+    summary, rows, arrays = compare_indexes(args.a, args.b, threshold=args.threshold, seed=args.seed,
+                                            device=args.device)
     write_compare(args.out, summary, rows, arrays, {"a": args.a, "b": args.b, "threshold": args.threshold,
                                                    "seed": args.seed}, started)
     print(f"{summary['kind']}: matched {summary['matched_fraction']:.3f} at r > {args.threshold} "
@@ -184,14 +189,13 @@ def similarity(a_stores: list[str], b_stores: list[str], *, knn: int = 10, seed:
     from visae.store import ActivationStore
 
     first = ActivationStore(a_stores[0])
+    set_a = image_set(first)
+    for path in [*a_stores[1:], *b_stores]:  # before reading anything: the same images everywhere
+        check_same_images(set_a, image_set(ActivationStore(path)), f"store {a_stores[0]}", f"store {path}")
     _, held = split_images(first.n_images, heldout, split_seed)
     images = covered_images(held, max_images)
-    reps_a, sets_a = image_level(a_stores, images)
-    reps_b, sets_b = image_level(b_stores, images)
-    set_a, set_b = next(iter(sets_a.values())), next(iter(sets_b.values()))
-    for s in (*sets_a.values(), *sets_b.values()):
-        check_same_images(set_a, s, f"store {a_stores[0]}", "another store of the comparison")
-    check_same_images(set_a, set_b, f"store {a_stores[0]}", f"store {b_stores[0]}")
+    reps_a, _ = image_level(a_stores, images)
+    reps_b, _ = image_level(b_stores, images)
     rows = []
     for pool in ("mean", "cls"):
         pa = {layer: r[pool] for layer, r in reps_a.items() if pool in r}
@@ -212,6 +216,7 @@ def cmd_similarity(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
+    (out / SIMILARITY).unlink(missing_ok=True)
     write_json(out / RUN_MARKER, provenance(vars(args) | {"func": None}, seeds={"null": args.seed}, started=started))
     write_json(out / SIMILARITY, result)
     for row in result["rows"]:
@@ -227,6 +232,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--threshold", type=unit_fraction, default=0.5, help="a pair is matched above this correlation")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the permutation null")
+    p.add_argument("--device", type=device_arg, default="cpu", help="where the correlations' products run")
     p.set_defaults(func=cmd_compare)
     s = subparsers.add_parser("similarity", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("--a", nargs="+", required=True, help="model A's stores (one per layer)")

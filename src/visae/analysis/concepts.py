@@ -204,10 +204,7 @@ def _best_prefix(sel: sparse.csc_matrix, latents: np.ndarray, scale: np.ndarray,
 
 def _top_latents(best_f1: np.ndarray, top: int) -> np.ndarray:
     """int64 [top, C]: per class, the `top` latents of highest selection F1, best first (ties: lower id)."""
-    candidates = np.argpartition(-best_f1, top - 1, axis=0)[:top]
-    values = np.take_along_axis(best_f1, candidates, axis=0)
-    order = np.lexsort((candidates, -values), axis=0)
-    return np.take_along_axis(candidates, order, axis=0).astype(np.int64)
+    return np.argsort(-best_f1, axis=0, kind="stable")[:top].astype(np.int64)
 
 
 def matched_latents(chosen: np.ndarray, frequency: np.ndarray, n_matched: int, rng: np.random.Generator) -> np.ndarray:

@@ -130,6 +130,9 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
     h, n, p = sae.width, len(images), len(tokens)
     classes = list((store.info.dataset or {}).get("classes") or []) if isinstance(store.info.dataset, dict) else []
     labels = store.labels[images].astype(np.int64)
+    if n and labels.min() < 0:
+        raise VisaeError(f"store {store_path} has images without a class label (label {labels.min()}): the latent "
+                         f"index needs image-level labels (a classification dataset, not a segmentation one)")
     n_classes = max(len(classes), int(labels.max()) + 1 if n else 0)
     n_top = min(top_n, n)
     top_v = torch.full((h, n_top), -1.0, dtype=torch.float32)  # -1: no image yet (activations are >= 0)
@@ -187,7 +190,8 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
     meta = {
         "format": INDEX_FORMAT, "identity": store.identity(sae.config.get("name")).to_dict(),
         "entry": sae.config.get("entry"), "architecture": sae.config.get("architecture"),
-        "store": str(store_path), "sae_path": str(sae_path), "width": h, "d_model": sae.d_model,
+        "store": str(store_path), "sae_path": str(sae_path), "sae_sha256": sae_weights_sha256(sae_path),
+        "sae_seed": sae.config.get("seed"), "width": h, "d_model": sae.d_model,
         "classes": classes or [str(c) for c in range(n_classes)], "grid": list(store.layout.grid),
         "pooled_tokens": kind, "top_n": n_top, "images": n, "heldout_images": len(ctx.held),
         "heldout": ctx.heldout, "split_seed": ctx.split_seed,
@@ -197,6 +201,30 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
                     "nonzeros": nnz, "density": nnz / max(1, n * h)},
     }
     return meta, arrays
+
+
+def sae_weights_sha256(sae_path) -> str:
+    """The sha256 of an SAE checkpoint's weights file: which SAE an index was made from."""
+    from visae.sae.checkpoint import WEIGHTS
+
+    path = Path(sae_path)
+    return sha256_file(path if path.is_file() else path / WEIGHTS)
+
+
+def reopen_sources(index: LatentIndex):
+    """(store, SAE) an index was built from, refused with one line if either has changed since
+    (re-extracted, retrained): later stages re-read a few of their images and must see the same."""
+    from visae.sae import checkpoint as ckpt
+    from visae.store import ActivationStore
+
+    store = ActivationStore(index.meta["store"])
+    if store.store_hash != index.identity.store_hash:
+        raise VisaeError(f"store {index.meta['store']} changed since the latent index {index.identity.key} was "
+                         f"built: rerun `visae latents`")
+    if sae_weights_sha256(index.meta["sae_path"]) != index.meta.get("sae_sha256"):
+        raise VisaeError(f"SAE {index.meta['sae_path']} changed since the latent index {index.identity.key} was "
+                         f"built: rerun `visae latents`")
+    return store, ckpt.load(index.meta["sae_path"])
 
 
 def image_set(store) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from visae.analysis.latent_index import LatentIndex
+from visae.analysis.latent_index import LatentIndex, reopen_sources
 from visae.args import device as device_arg, nonneg_int, positive_int, unit_fraction
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
@@ -107,8 +107,9 @@ def profile(index_dir, *, hierarchy: dict | None = None, shifts=(), invariance_l
         from visae.analysis.invariance import domain_invariance, encoder_from_store, invariance
 
         sample = invariance_sample(index, invariance_latents, seed)
-        encode, load_image = encoder_from_store(index.meta["store"], index.meta["sae_path"], weights=weights,
-                                                device=device, model_spec=model_spec)
+        store, sae = reopen_sources(index)
+        encode, load_image = encoder_from_store(store, sae.to(device), weights=weights, device=device,
+                                                model_spec=model_spec)
     if domain:
         from visae.data import open_dataset
 

@@ -74,28 +74,22 @@ def mutual_knn(x, y, k: int = 10, *, chunk: int = 1024) -> float:
 
 
 @torch.no_grad()
-def image_representations(store, images, pool: str = "mean", *, chunk: int = 64) -> np.ndarray:
+def image_representations(store, images, pool: str = "mean", *, chunk: int = 256) -> np.ndarray:
     """One vector per image from an activation store (`visae.store.ActivationStore`): the mean
     over its patch tokens ("mean", in float64) or its CLS token ("cls"). float32 [len(images), d],
-    in the order of `images` (store image indices), read `chunk` images at a time."""
+    in the order of `images` (store image indices), `chunk` images at a time, reading only their
+    tokens of that kind (`ActivationStore.take`)."""
     if pool not in POOLS:
         raise VisaeError(f"unknown pool {pool!r}: use {' or '.join(POOLS)}")
     images = np.asarray(images, dtype=np.int64)
     if images.size and (images.min() < 0 or images.max() >= store.n_images):
         raise VisaeError(f"image indices must lie in [0, {store.n_images}) for store {store.root}, "
                          f"got {images.min()}..{images.max()}")
-    tokens = torch.from_numpy(store.token_index("patches" if pool == "mean" else "cls"))
+    tokens = store.token_index("patches" if pool == "mean" else "cls")
     out = np.empty((len(images), store.d_model), dtype=np.float32)
-    order = np.argsort(images, kind="stable")
-    sorted_images = images[order]
-    start = 0
-    while start < len(images):
-        first = sorted_images[start]
-        stop = int(np.searchsorted(sorted_images, first + chunk))  # images in [first, first + chunk)
-        acts = store.images(int(first), int(sorted_images[stop - 1]) + 1)
-        picked = acts[torch.from_numpy(sorted_images[start:stop] - first)][:, tokens].to(torch.float64)
-        out[order[start:stop]] = picked.mean(dim=1).numpy()
-        start = stop
+    for start in range(0, len(images), chunk):
+        acts = store.take(images[start:start + chunk], tokens).to(torch.float64)
+        out[start:start + chunk] = acts.mean(dim=1).numpy()
     return out
 
 

@@ -4,7 +4,7 @@ Tables (csv full precision; md and tex rounded; json keyed for `dvc metrics`):
 - `profiles`: per SAE, abstraction (mean purity, abstract fraction) against random latents, the
   concept probe's F1 against matched-frequency latents, invariance per shift against random images;
 - `matching`: per pair of SAEs, the fraction of live latents matched at r >= threshold, against the
-  permutation null, and for a cross-model pair against each model's seed baseline;
+  permutation null, and for a cross-model pair against each model's seed baseline (matched: r > threshold);
 - `similarity`: per pair of models and layer pair, CKA and mutual kNN against their nulls.
 Figures: `abstraction_<model>`, `invariance_<model>`, `matching_<a>__<b>` (the matched-correlation
 histograms of the pair against both seed baselines) and `exemplars_<a>__<b>` (the most
@@ -84,6 +84,8 @@ def matching_rows(paths) -> pd.DataFrame:
     records = []
     for path in paths:
         m = _read(path, "matching.json")
+        for name in (MATCHES, EXEMPLARS):  # the figures read them: refuse a tampered or half-copied one now
+            _checked(path, name)
         a, b = Identity.from_file({"identity": m.get("identity_a")}, path), \
             Identity.from_file({"identity": m.get("identity_b")}, path)
         records.append({"kind": m["kind"], "model_a": a.model, "layer_a": a.layer, "sae_a": a.sae,
@@ -196,8 +198,19 @@ def invariance_figure(model: str, profiles: list[dict]) -> Figure:
     return fig
 
 
+def _checked(match_path: Path, name: str) -> Path:
+    """A matching's data file, refused with one line unless it has the sha256 matching.json records."""
+    from visae.store.format import sha256_file
+
+    path = Path(match_path).parent / name
+    recorded = _read(match_path, "matching.json").get("files_sha256", {}).get(name)
+    if not path.is_file() or sha256_file(path) != recorded:
+        raise VisaeError(f"{path} is missing or does not match the sha256 in {match_path}: rerun `visae compare`")
+    return path
+
+
 def _matched_r(match_path: Path, side: str = "a") -> np.ndarray:
-    df = pd.read_csv(Path(match_path).parent / MATCHES)
+    df = pd.read_csv(_checked(match_path, MATCHES))
     df = df[(df.side == side) & (df.alive.astype(bool))]
     return df.matched_correlation.fillna(0).to_numpy()
 
@@ -219,14 +232,14 @@ def matching_figure(pair: str, sae_panels: list[tuple[str, dict, dict]]) -> Figu
         ax.set_ylabel("latents")
         ax.set_title(sae, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{pair}: one-to-one latent matching (fraction matched at r ≥ threshold)", fontsize=10)
+    fig.suptitle(f"{pair}: one-to-one latent matching (fraction matched at r > threshold)", fontsize=10)
     return fig
 
 
 def exemplars_figure(pair: str, match_path: Path, summary: dict, latents: int = 4, images: int = 6) -> Figure:
     """The latents most unique to each model (lowest best correlation with the other's), each with
     its top images and the latent's patch heatmap over them."""
-    arrays = load_file(str(Path(match_path).parent / EXEMPLARS))
+    arrays = load_file(str(_checked(match_path, EXEMPLARS)))
     rows = [(side, i) for side in ("a", "b") for i in range(min(latents, len(arrays[f"{side}_latents"])))]
     fig = Figure(figsize=(1.3 * images, 1.4 * max(1, len(rows)) + 0.4), layout="constrained")
     axes = fig.subplots(max(1, len(rows)), images, squeeze=False)
@@ -287,7 +300,7 @@ def write_comparison(profiles, matchings, similarities, tables_out, figures_out)
             twin = {side["model"]: seeds[(side["model"], side["layer"], side["sae"])] |
                     {"matched": seeds[(side["model"], side["layer"], side["sae"])]["matched_fraction"]}
                     for side in (ia, ib) if (side["model"], side["layer"], side["sae"]) in seeds}
-            pairs.setdefault(pair, []).append((ia["sae"], cross, twin))
+            pairs.setdefault(pair, []).append((f"{ia['sae']}, layers {ia['layer']} / {ib['layer']}", cross, twin))
         for pair, panels in pairs.items():
             panels = sorted(panels, key=lambda t: t[0])
             written += _save(matching_figure(pair, panels), figures_out, figure_name("matching", pair))
