@@ -59,10 +59,9 @@ def aligned_acts(a: LatentIndex, b: LatentIndex):
 
 
 @torch.no_grad()
-def latent_heatmaps(index: LatentIndex, latents, images: np.ndarray) -> np.ndarray:
+def latent_heatmaps(store, sae, latents, images: np.ndarray) -> np.ndarray:
     """[len(latents), images.shape[1], gh, gw]: each latent's activation on each patch of its
     images (re-encoded from the store; -1 pads stay zero)."""
-    store, sae = reopen_sources(index)
     tokens, kind = pooled_tokens(store)
     gh, gw = store.layout.grid if kind == "patches" else (1, 1)
     out = np.zeros((len(latents), images.shape[1], gh, gw), dtype=np.float32)
@@ -75,14 +74,12 @@ def latent_heatmaps(index: LatentIndex, latents, images: np.ndarray) -> np.ndarr
     return out
 
 
-def thumbnails(index: LatentIndex, images: np.ndarray) -> np.ndarray:
+def thumbnails(store, images: np.ndarray) -> np.ndarray:
     """[*images.shape, S, S, 3] uint8 thumbnails of store images (centre-cropped squares; pads black)."""
     from PIL import ImageOps
 
     from visae.analysis.invariance import image_loader
-    from visae.store import ActivationStore
 
-    store = ActivationStore(index.meta["store"])
     flat = images.reshape(-1)
     out = np.zeros((len(flat), THUMBNAIL, THUMBNAIL, 3), dtype=np.uint8)
     if not isinstance(store.info.dataset, dict):  # a `visae synth` store has no images: blank thumbnails
@@ -95,11 +92,12 @@ def thumbnails(index: LatentIndex, images: np.ndarray) -> np.ndarray:
 
 
 def exemplars(index: LatentIndex, latents: np.ndarray) -> dict:
+    """The latents' top images: store indices, values, patch heatmaps and thumbnails."""
+    store, sae = reopen_sources(index)
     latents = np.asarray(latents, dtype=np.int64)
-    images = index.top_images[latents, :EXEMPLAR_IMAGES] if len(latents) else np.zeros((0, EXEMPLAR_IMAGES), np.int64)
-    return {"latents": latents, "images": images,
-            "values": index.top_values[latents, :EXEMPLAR_IMAGES] if len(latents) else np.zeros(images.shape, np.float32),
-            "heatmaps": latent_heatmaps(index, latents, images), "thumbnails": thumbnails(index, images)}
+    images = index.top_images[latents, :EXEMPLAR_IMAGES]
+    return {"latents": latents, "images": images, "values": index.top_values[latents, :EXEMPLAR_IMAGES],
+            "heatmaps": latent_heatmaps(store, sae, latents, images), "thumbnails": thumbnails(store, images)}
 
 
 def compare_indexes(a_dir, b_dir, *, threshold: float = 0.5, seed: int = 0,
@@ -166,19 +164,13 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def image_level(store_paths: list[str], images: np.ndarray) -> tuple[dict, dict]:
-    """Per store (one layer each): its image-level representations, and the image set it holds."""
+def image_level(stores, images: np.ndarray) -> dict:
+    """Per store (one layer each): the images' image-level representations, by pool."""
     from visae.analysis.similarity import image_representations
-    from visae.store import ActivationStore
 
-    reps, sets = {}, {}
-    for path in store_paths:
-        store = ActivationStore(path, verify=True)
-        layer = store.info.layer
-        sets[layer] = image_set(store)
-        reps[layer] = {pool: image_representations(store, images, pool)
-                       for pool in ("mean", "cls") if pool == "mean" or "cls" in store.layout.stored}
-    return reps, sets
+    return {store.info.layer: {pool: image_representations(store, images, pool)
+                               for pool in ("mean", "cls") if pool == "mean" or "cls" in store.layout.stored}
+            for store in stores}
 
 
 def similarity(a_stores: list[str], b_stores: list[str], *, knn: int = 10, seed: int = 0, heldout: float = 0.1,
@@ -188,25 +180,24 @@ def similarity(a_stores: list[str], b_stores: list[str], *, knn: int = 10, seed:
     from visae.sae.split import split_images
     from visae.store import ActivationStore
 
-    first = ActivationStore(a_stores[0])
-    set_a = image_set(first)
-    for path in [*a_stores[1:], *b_stores]:  # before reading anything: the same images everywhere
-        check_same_images(set_a, image_set(ActivationStore(path)), f"store {a_stores[0]}", f"store {path}")
-    _, held = split_images(first.n_images, heldout, split_seed)
+    opened_a = [ActivationStore(p, verify=True) for p in a_stores]
+    opened_b = [ActivationStore(p, verify=True) for p in b_stores]
+    set_a = image_set(opened_a[0])
+    for store in [*opened_a[1:], *opened_b]:  # before reading any tokens: the same images everywhere
+        check_same_images(set_a, image_set(store), f"store {a_stores[0]}", f"store {store.root}")
+    _, held = split_images(opened_a[0].n_images, heldout, split_seed)
     images = covered_images(held, max_images)
-    reps_a, _ = image_level(a_stores, images)
-    reps_b, _ = image_level(b_stores, images)
+    reps_a, reps_b = image_level(opened_a, images), image_level(opened_b, images)
     rows = []
     for pool in ("mean", "cls"):
         pa = {layer: r[pool] for layer, r in reps_a.items() if pool in r}
         pb = {layer: r[pool] for layer, r in reps_b.items() if pool in r}
         if pa and pb:
             rows += [{"pool": pool, **row} for row in similarity_rows(pa, pb, k=knn, seed=seed)]
-    model_a, model_b = (ActivationStore(p[0]).info.model for p in (a_stores, b_stores))
     name = lambda m: m.get("name") if isinstance(m, dict) else m  # noqa: E731
-    return {"model_a": name(model_a), "model_b": name(model_b), "dataset": set_a["dataset"].get("name"),
-            "images": len(images), "knn": knn, "seed": seed, "heldout": heldout, "split_seed": split_seed,
-            "rows": rows}
+    return {"model_a": name(opened_a[0].info.model), "model_b": name(opened_b[0].info.model),
+            "dataset": set_a["dataset"].get("name"), "images": len(images), "knn": knn, "seed": seed,
+            "heldout": heldout, "split_seed": split_seed, "rows": rows}
 
 
 def cmd_similarity(args) -> int:

@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 from visae.atomic import atomic_path
 from visae.errors import VisaeError
 from visae.layout import EXEMPLARS, MATCHES, Identity, figure_name
+from visae.report.collect import read_json
 from visae.report.figures import RC, _save  # also selects the Agg backend
 
 from matplotlib.figure import Figure  # noqa: E402
@@ -32,13 +33,8 @@ import seaborn as sns  # noqa: E402
 PAIR = "{a}__{b}"
 
 
-def _read(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise VisaeError(f"{path}: no such {what} file (run the stage that writes it)") from None
-    except ValueError as err:
-        raise VisaeError(f"{path} is not valid JSON ({err}): rerun the stage that wrote it") from None
+def _read(path, what: str) -> dict:
+    return read_json(Path(path), what)
 
 
 def _ci(block) -> tuple[float, float, float]:
