@@ -18,8 +18,11 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
                                                 the seed baseline, sae_b the second seed)
   compare/<a>__<b>/<dataset>/similarity/        CKA and mutual kNN of two models, per layer pair
   compare/tables/<name>.<ext>, compare/figures/<kind>_<model or a__b>.<ext>   the comparison's report
-  probes/<model>/<dataset>/layer_<L>/<probe>/   a linear probe (coming)
-  interventions/<kind>/<model>/<dataset>/layer_<L>/<sae>/   (coming)
+  probes/<task>/<model>/<dataset>/               a linear probe on the final layer (probe.json,
+                                                probe.safetensors), its random-init baseline inside
+  interventions/<task>/<model>/<dataset>/layer_<L>/<sae>/   the edit scored on the task's probe:
+                                                intervention.json, classes.csv, dose.csv, examples.safetensors
+  interventions/tables/<task>.<ext>, interventions/figures/<kind>_<task>_<model>.<ext>   their report
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
   logs/<stage>/....log, benchmarks/<stage>/....tsv
   bench/<name>.json                             `visae bench` results
@@ -52,6 +55,12 @@ MATCHING = "matching.json"  # a latent matching done, written last
 MATCHES = "matches.csv"  # a matching's per-latent table (both sides)
 EXEMPLARS = "exemplars.safetensors"  # a matching's unique latents: thumbnails and patch heatmaps
 SIMILARITY = "similarity.json"  # a model pair's CKA / mutual kNN done, written last
+PROBE = "probe.json"  # a probe done, written last (`visae probe`)
+PROBE_WEIGHTS = "probe.safetensors"  # the probe's weights and standardisation
+INTERVENTION = "intervention.json"  # an intervention done, written last (`visae intervene`)
+INTERVENTION_CLASSES = "classes.csv"  # an intervention's per-class, per-method rows
+INTERVENTION_DOSE = "dose.csv"  # an intervention's dose-response rows (method, scale)
+INTERVENTION_EXAMPLES = "examples.safetensors"  # images, heatmaps, predictions before/after for the figure
 SEED_TWIN = ".seed1"  # `<sae>.seed1`: the compared SAE's second seed (the seed baseline)
 TABLE_FORMATS = ("md", "csv", "tex", "json")
 FIGURE_FORMATS = ("png", "pdf")
@@ -59,6 +68,8 @@ FIGURE_KINDS = ("frontier", "latent_freq", "training")
 COMPARISON_TABLES = ("profiles", "matching", "similarity")
 MODEL_COMPARISON_FIGURES = ("abstraction", "invariance")  # one per model
 PAIR_COMPARISON_FIGURES = ("matching", "exemplars")  # one per pair of models, named a__b
+TASKS = ("classification", "segmentation")  # the intervention tasks; one table each
+INTERVENTION_FIGURES = ("dose", "example")  # one per (task, model), named <kind>_<task>_<model>
 
 
 def layer_dir(layer: int | str) -> str:
@@ -175,11 +186,32 @@ class Layout:
     def similarity_marker(self, model_a: str, model_b: str, dataset: str) -> str:
         return _join(self.similarity(model_a, model_b, dataset), SIMILARITY)
 
-    def probe(self, model: str, dataset: str, layer, probe: str) -> str:
-        return self._path("probes", model, dataset, layer_dir(layer), probe)
+    def probe(self, task: str, model: str, dataset: str) -> str:
+        """A linear probe of `task` on `model`'s final layer, scored on `dataset` (the test images)."""
+        return self._path("probes", task, model, dataset)
 
-    def intervention(self, kind: str, model: str, dataset: str, layer, sae: str) -> str:
-        return self._path("interventions", kind, model, dataset, layer_dir(layer), sae)
+    def probe_marker(self, task: str, model: str, dataset: str) -> str:
+        return _join(self.probe(task, model, dataset), PROBE)
+
+    def intervention(self, task: str, model: str, dataset: str, layer, sae: str) -> str:
+        """SAE `sae` (of `model` at `layer`) edited inside the model and scored on the task's probe on `dataset`."""
+        return self._path("interventions", task, model, dataset, layer_dir(layer), sae)
+
+    def intervention_marker(self, task: str, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.intervention(task, model, dataset, layer, sae), INTERVENTION)
+
+    def intervention_tables_dir(self) -> str:
+        return self._path("interventions", "tables")
+
+    def intervention_table(self, task: str, ext: str) -> str:
+        return self._path("interventions", "tables", f"{task}.{ext}")
+
+    def intervention_figures_dir(self) -> str:
+        return self._path("interventions", "figures")
+
+    def intervention_figure(self, kind: str, task: str, model: str, ext: str) -> str:
+        """`dose` (the dose-response curves) or `example` (one edited image) of one task on one model."""
+        return self._path("interventions", "figures", f"{figure_name(f'{kind}_{task}', model)}.{ext}")
 
     # -- the report
     def tables_dir(self) -> str:

@@ -7,8 +7,15 @@ kNN has no randomness, the probe trains full batch from a fixed seed inside its 
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+from visae.errors import VisaeError
+from visae.layout import PROBE, PROBE_WEIGHTS
 
 
 @torch.no_grad()
@@ -73,3 +80,84 @@ def probe_scores(model, pixels, bank_u8, bank_y, test_u8, test_y, batch_size: in
     if logits is not None:
         out["head_acc"] = round(float((logits.argmax(1) == test_y).float().mean()), 4)
     return out
+
+
+# -- the task probes of the interventions ------------------------------------------------------
+
+TASKS = ("classification", "segmentation")
+
+
+@dataclass
+class LinearProbe:
+    """A linear task head on a backbone's final-layer tokens (after its final norm).
+
+    classification reads the CLS token (the patch mean for a model without one), segmentation
+    every patch token; `logits` standardises with the training features' mean and std, then
+    applies the linear map. `meta` is probe.json: what it was trained on and how well it does.
+    """
+
+    task: str
+    weight: torch.Tensor  # [n_classes, d_model]
+    bias: torch.Tensor  # [n_classes]
+    mean: torch.Tensor  # [d_model]
+    std: torch.Tensor  # [d_model]
+    classes: list[str]
+    ignore_index: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise VisaeError(f"unknown probe task {self.task!r}: use one of {', '.join(TASKS)}")
+        c, d = self.weight.shape
+        if self.bias.shape != (c,) or self.mean.shape != (d,) or self.std.shape != (d,) or len(self.classes) != c:
+            raise VisaeError(f"inconsistent probe: weight {list(self.weight.shape)}, bias {list(self.bias.shape)}, "
+                             f"mean {list(self.mean.shape)}, std {list(self.std.shape)}, {len(self.classes)} classes")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.weight.shape[1])
+
+    def features(self, tokens: torch.Tensor, n_prefix: int, has_cls: bool) -> torch.Tensor:
+        """What this probe reads from final tokens [B, T, d]: [B, d] (classification) or [B, P, d]."""
+        if self.task == "segmentation":
+            return tokens[:, n_prefix:]
+        return tokens[:, 0] if has_cls else tokens[:, n_prefix:].mean(1)
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> [..., n_classes], in float32."""
+        if feats.shape[-1] != self.d_model:
+            raise VisaeError(f"the probe reads {self.d_model}-d features, got {feats.shape[-1]}-d")
+        w = self.weight.to(feats.device)
+        x = (feats.float() - self.mean.to(feats.device)) / self.std.to(feats.device)
+        return x @ w.t() + self.bias.to(feats.device)
+
+    def save(self, directory) -> None:
+        """probe.safetensors, then probe.json (the marker) last; both atomic."""
+        from safetensors.torch import save_file
+
+        from visae.atomic import atomic_path, write_json
+
+        directory = Path(directory)
+        tensors = {k: getattr(self, k).detach().float().cpu().contiguous() for k in ("weight", "bias", "mean", "std")}
+        with atomic_path(directory / PROBE_WEIGHTS) as tmp:
+            save_file(tensors, str(tmp))
+        write_json(directory / PROBE, dict(self.meta, task=self.task, classes=list(self.classes),
+                                           ignore_index=self.ignore_index))
+
+    @classmethod
+    def load(cls, directory) -> LinearProbe:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        marker, weights = directory / PROBE, directory / PROBE_WEIGHTS
+        if not marker.is_file() or not weights.is_file():
+            raise VisaeError(f"{directory} is not a finished probe (no {PROBE} or {PROBE_WEIGHTS}): run `visae probe`")
+        try:
+            meta = json.loads(marker.read_text())
+            t = load_file(str(weights))
+            return cls(task=meta["task"], weight=t["weight"], bias=t["bias"], mean=t["mean"], std=t["std"],
+                       classes=list(meta["classes"]), ignore_index=meta.get("ignore_index"), meta=meta)
+        except VisaeError:
+            raise
+        except Exception as err:  # truncated or tampered files
+            raise VisaeError(f"probe {directory} is unreadable ({type(err).__name__}: {err}): rerun `visae probe`") from None

@@ -52,6 +52,7 @@ class Backbone:
         batch_first: bool = True,
         pretrained: str | None = None,
         weights: str | None = None,
+        final_norm: torch.nn.Module | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -70,6 +71,8 @@ class Backbone:
         self.identity: dict[str, Any] | None = None
         self._blocks = blocks
         self._run = run
+        # The norm the model applies to its last block's tokens (what its own head reads).
+        self.final_norm = final_norm if final_norm is not None else torch.nn.Identity()
         self._batch_first = batch_first
 
     def __repr__(self) -> str:
@@ -160,6 +163,49 @@ class Backbone:
                     f"is the input {list(pixels.shape[-2:])} the model's image size {list(self.image_size)}?"
                 )
         return out
+
+    def final_tokens(self, pixels: torch.Tensor, *, edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     layer: int | None = None) -> torch.Tensor:
+        """Tokens after the last block and the model's final norm, [B, n_tokens, d_model]: what
+        the task probes read.
+
+        With `edit`, the output of block `layer` ([B, n_tokens, d_model], batch first) is replaced
+        by `edit(output)` before the rest of the network runs: the intervention. The model's own
+        head never runs.
+        """
+        if pixels.ndim != 4:
+            raise VisaeError(f"expected pixels shaped [B, 3, H, W], got {list(pixels.shape)}")
+        last = self.n_layers - 1
+        at = self.resolve_layer(layer) if edit is not None else None
+        out: dict[str, torch.Tensor] = {}
+
+        def edit_hook(_module, _args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            y = edit(x if self._batch_first else x.transpose(0, 1))
+            if tuple(y.shape) != tuple(x.shape if self._batch_first else x.transpose(0, 1).shape):
+                raise VisaeError(f"the edit at block {at} changed the tokens' shape to {list(y.shape)}")
+            y = y.to(x.dtype) if self._batch_first else y.to(x.dtype).transpose(0, 1)
+            return (y, *output[1:]) if isinstance(output, (tuple, list)) else y
+
+        def last_hook(_module, _args, output):
+            x = output[0] if isinstance(output, (tuple, list)) else output
+            out["x"] = x if self._batch_first else x.transpose(0, 1)
+            raise _StopForward
+
+        handles = []
+        if edit is not None:
+            handles.append(self._blocks[at].register_forward_hook(edit_hook))
+        handles.append(self._blocks[last].register_forward_hook(last_hook))  # after the edit's, if on the same block
+        try:
+            with torch.inference_mode():
+                self._run(pixels.to(device=self.device, dtype=self.dtype))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.inference_mode():
+            return self.final_norm(out["x"])
 
     def mask_transform(self, mask: np.ndarray, fill: int = 0) -> np.ndarray:
         """Apply the image transform's geometry (resize/crop/pad) to a label mask, nearest-neighbour.

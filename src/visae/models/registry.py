@@ -360,7 +360,7 @@ def _wrap_open_clip_visual(visual, preprocess, arch: str, tag, weights) -> Backb
         return Backbone(
             name=arch, source="open_clip", arch=arch, model=visual, transform=preprocess,
             blocks=trunk.blocks, run=trunk.forward_features, batch_first=True,
-            pretrained=tag, weights=weights, **parts,
+            pretrained=tag, weights=weights, final_norm=trunk.norm, **parts,
         )
     transformer = getattr(visual, "transformer", None)
     if transformer is None or not hasattr(transformer, "resblocks") or not hasattr(visual, "grid_size"):
@@ -374,7 +374,7 @@ def _wrap_open_clip_visual(visual, preprocess, arch: str, tag, weights) -> Backb
         name=arch, source="open_clip", arch=arch, model=visual, transform=preprocess,
         image_size=tuple(visual.image_size), patch_size=tuple(visual.patch_size),
         d_model=transformer.width, layout=layout, blocks=transformer.resblocks, run=visual,
-        batch_first=batch_first, pretrained=tag, weights=weights,
+        batch_first=batch_first, pretrained=tag, weights=weights, final_norm=visual.ln_post,
     )
 
 
@@ -455,7 +455,7 @@ def _load_timm(source: str, arch: str, tag, weights: str | None, image_size: int
     return Backbone(
         name=arch, source=source, arch=full, model=model, transform=transform,
         blocks=model.blocks, run=model.forward_features, batch_first=True,
-        pretrained=spec_tag, weights=weights, **parts,
+        pretrained=spec_tag, weights=weights, final_norm=model.norm, **parts,
     )
 
 
