@@ -36,6 +36,8 @@ COMMANDS = {
     "profile": ("visae.analysis.profile", "abstraction, concept probe and invariance of one SAE's latents"),
     "compare": ("visae.analysis.compare", "match two SAEs' latents one-to-one (two models, or two seeds of one)"),
     "similarity": ("visae.analysis.compare", "CKA and mutual kNN between two models, per layer pair"),
+    "probe": ("visae.analysis.probes", "a linear classification or segmentation probe on a model's final layer"),
+    "intervene": ("visae.analysis.intervene", "edit SAE latents inside the model and score the task probe against baselines"),
     "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }
