@@ -6,8 +6,9 @@ import shlex
 from itertools import combinations
 from snakemake.exceptions import WorkflowError
 
-from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, LAYER_PREFIX, MODEL_COMPARISON_FIGURES,
-                          PAIR_COMPARISON_FIGURES, TABLE_FORMATS, Layout, layer_dir, seed_twin)
+from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
+                          MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, TABLE_FORMATS, TASKS, Layout, layer_dir,
+                          seed_twin)
 from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
@@ -77,11 +78,34 @@ def check_config():
     hierarchy = compare["hierarchy"] or {}
     if len({"groups", "wordnet"} & set(hierarchy)) > 1:
         raise WorkflowError("compare.hierarchy: give groups or wordnet, not both")
-    for section in config.get("interventions", {}).values():
-        if section.get("model") and section["model"] not in config["models"]:
-            raise WorkflowError(f"interventions: model {section['model']!r} is not a key of models")
-        if section.get("dataset") and section["dataset"] not in config["datasets"]:
-            raise WorkflowError(f"interventions: dataset {section['dataset']!r} is not a key of datasets")
+    check_interventions()
+
+
+def check_interventions():
+    """The interventions section's names: SAEs, models and datasets that exist, with masks for segmentation."""
+    section = config["interventions"]
+    for sae in section["saes"]:
+        if sae not in config["saes"]:
+            raise WorkflowError(f"interventions.saes: {sae!r} is not a key of saes ({', '.join(config['saes'])})")
+    for task in TASKS:
+        if task not in section:
+            continue
+        for model in section[task]["models"] or []:
+            if model not in config["models"]:
+                raise WorkflowError(f"interventions.{task}.models: {model!r} is not a key of models "
+                                    f"({', '.join(config['models'])})")
+        for split in ("train", "test"):
+            name = section[task][split]
+            if name not in config["datasets"]:
+                raise WorkflowError(f"interventions.{task}.{split}: {name!r} is not a key of datasets "
+                                    f"({', '.join(config['datasets'])})")
+    for model, saes in (section.get("segmentation") or {}).get("latents", {}).items():
+        if model not in config["models"]:
+            raise WorkflowError(f"interventions.segmentation.latents: {model!r} is not a key of models")
+        for sae in saes:
+            if sae not in section["saes"]:
+                raise WorkflowError(f"interventions.segmentation.latents.{model}: {sae!r} is not one of "
+                                    f"interventions.saes ({', '.join(section['saes']) or 'none'})")
 
 
 # d_model of architectures whose width is known without building them (a prefix of the arch
@@ -206,7 +230,8 @@ wildcard_constraints:
 def dataset_files(name):
     """Files a job reading this dataset must wait for: the fetched demo data, if it is that."""
     entry = config["datasets"][name]
-    if entry["format"] == "fashion-mnist" and os.path.normpath(entry.get("root", "")) == FASHION_MNIST_ROOT:
+    if entry["format"] in ("fashion-mnist", "fashion-mnist-mosaic") and \
+            os.path.normpath(entry.get("root", "")) == FASHION_MNIST_ROOT:
         return [f"{FASHION_MNIST_ROOT}/{file}" for file in FASHION_MNIST_FILES]
     return []
 
@@ -327,3 +352,78 @@ def domain_flags():
     if domain is None:
         return ""
     return f"--domain-json {shlex.quote(entry_json('datasets', domain))} --domain-images {config['compare']['domain_images']}"
+
+
+# -- the interventions ---------------------------------------------------------------------------
+
+INTERVENED = list(config["interventions"]["saes"])
+
+
+def task_models(task):
+    """The models a task's probe and interventions run on (none when the task is not configured)."""
+    section = config["interventions"].get(task)
+    if section is None:
+        return []
+    return list(config["models"]) if section["models"] is None else list(section["models"])
+
+
+def probe_outputs():
+    return [RESULTS.probe_marker(task, model, config["interventions"][task]["test"])
+            for task in TASKS for model in task_models(task)]
+
+
+def intervention_outputs():
+    return [RESULTS.intervention_marker(task, model, config["interventions"][task]["test"], layer, sae)
+            for task in TASKS for model in task_models(task) for layer in layer_names(model) for sae in INTERVENED]
+
+
+def intervened_indexes():
+    """The latent index of every intervened SAE (the compare stage builds them: they hold the maxima)."""
+    models = sorted({model for task in TASKS for model in task_models(task)})
+    return [RESULTS.latent_index_marker(model, COMPARE_DATASET, layer, sae)
+            for model in models for layer in layer_names(model) for sae in INTERVENED]
+
+
+def intervened_tasks():
+    return [task for task in TASKS if task_models(task) and INTERVENED]
+
+
+def intervene_report_outputs(table_formats=TABLE_FORMATS, figure_formats=FIGURE_FORMATS):
+    """The interventions' tables and figures (none when no SAE is intervened on)."""
+    tables = [RESULTS.intervention_table(task, ext) for task in intervened_tasks() for ext in table_formats]
+    figures = [RESULTS.intervention_figure(kind, task, model, ext) for ext in figure_formats
+               for task in intervened_tasks() for model in task_models(task) for kind in INTERVENTION_FIGURES]
+    return tables + figures
+
+
+def task_dataset(task, split):
+    """The key of a task's train or test dataset."""
+    return config["interventions"][task][split]
+
+
+def manual_latents(wc):
+    """`--latents-json` of the segmentation's manual mode for this model and SAE ('' when none)."""
+    if wc.task != "segmentation":
+        return ""
+    chosen = config["interventions"]["segmentation"]["latents"].get(wc.model, {}).get(wc.sae)
+    return f"--latents-json {shlex.quote(json.dumps(chosen, sort_keys=True))}" if chosen else ""
+
+
+def task_data(wc):
+    return dataset_files(task_dataset(wc.task, "train")) + dataset_files(task_dataset(wc.task, "test"))
+
+
+def task_flags(task):
+    """The task's own settings of `visae intervene`."""
+    section = config["interventions"][task]
+    if task == "classification":
+        return (f"--tokens {section['tokens']} --suppress-scale {section['suppress_scale']}"
+                f" --insert-scale {section['insert_scale']} --insert-targets {section['insert_targets']}")
+    return (f"--scale {section['scale']} --thresholds {' '.join(str(t) for t in section['thresholds'])}"
+            f" --max-frequency {section['max_frequency']}")
+
+
+def sample_flags(task):
+    section = config["interventions"][task]
+    return " ".join(f"--{key.replace('_', '-')} {section[key]}" for key in ("train_images", "test_images")
+                    if section[key] is not None)

@@ -164,3 +164,4 @@ rule compare_report:
 rule compare_all:
     input:
         compare_report_outputs(),
+        intervened_indexes(),
