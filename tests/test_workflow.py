@@ -126,6 +126,23 @@ def test_full_dag_compares_the_models_against_the_seed_baseline(project):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def test_full_dag_runs_the_interventions(project):
+    import pandas as pd
+
+    results = Layout(project / "results")
+    for task, dataset in (("classification", "fmnist-test"), ("segmentation", "mosaic-test")):
+        table = pd.read_csv(results.intervention_table(task, "csv"))
+        assert sorted(table.model) == ["vit-simclr", "vit-supervised"] and set(table.sae) == {"topk-16"}
+        for model in ("vit-supervised", "vit-simclr"):
+            marker = json.loads(Path(results.intervention_marker(task, model, dataset, LAYER, "topk-16")).read_text())
+            assert marker["task"] == task and marker["identity"]["model"] == model
+            assert "random_latent" in marker["methods"] and "random_direction" in marker["methods"]
+            for kind in ("dose", "example"):
+                assert Path(results.intervention_figure(kind, task, model, "png")).stat().st_size > 1000
+            probe = json.loads(Path(results.probe_marker(task, model, dataset)).read_text())
+            assert 0 <= probe["test_score"] <= 1 and 0 <= probe["random_init"]["test_score"] <= 1
+
+
 def test_lint_is_clean(project):
     proc = run(project, "snakemake", "--lint", "--configfile", ".test/config/config.yaml")
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
@@ -138,9 +155,11 @@ def test_paper_config_plans_the_whole_dag(project):
         counts[rule] = counts.get(rule, 0) + 1
     # 2 models x ImageNet, the 9-SAE grid trained in one pass per store and the compared SAE's second
     # seed in a pass of its own, 20 evaluations; the comparison: 2 SAEs indexed per model, a profile per model, the
-    # cross-model matching and one seed baseline per model, CKA / mutual kNN for the pair
+    # cross-model matching and one seed baseline per model, CKA / mutual kNN for the pair; the
+    # interventions: CLIP's CUB probe and DINOv2's ADE20K probe, one edited SAE each
     assert counts == {"extract": 2, "train": 4, "evaluate": 20, "latent_index": 4, "profile": 2, "compare": 3,
-                      "similarity": 1, "compare_report": 1, "tables": 1, "figures": 1, "all": 1}
+                      "similarity": 1, "compare_report": 1, "tables": 1, "figures": 1, "probe": 2, "intervene": 2,
+                      "intervene_report": 1, "all": 1}
 
 
 def test_paper_run_without_data_names_the_missing_input(tmp_path, project):
@@ -175,14 +194,17 @@ def test_adding_a_model_plans_only_its_jobs(project, tmp_path):
     per_model = [(rule, wc) for rule, wc in jobs if "model" in wc]
     assert per_model and all(wc["model"] == "vit-random" for _, wc in per_model)
     # its own: three passes (the compared topk-16's second seed has its own), three evaluations, the
-    # compared SAE's index and its second seed's, one profile
-    assert sorted(rule for rule, wc in per_model) == ["evaluate"] * 3 + ["extract", "latent_index", "latent_index",
-                                                                          "profile", "train", "train", "train"]
+    # compared SAE's index and its second seed's, one profile; a probe and an intervention per task
+    assert sorted(rule for rule, wc in per_model) == ["evaluate"] * 3 + ["extract", "intervene", "intervene",
+                                                                          "latent_index", "latent_index", "probe",
+                                                                          "probe", "profile", "train", "train",
+                                                                          "train"]
     # the cross-model jobs: its pairs with each model, its seed baseline, and the reports
     pairs = [(rule, wc) for rule, wc in jobs if "model_a" in wc]
     assert sorted(rule for rule, _ in pairs) == ["compare"] * 3 + ["similarity"] * 2
     assert all("vit-random" in (wc["model_a"], wc["model_b"]) for _, wc in pairs)
-    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "compare_report", "figures", "tables"]
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "compare_report", "figures", "intervene_report",
+                                                           "tables"]
 
 
 def test_changing_one_sae_replans_only_that_sae(project):
@@ -224,7 +246,7 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
     first = run(project, "dvc", "repro")
     assert "Nothing to be done" in first.stdout + first.stderr
     second = run(project, "dvc", "repro")
-    assert second.stdout.count("didn't change, skipping") == 6
+    assert second.stdout.count("didn't change, skipping") == 7
 
     config = yaml.safe_load((project / "config" / "config.yaml").read_text())
     config["saes"]["relu-l1-0.01"]["lr"] = 0.002
@@ -259,16 +281,20 @@ def test_two_clean_runs_give_identical_metrics(tmp_path):
     del config["models"]["vit-simclr"]
     del config["saes"]["relu-l1-0.01"]
     results = Layout("results")
-    # the metrics, and the seed baseline's matching (latent indexes of both seeds, correlations,
-    # assignment, permutation null, exemplars)
+    # the metrics, the seed baseline's matching (latent indexes of both seeds, correlations,
+    # assignment, permutation null, exemplars) and the classification intervention (its probe, the
+    # chosen and random latents, the edits)
+    intervention = results.intervention("classification", "vit-supervised", DATASET, LAYER, "topk-16")
     targets = [results.metrics("vit-supervised", DATASET, LAYER, "topk-16"),
                results.comparison_marker("vit-supervised", LAYER, "topk-16", "vit-supervised", LAYER,
-                                         "topk-16.seed1", DATASET)]
+                                         "topk-16.seed1", DATASET),
+               results.intervention_marker("classification", "vit-supervised", DATASET, LAYER, "topk-16")]
+    compared = targets[:2] + [f"{intervention}/{name}" for name in ("classes.csv", "dose.csv")]
     outputs = []
     for name in ("a", "b"):
         root = tmp_path / name
         root.mkdir()
         copy_project(root, config)
         run(root, "snakemake", "--cores", "2", *targets)
-        outputs.append([(root / target).read_bytes() for target in targets])
+        outputs.append([(root / target).read_bytes() for target in compared])
     assert outputs[0] == outputs[1]
