@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/visae bench loader
 	$(BIN)/visae bench train
 	$(BIN)/visae bench compare
+	$(BIN)/visae bench intervene
 
 clean:
 	rm -rf results/* .snakemake
