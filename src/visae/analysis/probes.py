@@ -8,9 +8,11 @@ kNN has no randomness, the probe trains full batch from a fixed seed inside its 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -161,3 +163,77 @@ class LinearProbe:
             raise
         except Exception as err:  # truncated or tampered files
             raise VisaeError(f"probe {directory} is unreadable ({type(err).__name__}: {err}): rerun `visae probe`") from None
+
+
+# -- what the task probes read and how they are scored ----------------------------------------
+
+PIXEL_CHUNK_FLOATS = 1 << 25  # upsampled logits held at once by pixel_predictions (128 MB)
+
+
+def task_batches(dataset, indices: Sequence[int], backbone, batch_size: int
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(pixels [b, 3, H, W] float, labels [b] int64, masks [b, H, W] int64 or None) over the
+    images `indices` in that order; masks through `backbone.mask_transform` (model resolution)."""
+    fill = dataset.ignore_index if dataset.ignore_index is not None else 0
+    indices = [int(i) for i in indices]
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
+        pixels = torch.stack([backbone.transform(s.image) for s in samples]).float()
+        labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
+        masks = None
+        if dataset.has_masks:
+            masks = torch.from_numpy(np.stack([backbone.mask_transform(s.mask, fill=fill) for s in samples]))
+        yield pixels, labels, masks
+
+
+def pixel_predictions(probe: LinearProbe, patch_logits: torch.Tensor, grid, image_size) -> torch.Tensor:
+    """Patch logits [B, P, C] -> per-pixel classes [B, H, W] int64: bilinear upsampling of the
+    logits to the model-input resolution, then argmax (what mIoU scores)."""
+    gh, gw = (int(g) for g in grid)
+    h, w = (int(s) for s in image_size)
+    b, p, c = patch_logits.shape
+    if p != gh * gw or c != len(probe.classes):
+        raise VisaeError(f"patch logits {list(patch_logits.shape)} do not fit a {gh}x{gw} grid and "
+                         f"{len(probe.classes)} classes")
+    maps = patch_logits.float().transpose(1, 2).reshape(b, c, gh, gw)
+    rows = max(1, PIXEL_CHUNK_FLOATS // (c * h * w))
+    out = [F.interpolate(chunk, size=(h, w), mode="bilinear", align_corners=False).argmax(1)
+           for chunk in maps.split(rows)]
+    return torch.cat(out) if out else torch.zeros((0, h, w), dtype=torch.int64)
+
+
+def confusion_matrix(pred, target, n_classes: int, ignore_index: int | None) -> np.ndarray:
+    """[n_classes, n_classes] int64 counts (rows: target, columns: prediction), pixels whose
+    target is `ignore_index` left out."""
+    pred = torch.as_tensor(pred).reshape(-1).to(torch.int64)
+    target = torch.as_tensor(target).reshape(-1).to(torch.int64)
+    if pred.shape != target.shape:
+        raise VisaeError(f"{pred.numel()} predicted pixels against {target.numel()} target pixels")
+    if ignore_index is not None:
+        keep = target != ignore_index
+        pred, target = pred[keep], target[keep]
+    for what, values in (("target", target), ("predicted", pred)):
+        if values.numel() and (values.min() < 0 or values.max() >= n_classes):
+            raise VisaeError(f"{what} label {int(values.min() if values.min() < 0 else values.max())} is outside "
+                             f"0..{n_classes - 1} (ignore_index {ignore_index})")
+    counts = torch.bincount(target * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).cpu().numpy().astype(np.int64)
+
+
+def iou_from_confusion(confusion: np.ndarray, ignore_index: int | None = None) -> tuple[float, np.ndarray]:
+    """(mIoU, per-class IoU): NaN for a class absent from both target and prediction (and for
+    the ignore label), which the mean leaves out; NaN mIoU when every class is."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    if ignore_index is not None and 0 <= ignore_index < len(iou):
+        iou[ignore_index] = np.nan
+    present = ~np.isnan(iou)
+    return (float(iou[present].mean()) if present.any() else float("nan")), iou
+
+
+def mean_iou(pred, target, n_classes: int, ignore_index: int | None) -> tuple[float, np.ndarray]:
+    """Pixel-level mIoU of predictions [N, H, W] against targets [N, H, W], the ignore label
+    excluded: (mIoU, per-class IoU [n_classes] float64, NaN where a class is in neither)."""
+    return iou_from_confusion(confusion_matrix(pred, target, n_classes, ignore_index), ignore_index)
