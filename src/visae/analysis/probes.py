@@ -1,8 +1,10 @@
-"""Probes of a representation: a weighted kNN and a linear probe on its features.
+"""Probes of a representation: a weighted kNN and linear probes on its features.
 
-They score how much class information features carry (the demo's pretraining reports them for
-its ViTs; the interventions will score edited features with them). Both are deterministic: the
-kNN has no randomness, the probe trains full batch from a fixed seed inside its own RNG scope.
+They score how much class information features carry: the demo's pretraining reports the kNN
+and linear probe for its ViTs, and `visae probe` trains the task heads the interventions edit
+against (classification on the final CLS token, segmentation on the final patch tokens, each
+next to the same recipe on a random-init twin of the model). All are deterministic: the kNN has
+no randomness, the probes train full batch from explicit seeds.
 """
 
 from __future__ import annotations
@@ -301,11 +303,12 @@ def task_data(task: str, dataset, indices, backbones: list, batch_size: int) -> 
 
 
 def fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, settings: list[tuple[float, float]], steps: int,
-                seed: int, ignore_index: int | None = None) -> list[LinearProbe]:
+                seed: int, ignore_index: int | None = None) -> list[tuple[torch.Tensor, ...]]:
     """Softmax regressions on the rows `x` [n, d] (standardised by their float64 mean and std),
     one per (lr, weight decay) in `settings`, trained side by side with AdamW for `steps` full
     batch steps (fixed-order minibatches past MAX_ROWS_PER_STEP rows); rows labelled
-    `ignore_index` are left out. Deterministic: the initial weights come from `seed`."""
+    `ignore_index` are left out. Deterministic: the initial weights come from `seed`.
+    Returns (weight [C, d], bias [C], mean [d], std [d]) per setting, on the CPU."""
     if ignore_index is not None:
         keep = y != ignore_index
         x, y = x[keep], y[keep]
@@ -338,8 +341,7 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, settings: list
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return [LinearProbe("classification", w.detach().cpu(), b.detach().cpu(), mean.float().cpu(), std.float().cpu(),
-                        [str(c) for c in range(n_classes)]) for w, b in zip(weights, biases)]
+    return [(w.detach().cpu(), b.detach().cpu(), mean.float().cpu(), std.float().cpu()) for w, b in zip(weights, biases)]
 
 
 def score_probe(probe: LinearProbe, data: TaskData, grid, image_size, batch_size: int = 256
@@ -382,10 +384,8 @@ def train_task_probe(task: str, backbone, train: TaskData, test: TaskData, class
 
     def fit(data: TaskData, chosen) -> list[LinearProbe]:
         x, y = data.rows()
-        probes = fit_softmax(x, y, len(classes), chosen, steps, seed, ignore)
-        for p in probes:
-            p.task, p.classes, p.ignore_index = task, list(classes), ignore
-        return probes
+        return [LinearProbe(task, *fitted, classes=list(classes), ignore_index=ignore)
+                for fitted in fit_softmax(x, y, len(classes), chosen, steps, seed, ignore)]
 
     val_scores = [score_probe(p, val_part, grid, image_size)[0] for p in fit(fit_part, settings)]
     best = int(np.nanargmax(val_scores)) if not np.isnan(val_scores).all() else 0
