@@ -9,6 +9,7 @@ from visae.data.base import ImageDataset
 from visae.data.cub import open_cub
 from visae.data.fashion_mnist import DEBIAN_DIR, open_fashion_mnist
 from visae.data.folders import open_imagefolder, open_imagenet_1k, open_imagenet_sample
+from visae.data.mosaic import open_fashion_mnist_mosaic
 from visae.data.patches import VOTES
 from visae.data.segfolder import open_ade20k, open_camvid, open_segfolder
 from visae.errors import VisaeError
@@ -19,6 +20,7 @@ COMMON_KEYS = ("format", "root", "split", "name")
 FORMATS = {
     "imagefolder": (open_imagefolder, (), None),
     "fashion-mnist": (open_fashion_mnist, ("segmentation", "threshold"), DEBIAN_DIR),
+    "fashion-mnist-mosaic": (open_fashion_mnist_mosaic, ("grid", "size", "seed", "threshold"), DEBIAN_DIR),
     "segfolder": (open_segfolder, ("layout",), None),
     "ade20k": (open_ade20k, (), None),
     "camvid": (open_camvid, (), None),
@@ -27,7 +29,7 @@ FORMATS = {
     "imagenet-sample": (open_imagenet_sample, (), None),
 }
 # Formats that can carry segmentation masks take patch_vote: how a patch's label is voted.
-MASK_FORMATS = ("fashion-mnist", "segfolder", "ade20k", "camvid")
+MASK_FORMATS = ("fashion-mnist", "fashion-mnist-mosaic", "segfolder", "ade20k", "camvid")
 
 
 def open_dataset(spec: dict) -> ImageDataset:
