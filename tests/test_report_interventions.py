@@ -5,7 +5,9 @@ with a file or key missing is refused in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -99,10 +101,8 @@ def write_intervention(root: Path, task: str, model: str, sae: str, seed: int) -
     return folder / "intervention.json"
 
 
-@pytest.fixture
-def folders(tmp_path):
-    results = tmp_path / "results"
-    return [write_intervention(results, task, model, sae, seed) for seed, (task, model, sae) in enumerate([
+def _folders(root: Path) -> list[Path]:
+    return [write_intervention(root, task, model, sae, seed) for seed, (task, model, sae) in enumerate([
         ("classification", "vit-a", "topk-16"), ("classification", "vit-a", "relu-1"),
         ("classification", "vit-b", "topk-16"), ("segmentation", "vit-a", "topk-16"),
         ("segmentation", "vit-b", "topk-16")])]
@@ -115,9 +115,21 @@ def _report(folders, out: Path) -> tuple[Path, Path]:
     return tables, figures
 
 
-def test_tables_hold_the_numbers_written(folders, tmp_path, capsys):
-    tables, _ = _report(folders, tmp_path / "out")
-    assert capsys.readouterr().out.count("\n") == 1
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    """The report run twice on the same folders: (folders, [(tables, figures) of each run], stdout of the first)."""
+    root = tmp_path_factory.mktemp("interventions")
+    folders = _folders(root / "results")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        runs = [_report(folders, root / f"run{i}") for i in range(2)]
+    return folders, runs, printed.getvalue()
+
+
+def test_tables_hold_the_numbers_written(reported):
+    tables = reported[1][0][0]
+    assert reported[2].splitlines() == [f"5 intervention(s) -> 24 table/figure file(s) in {t}, {f}"
+                                        for t, f in reported[1]]
     assert sorted(p.name for p in tables.iterdir()) == sorted(f"{t}.{e}" for t in ("classification", "segmentation")
                                                               for e in ("md", "csv", "tex", "json"))
     df = pd.read_csv(tables / "classification.csv")
@@ -140,18 +152,21 @@ def test_tables_hold_the_numbers_written(folders, tmp_path, capsys):
     assert cell["random_latent other_delta_acc"] == "-0.010 ± -"
     assert cell["probe_direction flip_rate"] == "-"
     assert (cell["probe"], cell["random init"], cell["acc. before"]) == ("0.810", "0.310", "0.820")
-    assert cell["finding"] == "The latents move their targets (1)."
+    assert (cell["moves more"], cell["finding"]) == ("False", "The latents move their targets (1).")
+    assert header[-2:] == ["moves more", "finding"]
     seg = (tables / "segmentation.md").read_text()
     assert "0.740 ± 0.100" in seg and "mIoU before" in seg and "0.580" in seg  # seed 3's target change, mIoU
     tex = (tables / "segmentation.tex").read_text()
     assert tex.startswith("\\begin{tabular}") and "\\toprule" in tex and "random\\_latent target\\_change" in tex
+    assert "0.740 $\\pm$ 0.100" in tex
     keyed = json.loads((tables / "segmentation.json").read_text())
     assert sorted(keyed) == ["vit-a/mosaic-test/layer_2/topk-16", "vit-b/mosaic-test/layer_2/topk-16"]
     assert keyed["vit-b/mosaic-test/layer_2/topk-16"]["latent_target_change_mean"] == pytest.approx(0.74)
 
 
-def test_figures_valid_deterministic_and_provenance_last(folders, tmp_path):
-    runs = [_report(folders, tmp_path / f"run{i}")[1] for i in range(2)]
+def test_figures_valid_deterministic_and_provenance_last(reported):
+    folders, runs, _ = reported
+    runs = [figures for _, figures in runs]
     layout = Layout("results")
     expected = {Path(layout.intervention_figure(kind, task, model, ext)).name
                 for kind in ("dose", "example") for task in ("classification", "segmentation")
@@ -175,7 +190,8 @@ def _error(capsys, argv) -> str:
     return err[0]
 
 
-def test_incomplete_folders_are_refused_in_one_line(folders, tmp_path, capsys):
+def test_incomplete_folders_are_refused_in_one_line(tmp_path, capsys):
+    folders = _folders(tmp_path / "results")
     argv = ["report", "interventions", "--results", *map(str, folders), "--tables", str(tmp_path / "t"),
             "--figures", str(tmp_path / "f")]
     (folders[1].parent / "examples.safetensors").unlink()
@@ -185,4 +201,6 @@ def test_incomplete_folders_are_refused_in_one_line(folders, tmp_path, capsys):
     folders[3].write_text(json.dumps(summary))
     assert f"{folders[3]} lacks key(s) miou_before, probe.random_init_score" in _error(capsys, argv[:3] + [
         str(folders[3])] + argv[-4:])
+    (folders[0].parent / "examples.safetensors").write_bytes(b"xx")
+    assert "is not readable" in _error(capsys, argv[:3] + [str(folders[0])] + argv[-4:])
     assert not (tmp_path / "t").exists() and not (tmp_path / "f").exists()

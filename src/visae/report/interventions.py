@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from visae.atomic import atomic_path
 from visae.errors import VisaeError
@@ -141,9 +141,14 @@ def load_result(path: str | Path) -> Result:
     absent = _missing(set(classes.columns), spec.classes_columns)
     if absent:
         raise VisaeError(f"classes file {folder / INTERVENTION_CLASSES} lacks column(s) {', '.join(absent)}: {RERUN}")
-    with safe_open(str(folder / INTERVENTION_EXAMPLES), "numpy") as f:
-        absent = _missing(set(f.keys()), spec.example_tensors) + \
-            [f"metadata {k}" for k in _missing(f.metadata() or {}, ("classes", "task"))]
+    try:
+        with safe_open(str(folder / INTERVENTION_EXAMPLES), "numpy") as f:
+            absent = _missing(set(f.keys()), spec.example_tensors) + \
+                [f"metadata {k}" for k in _missing(f.metadata() or {}, ("classes", "task"))]
+            if not absent and not f.get_slice("class").get_shape()[0]:
+                absent = ["examples (it holds none)"]
+    except SafetensorError as err:
+        raise VisaeError(f"examples file {folder / INTERVENTION_EXAMPLES} is not readable ({err}): {RERUN}") from None
     if absent:
         raise VisaeError(f"examples file {folder / INTERVENTION_EXAMPLES} lacks {', '.join(absent)}: {RERUN}")
     return Result(path, s, dose)
@@ -229,7 +234,7 @@ def write_task_table(task: str, results: list[Result], out: Path) -> list[Path]:
         "md": shown.to_markdown(index=False, disable_numparse=True) + "\n",
         "csv": df.to_csv(index=False, na_rep="", lineterminator="\n"),
         "tex": shown.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
-        .to_latex(hrules=True),
+        .to_latex(hrules=True).replace("±", r"$\pm$"),
         "json": json.dumps(keyed, indent=2, sort_keys=True, default=str) + "\n",
     }
     paths = []
@@ -301,7 +306,7 @@ def _read_examples(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
 
 def _classification_panel(sub, arrays: dict, classes: list[str], title: str, top: int = 5) -> None:
     n = len(arrays["class"])
-    axes = sub.subplots(max(1, n), 3, squeeze=False, width_ratios=[1, 1, 1.8])
+    axes = sub.subplots(n, 3, squeeze=False, width_ratios=[1, 1, 1.8])
     for i in range(n):
         image, heat = arrays["image"][i], arrays["heatmap"][i]
         before, after = arrays["probs_before"][i].astype(float), arrays["probs_after"][i].astype(float)
@@ -329,7 +334,7 @@ def _classification_panel(sub, arrays: dict, classes: list[str], title: str, top
 
 def _segmentation_panel(sub, arrays: dict, classes: list[str], title: str) -> None:
     n = len(arrays["class"])
-    axes = sub.subplots(max(1, n), 4, squeeze=False)
+    axes = sub.subplots(n, 4, squeeze=False)
     cmap = ListedColormap(sns.color_palette("husl", len(classes)))
     shown = set()
     for i in range(n):
@@ -354,7 +359,7 @@ def example_figure(task: str, model: str, results: list[Result]) -> Figure:
     """Per folder: each stored example with the latent's heatmap and the task head's output before
     and after the edit (classification: top-5 probabilities; segmentation: the predicted classes)."""
     loaded = [_read_examples(r.examples) for r in results]
-    n = max(max(1, len(a["class"])) for a, _ in loaded)
+    n = max(len(a["class"]) for a, _ in loaded)
     width = 6.4 if task == "classification" else 6.0
     fig = Figure(figsize=(width * len(results), 1.6 * n + 1.2), layout="constrained")
     subs = fig.subfigures(1, len(results), squeeze=False)[0]
