@@ -1,4 +1,5 @@
-"""`visae report tables|figures`: the SAE table and per-model figures (see visae.report for file names)."""
+"""`visae report tables|figures|compare|interventions`: the SAE table, per-model figures, the comparison's and
+the interventions' reports (see visae.report and its modules for file names)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,19 @@ def cmd_report_compare(args) -> int:
     return 0
 
 
+def cmd_report_interventions(args) -> int:
+    from visae.report.interventions import write_interventions
+
+    started = time.time()
+    for out in (args.tables, args.figures):
+        clean_stale_temps(out)
+    paths = write_interventions(args.results, args.tables, args.figures)
+    config = {"command": "report interventions", "results": [str(p) for p in args.results]}
+    write_json(Path(args.figures) / RUN_MARKER, provenance(config, seeds={}, started=started))
+    print(f"{len(args.results)} intervention(s) -> {len(paths)} table/figure file(s) in {args.tables}, {args.figures}")
+    return 0
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("report", description=__doc__)
     sub = p.add_subparsers(dest="report_command", metavar="<what>", required=True)
@@ -86,3 +100,10 @@ def add_cli(subparsers) -> None:
     c.add_argument("--tables", required=True, help="output folder of the tables")
     c.add_argument("--figures", required=True, help="output folder of the figures")
     c.set_defaults(func=cmd_report_compare)
+    i = sub.add_parser("interventions", help="per task: <task>.md/csv/tex/json; dose_<task>_<m>, example_<task>_<m> "
+                                             "figures")
+    i.add_argument("--results", nargs="+", required=True, metavar="INTERVENTION_JSON",
+                   help="intervention.json files written by `visae intervene`")
+    i.add_argument("--tables", required=True, help="output folder of the tables")
+    i.add_argument("--figures", required=True, help="output folder of the figures")
+    i.set_defaults(func=cmd_report_interventions)

@@ -144,6 +144,16 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
         }, out_dir)
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
@@ -188,6 +198,24 @@ def add_cli(sub) -> None:
     c.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     c.add_argument("--out", default=str(DEFAULT_OUT))
     c.set_defaults(func=cmd_bench_compare)
+    i = bsub.add_parser("intervene", help="edited forward passes/s (a LatentEdit at one block) vs plain ones")
+    i.add_argument("--source", default="open_clip", help="the model's registry source (open_clip, timm)")
+    i.add_argument("--arch", default="ViT-B-16", help="random-init architecture of that source")
+    i.add_argument("--image-size", type=positive_int, default=224)
+    i.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+                   help="timm model_kwargs, e.g. the demo's '{\"patch_size\": 4, \"depth\": 4}'")
+    i.add_argument("--layer", type=int, default=-2, help="the block edited")
+    i.add_argument("--architecture", default="relu", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])
+    i.add_argument("--expansion", type=positive_int, default=32)
+    i.add_argument("--k", type=positive_int, help="active latents (topk, batchtopk, matryoshka)")
+    i.add_argument("--batch", type=positive_int, default=8)
+    i.add_argument("--rounds", type=positive_int, default=5)
+    i.add_argument("--passes", type=positive_int, help="forward passes per timed round (default: about 0.1 s)")
+    i.add_argument("--threads", type=positive_int, default=2)
+    i.add_argument("--seed", type=nonneg_int, default=0)
+    i.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    i.add_argument("--out", default=str(DEFAULT_OUT))
+    i.set_defaults(func=cmd_bench_intervene)
 
 
 def cmd_bench_extract(a) -> int:
@@ -214,4 +242,11 @@ def cmd_bench_compare(a) -> int:
     from visae.tools.bench_compare import bench_compare
     _report(bench_compare(a.images, a.latents, top_k=a.top_k, block=a.block, chunk=a.chunk, threads=a.threads,
                           sample=a.sample, seed=a.seed, device=a.device), Path(a.out))
+    return 0
+
+
+def cmd_bench_intervene(a) -> int:
+    from visae.tools.bench_intervene import bench_intervene
+    _report(bench_intervene(a.source, a.arch, a.image_size, a.model_kwargs, a.layer, a.architecture, a.expansion,
+                            a.k, a.batch, a.rounds, a.passes, a.threads, a.device, a.seed), Path(a.out))
     return 0
