@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from visae.data.patches import patch_labels
 from visae.errors import VisaeError
-from visae.layout import PROBE, PROBE_WEIGHTS
+from visae.layout import PROBE, PROBE_WEIGHTS, TASKS
 
 
 @torch.no_grad()
@@ -88,9 +88,6 @@ def probe_scores(model, pixels, bank_u8, bank_y, test_u8, test_y, batch_size: in
 
 
 # -- the task probes of the interventions ------------------------------------------------------
-
-TASKS = ("classification", "segmentation")
-
 
 def task_features(task: str, tokens: torch.Tensor, n_prefix: int, has_cls: bool) -> torch.Tensor:
     """What a `task` probe reads from final tokens [B, T, d]: the CLS token [B, d] (the patch
