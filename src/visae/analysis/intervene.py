@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
+from visae.analysis.probes import confusion_matrix, iou_from_confusion, pixel_predictions, task_batches
 from visae.errors import VisaeError
 from visae.layout import (INTERVENTION, INTERVENTION_CLASSES, INTERVENTION_DOSE, INTERVENTION_EXAMPLES,
                           TASKS)
@@ -139,24 +140,6 @@ def mean_std(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std())}
 
 
-def confusion(pred, target, n_classes: int, ignore_index: int | None) -> np.ndarray:
-    """[C, C] int64 counts of (true label, predicted label) over pixels, ignore label left out."""
-    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
-    keep = (target >= 0) & (target < n_classes)
-    if ignore_index is not None:
-        keep &= target != ignore_index
-    return np.bincount(target[keep] * n_classes + pred[keep], minlength=n_classes * n_classes).reshape(
-        n_classes, n_classes).astype(np.int64)
-
-
-def miou_from_confusion(cm: np.ndarray) -> float:
-    """Mean over classes present (in the labels or the predictions) of TP / (TP + FP + FN)."""
-    tp = np.diag(cm).astype(np.float64)
-    union = cm.sum(0) + cm.sum(1) - tp
-    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)) if np.isfinite(iou).any() else math.nan
-
-
 # -- inputs ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -248,17 +231,6 @@ def open_sources(index_dir, probe_dir, model_spec: dict, weights, layer, task: s
     sae.to(device)
     return Sources(index, store, sae, probe, backbone, resolved, train, test, train_images, test_images,
                    STORE_DTYPES[store.info.dtype][1], device)
-
-
-def task_batches(dataset, indices, backbone, batch_size: int):
-    """(pixels [b, 3, H, W], labels [b], masks [b, H, W] | None) over `indices` in order."""
-    for lo in range(0, len(indices), batch_size):
-        samples = [dataset[int(i)] for i in indices[lo:lo + batch_size]]
-        pixels = torch.stack([backbone.transform(s.image) for s in samples])
-        labels = torch.tensor([int(s.label) for s in samples], dtype=torch.int64)
-        masks = (torch.from_numpy(np.stack([backbone.mask_transform(s.mask) for s in samples]))
-                 if dataset.has_masks else None)
-        yield pixels, labels, masks
 
 
 # -- the forward passes ---------------------------------------------------------------------------
@@ -592,7 +564,7 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
         logits0 = probe.logits(probe.features(fwd.start(pixels), lay.n_prefix, lay.n_cls > 0))
         pred0 = logits0.argmax(-1).cpu().numpy()
         target = masks.numpy()
-        cms[(None, "before")] += confusion(_pixel_predictions(probe, logits0, lay.grid, bb.image_size), target,
+        cms[(None, "before")] += confusion_matrix(pixel_predictions(probe, logits0, lay.grid, bb.image_size), target,
                                            C, probe.ignore_index)
         labels = np.stack([patch_labels(m, lay.grid, src.test.ignore_index, src.test.patch_vote) for m in target])
         for c in range(C):
@@ -608,22 +580,14 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
                     acc += change_counts(pred0, pred, c)
                     if s == scale:
                         cm = cms.setdefault((c, method), np.zeros((C, C), dtype=np.int64))
-                        cm += confusion(_pixel_predictions(probe, logits, lay.grid, bb.image_size), target, C,
+                        cm += confusion_matrix(pixel_predictions(probe, logits, lay.grid, bb.image_size), target, C,
                                         probe.ignore_index)
         offset += len(target)
     return SegmentationRun(counts, cms, best)
 
 
-def _pixel_predictions(probe, patch_logits: torch.Tensor, grid, image_size) -> np.ndarray:
-    """[B, H, W] int64: the patch logits upsampled bilinearly to pixels, then the argmax."""
-    b, p, c = patch_logits.shape
-    grid_logits = patch_logits.float().permute(0, 2, 1).reshape(b, c, *grid)
-    up = F.interpolate(grid_logits, size=tuple(image_size), mode="bilinear", align_corners=False)
-    return up.argmax(1).cpu().numpy().astype(np.int64)
-
-
 def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes: list[str], *, scale: float,
-                        scales: list[float]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                        scales: list[float], probe_ignore: int | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     C = len(classes)
     methods = [m for m in SEGMENTATION_METHODS if m != "manual" or plan.manual]
     rows = []
@@ -640,7 +604,7 @@ def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes:
                          "threshold": choice["threshold"][c] if chosen else math.nan,
                          "n_target_patches": int(t_total), "target_change": rate(t_changed, t_total),
                          "other_change": rate(o_changed, o_total),
-                         "miou_after": miou_from_confusion(run.confusion[(c, method)])})
+                         "miou_after": iou_from_confusion(run.confusion[(c, method)], probe_ignore)[0]})
     table = pd.DataFrame(rows, columns=SEGMENTATION_COLUMNS).astype({"latent": "Int64"})
     dose = []
     for method in methods:
@@ -657,7 +621,7 @@ def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes:
     by = {m: table[table.method == m] for m in methods}
     part = {"rates": {m: {k: mean_std(by[m][k]) for k in ("target_change", "other_change", "miou_after")}
                       for m in methods},
-            "miou_before": miou_from_confusion(run.confusion[(None, "before")]),
+            "miou_before": iou_from_confusion(run.confusion[(None, "before")], probe_ignore)[0],
             "mode": "auto+manual" if plan.manual else "auto"}
     effects = {m: mean_std(by[m]["target_change"] - by[m]["other_change"])["mean"] for m in methods}
     part["finding"] = finding("segmentation", effects)
@@ -734,8 +698,8 @@ def examples(src: Sources, plan: Plan, choice: dict, best: dict, n: int, *, task
         out["probs_after"] = _probs(src.probe, feats(after)).numpy().astype(np.float32)
     else:
         grid, size = lay.grid, src.backbone.image_size
-        out["pred_before"] = _pixel_predictions(src.probe, src.probe.logits(feats(plain)), grid, size)
-        out["pred_after"] = _pixel_predictions(src.probe, src.probe.logits(feats(after)), grid, size)
+        out["pred_before"] = pixel_predictions(src.probe, src.probe.logits(feats(plain)), grid, size).cpu().numpy()
+        out["pred_after"] = pixel_predictions(src.probe, src.probe.logits(feats(after)), grid, size).cpu().numpy()
     return out
 
 
@@ -820,7 +784,8 @@ def intervene(args) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict, list[str]]:
         figure = examples(src, plan, choice, run.best, args.examples, task=task, scale=suppress, where=args.tokens)
     else:
         run = run_segmentation(src, plan, scale=scale, scales=scales, batch_size=args.batch_size)
-        table, dose, part = segmentation_tables(run, plan, choice, classes, scale=scale, scales=scales)
+        table, dose, part = segmentation_tables(run, plan, choice, classes, scale=scale, scales=scales,
+                                                probe_ignore=src.probe.ignore_index)
         result = {**common, "methods": [m for m in SEGMENTATION_METHODS if m != "manual" or manual], "scale": scale,
                   "thresholds": thresholds, **part}
         figure = examples(src, plan, choice, run.best, args.examples, task=task, scale=scale)
