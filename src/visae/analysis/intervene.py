@@ -49,6 +49,7 @@ from visae.models.edit import WHERE, DirectionEdit, LatentEdit, token_mask
 N_NEAREST = 10  # the random latent is drawn among this many alive latents nearest in frequency
 ENCODE_CHUNK_FLOATS = 1 << 24  # bound on the [tokens, latents] block the training pass encodes at once
 TAIL_RTOL = 1e-4  # running the blocks after L on their own must match final_tokens this closely
+TAIL_ROWS = 2048  # images per pass through the blocks after L (edits of a batch run together)
 CLASSIFICATION_METHODS = ("latent", "random_latent", "random_direction", "probe_direction")
 SEGMENTATION_METHODS = ("latent", "manual", "random_latent", "random_direction")
 CLASSIFICATION_COLUMNS = ["class", "class_name", "method", "latent", "n_images", "p_before", "p_after",
@@ -274,16 +275,28 @@ class EditedForward:
         return self.plain
 
     def edited(self, edit, rows=None) -> torch.Tensor:
-        if self.blocks_alone:
-            resid = self.resid if rows is None else self.resid[rows]
+        """Final tokens of the batch's `rows` (all by default) with `edit` at block `layer`."""
+        return next(self.many([(edit, rows)]))
+
+    def many(self, jobs: list):
+        """Final tokens for each (edit, rows) of `jobs`, in order (a generator): the edited streams
+        of consecutive jobs go through the blocks after `layer` together, about TAIL_ROWS images at
+        a time, so memory stays bounded by one such group."""
+        if not self.blocks_alone:
+            for edit, rows in jobs:
+                yield self.backbone.final_tokens(self.pixels if rows is None else self.pixels[rows], edit=edit,
+                                                 layer=self.layer)
+            return
+        group, n_rows = [], 0
+        for i, (edit, rows) in enumerate(jobs):
             with torch.inference_mode():
-                return self._tail(edit(resid))
-        pixels = self.pixels if rows is None else self.pixels[rows]
-        return self.backbone.final_tokens(pixels, edit=edit, layer=self.layer)
-
-
-def _rows_mask(mask: torch.Tensor, n_rows: int) -> torch.Tensor:
-    return mask if mask.dim() == 1 else mask[:n_rows]
+                group.append(edit(self.resid if rows is None else self.resid[rows]))
+            n_rows += len(group[-1])
+            if n_rows >= TAIL_ROWS or i == len(jobs) - 1:
+                with torch.inference_mode():
+                    out = self._tail(torch.cat(group))
+                yield from out.split([len(x) for x in group])
+                group, n_rows = [], 0
 
 
 def _pooled(src: Sources) -> tuple[slice, str]:
@@ -293,10 +306,11 @@ def _pooled(src: Sources) -> tuple[slice, str]:
     return (slice(lay.n_prefix, lay.n_tokens), kind) if kind == "patches" else (slice(0, 1), kind)
 
 
-def _sae_codes(src: Sources, resid: torch.Tensor, latents=None) -> torch.Tensor:
-    """SAE codes of residual tokens [b, t, d] rounded to the store's dtype (as extraction stored
-    them): all latents [b, t, h], or `latents` only; chunked to bound memory."""
-    x = resid.to(src.store_dtype).to(src.sae.W_enc.dtype)
+def _sae_codes(src: Sources, resid: torch.Tensor, latents=None, *, as_stored: bool = True) -> torch.Tensor:
+    """SAE codes of residual tokens [b, t, d], rounded to the store's dtype first (as extraction
+    stored them) unless not `as_stored` (what an edit sees): all latents [b, t, h], or `latents`
+    only; chunked to bound memory."""
+    x = (resid.to(src.store_dtype) if as_stored else resid).to(src.sae.W_enc.dtype)
     width = src.sae.width if latents is None else len(latents)
     rows = max(1, ENCODE_CHUNK_FLOATS // max(1, x.shape[1] * width))
     with torch.inference_mode():
@@ -388,15 +402,32 @@ class Plan:
     insert_targets: list[list[int]] = field(default_factory=list)
 
 
-def _edits(src: Sources, plan: Plan, cls: int, scale: float, tokens: torch.Tensor) -> dict:
-    """The method -> edit of class `cls`'s latent (and its baselines) set to scale x max."""
-    value = lambda j: [float(scale * plan.max_activation[j])]  # noqa: E731
-    latent = LatentEdit(src.sae, [plan.latents[cls]], value(plan.latents[cls]), tokens)
-    edits = {"latent": latent,
-             "random_latent": LatentEdit(src.sae, [plan.random_latents[cls]], value(plan.random_latents[cls]), tokens),
+class BatchCodes:
+    """The SAE codes, on one batch's residual stream, of every latent an edit of the run touches:
+    computed once per batch and handed to each LatentEdit (`current`)."""
+
+    def __init__(self, src: Sources, plan: Plan, resid: torch.Tensor):
+        self.columns = sorted({*plan.latents, *plan.random_latents, *plan.manual.values()})
+        self.at = {j: i for i, j in enumerate(self.columns)}
+        self.codes = _sae_codes(src, resid, self.columns, as_stored=False)  # [b, T, J]
+
+    def of(self, latent: int, rows) -> torch.Tensor:
+        codes = self.codes[:, :, self.at[latent]:self.at[latent] + 1]
+        return codes if rows is None else codes[rows]
+
+
+def _edits(src: Sources, plan: Plan, cls: int, scale: float, tokens: torch.Tensor, codes: BatchCodes,
+           rows=None) -> dict:
+    """The method -> edit of class `cls`'s latent (and its baselines) set to scale x max, for the
+    batch's `rows` (all by default)."""
+    def set_latent(j):
+        return LatentEdit(src.sae, [j], [float(scale * plan.max_activation[j])], tokens, current=codes.of(j, rows))
+
+    latent = set_latent(plan.latents[cls])
+    edits = {"latent": latent, "random_latent": set_latent(plan.random_latents[cls]),
              "random_direction": DirectionEdit(plan.directions[cls], latent.delta_norm, tokens)}
     if cls in plan.manual:
-        edits["manual"] = LatentEdit(src.sae, [plan.manual[cls]], value(plan.manual[cls]), tokens)
+        edits["manual"] = set_latent(plan.manual[cls])
     return edits
 
 
@@ -426,6 +457,9 @@ class ClassificationRun:
 
 def run_classification(src: Sources, plan: Plan, *, suppress_scale: float, insert_scale: float, scales: list[float],
                        where: str, batch_size: int) -> ClassificationRun:
+    """Per test batch: the plain predictions, then for each class its suppression on every image
+    (the class's own and the others'), its dose-response on its own images, and the insertion of
+    each target class's latent on its images; every method's edits of a batch run together."""
     probe, bb = src.probe, src.backbone
     C = len(probe.classes)
     fwd = EditedForward(bb, src.layer)
@@ -433,56 +467,59 @@ def run_classification(src: Sources, plan: Plan, *, suppress_scale: float, inser
     pooled, _ = _pooled(src)
     has_cls, n_prefix = bb.layout.n_cls > 0, bb.layout.n_prefix
     feats = lambda tokens: probe.features(tokens, n_prefix, has_cls)  # noqa: E731
-    results: dict = {}
+    parts: dict = {}
     labels_all, probs_all = [], []
     best: dict = {}
     offset = 0
     dose_scales = [s for s in scales if s != suppress_scale]
-
-    def record(key, positions, probs, cls):
-        pos, pred, prob = results.setdefault(key, ([], [], []))
-        pos.append(positions)
-        pred.append(probs.argmax(-1).numpy())
-        prob.append(probs[:, cls].numpy())
-
-    def run_edits(key, edits, rows, prob_cls, feats0, n_batch):
-        positions = offset + (np.arange(n_batch) if rows is None else rows.cpu().numpy())
-        f_latent = None
-        for method, edit in edits.items():
-            f = feats(fwd.edited(edit, rows))
-            if method == "latent":
-                f_latent = f
-            record((*key[:2], method, *key[2:]), positions, _probs(probe, f), prob_cls)
-        moved = _probe_move(probe, feats0, f_latent, prob_cls)
-        record((*key[:2], "probe_direction", *key[2:]), positions, _probs(probe, moved), prob_cls)
-
     for pixels, labels, _ in task_batches(src.test, src.test_images, bb, batch_size):
-        plain = fwd.start(pixels)
-        feats0 = feats(plain)
+        feats0 = feats(fwd.start(pixels))
         probs0 = _probs(probe, feats0)
         labels_all.append(labels.numpy())
         probs_all.append(probs0.numpy())
+        codes = BatchCodes(src, plan, fwd.resid)
         acts = _sae_codes(src, fwd.resid[:, pooled], plan.latents).amax(dim=1).cpu()  # [b, C]
+        jobs = []  # (kind, class, scale, target class, rows), its method -> edit
         for c in range(C):
             rows = torch.nonzero(labels == c).flatten()
-            if len(rows):
-                k = int(acts[rows, c].argmax())
-                if c not in best or float(acts[rows[k], c]) > best[c][0]:
-                    best[c] = (float(acts[rows[k], c]), offset + int(rows[k]))
-            run_edits(("suppress", c, suppress_scale, None), _edits(src, plan, c, suppress_scale, mask), None, c,
-                      feats0, len(labels))
+            jobs.append((("suppress", c, suppress_scale, None, None), _edits(src, plan, c, suppress_scale, mask, codes)))
             if not len(rows):
                 continue
-            rows_dev = rows.to(bb.device)
-            for s in dose_scales:
-                run_edits(("dose", c, s, None), _edits(src, plan, c, s, mask), rows_dev, c, feats0[rows_dev], 0)
-            for target in plan.insert_targets[c]:
-                run_edits(("insert", c, insert_scale, target), _edits(src, plan, target, insert_scale, mask),
-                          rows_dev, target, feats0[rows_dev], 0)
+            k = int(acts[rows, c].argmax())
+            if c not in best or float(acts[rows[k], c]) > best[c][0]:
+                best[c] = (float(acts[rows[k], c]), offset + int(rows[k]))
+            rows = rows.to(bb.device)
+            jobs += [(("dose", c, s, None, rows), _edits(src, plan, c, s, mask, codes, rows)) for s in dose_scales]
+            jobs += [(("insert", c, insert_scale, t, rows), _edits(src, plan, t, insert_scale, mask, codes, rows))
+                     for t in plan.insert_targets[c]]
+        flat = [(key, method, edit) for key, edits in jobs for method, edit in edits.items()]
+        outputs = fwd.many([(edit, key[4]) for key, _, edit in flat])
+        latent_feats = {}
+        for (key, method, _), tokens in zip(flat, outputs):
+            f = feats(tokens)
+            kind, c, scale, target, rows = key
+            if method == "latent":
+                latent_feats[key] = f
+            record = parts.setdefault((kind, c, method, scale, target), ([], [], []))
+            _append(record, offset, rows, len(labels), _probs(probe, f), c if target is None else target)
+        for key, f in latent_feats.items():
+            kind, c, scale, target, rows = key
+            cls = c if target is None else target
+            moved = _probe_move(probe, feats0 if rows is None else feats0[rows], f, cls)
+            _append(parts.setdefault((kind, c, "probe_direction", scale, target), ([], [], [])), offset, rows,
+                    len(labels), _probs(probe, moved), cls)
         offset += len(labels)
-    results = {k: tuple(np.concatenate(v) for v in parts) for k, parts in results.items()}
+    results = {k: tuple(np.concatenate(v) for v in lists) for k, lists in parts.items()}
     probs0 = np.concatenate(probs_all)
     return ClassificationRun(np.concatenate(labels_all), probs0, probs0.argmax(-1), results, best)
+
+
+def _append(record, offset: int, rows, n_batch: int, probs: torch.Tensor, cls: int) -> None:
+    """Add one batch's (test positions, predictions, probability of `cls`) to a job's record."""
+    positions, preds, probs_cls = record
+    positions.append(offset + (np.arange(n_batch) if rows is None else rows.cpu().numpy()))
+    preds.append(probs.argmax(-1).numpy())
+    probs_cls.append(probs[:, cls].numpy())
 
 
 def classification_tables(run: ClassificationRun, plan: Plan, classes: list[str], *, suppress_scale: float,
@@ -567,21 +604,24 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
         cms[(None, "before")] += confusion_matrix(pixel_predictions(probe, logits0, lay.grid, bb.image_size), target,
                                            C, probe.ignore_index)
         labels = np.stack([patch_labels(m, lay.grid, src.test.ignore_index, src.test.patch_vote) for m in target])
+        codes = BatchCodes(src, plan, fwd.resid)
+        flat = []
         for c in range(C):
             n_c = (labels == c).sum(1)
             k = int(n_c.argmax())
             if n_c[k] > 0 and (c not in best or int(n_c[k]) > best[c][0]):
                 best[c] = (int(n_c[k]), offset + k)
-            for s in all_scales:
-                for method, edit in _edits(src, plan, c, s, mask).items():
-                    logits = probe.logits(probe.features(fwd.edited(edit), lay.n_prefix, lay.n_cls > 0))
-                    pred = logits.argmax(-1).cpu().numpy()
-                    acc = counts.setdefault((c, method, s), np.zeros(4, dtype=np.int64))
-                    acc += change_counts(pred0, pred, c)
-                    if s == scale:
-                        cm = cms.setdefault((c, method), np.zeros((C, C), dtype=np.int64))
-                        cm += confusion_matrix(pixel_predictions(probe, logits, lay.grid, bb.image_size), target, C,
-                                        probe.ignore_index)
+            flat += [((c, method, s), edit) for s in all_scales
+                     for method, edit in _edits(src, plan, c, s, mask, codes).items()]
+        outputs = fwd.many([(edit, None) for _, edit in flat])
+        for ((c, method, s), _), tokens in zip(flat, outputs):
+            logits = probe.logits(probe.features(tokens, lay.n_prefix, lay.n_cls > 0))
+            pred = logits.argmax(-1).cpu().numpy()
+            counts.setdefault((c, method, s), np.zeros(4, dtype=np.int64))[:] += change_counts(pred0, pred, c)
+            if s == scale:
+                cm = cms.setdefault((c, method), np.zeros((C, C), dtype=np.int64))
+                cm += confusion_matrix(pixel_predictions(probe, logits, lay.grid, bb.image_size), target, C,
+                                       probe.ignore_index)
         offset += len(target)
     return SegmentationRun(counts, cms, best)
 
@@ -642,7 +682,7 @@ def finding(task: str, effects: dict) -> dict:
                 "for a random direction of the same norm")
     known = all(v is not None and math.isfinite(v) for v in (ours, rl, rd))
     moves = bool(known and size(ours) > size(rl) and size(ours) > size(rd))
-    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.3f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.3g}"  # noqa: E731
     text = what.format(ours=fmt(ours), rl=fmt(rl), rd=fmt(rd))
     text = text[0].upper() + text[1:] + (": the chosen latent moves its target more than both baselines."
                                          if moves else ": the chosen latent does not move its target more than both "

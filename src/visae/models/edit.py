@@ -50,10 +50,12 @@ class LatentEdit:
     """x -> x + decode(f') - decode(f) on the selected tokens, f' = f with `latents` set to `values`.
 
     `values`: one per latent ([J], or anything broadcastable to [B, T, J]). `tokens`: bool [T]
-    or [B, T]. Works in the SAE's dtype and returns x's dtype; the SAE must be on x's device.
+    or [B, T]. `current`: the codes f_J [B, T, J] of the tokens the edit will see, when the caller
+    has them already (many edits of one batch), else the SAE computes them. Works in the SAE's
+    dtype and returns x's dtype; the SAE must be on x's device.
     """
 
-    def __init__(self, sae, latents, values, tokens: torch.Tensor):
+    def __init__(self, sae, latents, values, tokens: torch.Tensor, current: torch.Tensor | None = None):
         self.sae = sae
         ids = torch.as_tensor(list(latents), dtype=torch.long).reshape(-1)
         bad = ids[(ids < 0) | (ids >= sae.width)]
@@ -65,6 +67,7 @@ class LatentEdit:
         with torch.no_grad():
             self.rows = sae.W_dec[self.latents].detach() * sae.scale  # [J, d]: raw-space decoder rows
         self.tokens = torch.as_tensor(tokens, dtype=torch.bool)
+        self.current = current
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, d] in the SAE's dtype: what the edit adds (zero on tokens it leaves alone)."""
@@ -72,7 +75,7 @@ class LatentEdit:
         if not self.latents.numel():
             return torch.zeros_like(x)
         with torch.no_grad():
-            f = self.sae.encode_some(x, self.latents)  # [B, T, J]
+            f = self.sae.encode_some(x, self.latents) if self.current is None else self.current  # [B, T, J]
             change = (self.values - f) @ self.rows
         return torch.where(_selected(self.tokens, x), change, 0.0)
 
