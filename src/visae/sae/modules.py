@@ -110,6 +110,20 @@ class SAE(nn.Module):
         shape = f.shape
         return self.denormalise(self.decode_norm(f.reshape(-1, shape[-1]))).reshape(*shape[:-1], self.d_model)
 
+    def encode_some(self, x: torch.Tensor, latents) -> torch.Tensor:
+        """The codes of `latents` only, of RAW activations [..., d] -> [..., len(latents)]: what an
+        edit of a few latents reads. Exact; SAEs whose activation is elementwise override it to
+        compute only those columns' pre-activations."""
+        return self.encode(x)[..., self._latent_ids(latents)]
+
+    def _latent_ids(self, latents) -> torch.Tensor:
+        return torch.as_tensor(latents, dtype=torch.long, device=self.W_enc.device).reshape(-1)
+
+    def _pre_acts_some(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Pre-activations of the latents `ids` only, [N, len(ids)], of RAW activations [..., d]."""
+        xn = self.normalise(x.reshape(-1, x.shape[-1]))
+        return torch.addmm(self.b_enc[ids], xn - self.b_dec, self.W_enc[:, ids])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
@@ -151,6 +165,10 @@ class ReLUSAE(SAE):
 
     def activate(self, pre):
         return torch.relu(pre)
+
+    def encode_some(self, x, latents):
+        ids = self._latent_ids(latents)
+        return torch.relu(self._pre_acts_some(x, ids)).reshape(*x.shape[:-1], len(ids))
 
     def train_loss(self, xn, sparsity_coeff):
         f = torch.relu(self.pre_acts(xn))
@@ -392,6 +410,15 @@ class BatchTopKSAE(TopKSAE):
             return self.batch_select(pre)[0]
         return pre * (pre > self.threshold)
 
+    def encode_some(self, x, latents):
+        """Elementwise (one fixed threshold) at inference once the threshold is set; otherwise the
+        batch's top-k (or a Matryoshka's per-token top-k) needs every latent."""
+        if self.training or float(self.threshold) < 0 or getattr(self, "inner", "batchtopk") != "batchtopk":
+            return super().encode_some(x, latents)
+        ids = self._latent_ids(latents)
+        pre = self._pre_acts_some(x, ids)
+        return (pre * (pre > self.threshold)).reshape(*x.shape[:-1], len(ids))
+
     def train_loss(self, xn, sparsity_coeff=0.0):
         pre = self.pre_acts(xn)
         f, vals = self.batch_select(pre)
@@ -466,6 +493,11 @@ class JumpReLUSAE(SAE):
 
     def activate(self, pre):
         return pre * (pre > self.theta)
+
+    def encode_some(self, x, latents):
+        ids = self._latent_ids(latents)
+        pre = self._pre_acts_some(x, ids)
+        return (pre * (pre > self.theta[ids])).reshape(*x.shape[:-1], len(ids))
 
     def train_loss(self, xn, sparsity_coeff):
         pre = self.pre_acts(xn)
