@@ -38,7 +38,7 @@ def test_paths_of_the_results_tree():
     assert r.comparison_marker("a", 6, "s", "b", -2, "s", "d") == "out/compare/a__b/d/layer_6__layer_-2/s__s/matching.json"
     assert r.comparison("a", 6, "s", "a", 6, seed_twin("s"), "d") == "out/compare/a__a/d/layer_6__layer_6/s__s.seed1"
     assert r.similarity_marker("a", "b", "d") == "out/compare/a__b/d/similarity/similarity.json"
-    assert len({r.latent_index("m", "d", 6, "s"), r.comparison("a", 6, "s", "b", 6, "s", "d"), r.probe("m", "d", 6, "cls"),
+    assert len({r.latent_index("m", "d", 6, "s"), r.comparison("a", 6, "s", "b", 6, "s", "d"), r.probe("classification", "m", "d"),
                 r.profile("m", "d", 6, "s"), r.similarity("a", "b", "d"),
                 r.intervention("segmentation", "m", "d", 6, "s"), r.browser(), r.readme(), r.report_html()}) == 9
     with pytest.raises(TypeError):

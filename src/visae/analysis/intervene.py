@@ -250,13 +250,7 @@ class EditedForward:
         self.pixels = self.resid = self.plain = None
 
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
-        bb = self.backbone
-        with torch.inference_mode():
-            h = x if bb._batch_first else x.transpose(0, 1)
-            for block in bb._blocks[self.layer + 1:]:
-                out = block(h)
-                h = out[0] if isinstance(out, (tuple, list)) else out
-            return bb.final_norm(h if bb._batch_first else h.transpose(0, 1))
+        return self.backbone.tokens_after(x, self.layer)
 
     def start(self, pixels: torch.Tensor) -> torch.Tensor:
         bb = self.backbone

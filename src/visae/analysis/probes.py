@@ -462,8 +462,7 @@ def add_cli(subparsers) -> None:
 
     from visae.args import device, nonneg_float, nonneg_int, open_fraction, positive_float, positive_int
 
-    p = subparsers.add_parser("probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="a linear classification or segmentation probe on a model's final layer")
+    p = subparsers.add_parser("probe", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--model", required=True, help="the model's config entry as JSON")
     p.add_argument("--weights", default=None, help="the model's weights file (a `visae pretrain` model's)")

@@ -207,6 +207,19 @@ class Backbone:
         with torch.inference_mode():
             return self.final_norm(out["x"])
 
+    def tokens_after(self, resid: torch.Tensor, layer: int) -> torch.Tensor:
+        """Final tokens (after the final norm) from the residual stream `resid` [B, T, d] after block
+        `layer`, running only the blocks after it: many edits of one batch then share its first
+        blocks. Exact where the blocks take only the token stream (timm, open_clip image towers);
+        `final_tokens(pixels, edit=..., layer=...)` is the reference a caller can check it against."""
+        start = self.resolve_layer(layer) + 1
+        with torch.inference_mode():
+            h = resid if self._batch_first else resid.transpose(0, 1)
+            for block in self._blocks[start:]:
+                out = block(h)
+                h = out[0] if isinstance(out, (tuple, list)) else out
+            return self.final_norm(h if self._batch_first else h.transpose(0, 1))
+
     def mask_transform(self, mask: np.ndarray, fill: int = 0) -> np.ndarray:
         """Apply the image transform's geometry (resize/crop/pad) to a label mask, nearest-neighbour.
 
