@@ -157,7 +157,27 @@ def test_suppressing_the_latent_that_carries_a_class_lowers_that_class_only():
     # a random latent that never fires changes nothing; inserting class 1's latent flips class 0 to it
     assert table[(table["class"] == 0) & (table.method == "random_latent")].iloc[0].delta_prob == pytest.approx(0, abs=1e-6)
     assert row.flip_rate > 0.5
-    assert part["finding"]["moves_more_than_baselines"] is True
+    # the chosen latents beat both baselines by far on average; three classes are too few for the
+    # bootstrap interval to clear zero, so the finding stays cautious
+    margins = part["finding"]["margins"]
+    assert margins["random_latent"]["value"] > 0.1 and margins["random_direction"]["value"] > 0.1
+
+
+def test_the_finding_needs_margins_clear_of_the_spread_over_classes():
+    rng = np.random.default_rng(0)
+    noise = lambda: rng.normal(0, 0.01, 10)  # noqa: E731
+    clear = iv.finding("segmentation", {"latent": 0.5 + noise(), "random_latent": noise(), "random_direction": noise()},
+                       seed=0)
+    assert clear["moves_more_than_baselines"] is True
+    assert clear["margins"]["random_latent"]["low"] > 0.4 and "moves its target more than both" in clear["text"]
+    # a mean ahead of one baseline but within the classes' spread is not a win
+    close = iv.finding("segmentation", {"latent": 0.004 + noise(), "random_latent": noise(),
+                                        "random_direction": noise()}, seed=0)
+    assert close["moves_more_than_baselines"] is False and "does not clearly move" in close["text"]
+    # classification compares sizes: a large increase counts as much as a large decrease
+    sized = iv.finding("classification", {"latent": np.r_[-0.5, 0.5] .repeat(5) + noise(),
+                                          "random_latent": noise(), "random_direction": noise()}, seed=0)
+    assert sized["moves_more_than_baselines"] is True
 
 
 # -- end to end on a tiny ViT ---------------------------------------------------------------------

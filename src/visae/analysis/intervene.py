@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
+from visae.analysis.stats import bootstrap_mean
 from visae.analysis.probes import confusion_matrix, iou_from_confusion, pixel_predictions, task_batches
 from visae.errors import VisaeError
 from visae.layout import (INTERVENTION, INTERVENTION_CLASSES, INTERVENTION_DOSE, INTERVENTION_EXAMPLES,
@@ -517,7 +518,8 @@ def _append(record, offset: int, rows, n_batch: int, probs: torch.Tensor, cls: i
 
 
 def classification_tables(run: ClassificationRun, plan: Plan, classes: list[str], *, suppress_scale: float,
-                          insert_scale: float, scales: list[float]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                          insert_scale: float, scales: list[float], seed: int = 0
+                          ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(classes.csv, dose.csv, intervention.json's task part) from the run's predictions."""
     C = len(classes)
     rows = []
@@ -567,8 +569,8 @@ def classification_tables(run: ClassificationRun, plan: Plan, classes: list[str]
         "insertion": {m: {"flip_rate": mean_std(by[m]["flip_rate"])} for m in CLASSIFICATION_METHODS},
         "accuracy_before": accuracy(run.pred0, run.labels),
     }
-    effects = {m: part["suppression"][m]["delta_prob"]["mean"] for m in CLASSIFICATION_METHODS}
-    part["finding"] = finding("classification", effects)
+    effects = {m: by[m]["delta_prob"].to_numpy(dtype=np.float64) for m in CLASSIFICATION_METHODS}
+    part["finding"] = finding("classification", effects, seed)
     return table, pd.DataFrame(dose), part
 
 
@@ -621,7 +623,8 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
 
 
 def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes: list[str], *, scale: float,
-                        scales: list[float], probe_ignore: int | None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                        scales: list[float], probe_ignore: int | None, seed: int = 0
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     C = len(classes)
     methods = [m for m in SEGMENTATION_METHODS if m != "manual" or plan.manual]
     rows = []
@@ -657,31 +660,47 @@ def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes:
                       for m in methods},
             "miou_before": iou_from_confusion(run.confusion[(None, "before")], probe_ignore)[0],
             "mode": "auto+manual" if plan.manual else "auto"}
-    effects = {m: mean_std(by[m]["target_change"] - by[m]["other_change"])["mean"] for m in methods}
-    part["finding"] = finding("segmentation", effects)
+    effects = {m: (by[m]["target_change"] - by[m]["other_change"]).to_numpy(dtype=np.float64) for m in methods}
+    part["finding"] = finding("segmentation", effects, seed)
     return table, pd.DataFrame(dose), part
 
 
-def finding(task: str, effects: dict) -> dict:
-    """Whether the chosen latent's headline effect is larger than both random baselines', in one sentence."""
-    ours, rl, rd = effects.get("latent"), effects.get("random_latent"), effects.get("random_direction")
-    if task == "classification":
-        size = abs
-        what = ("suppressing each class's most selective latent changes the class's probability by {ours} on average, "
-                "against {rl} for a random latent of matched frequency and {rd} for a random direction of the same norm")
-    else:
-        size = float
-        what = ("setting each class's best-F1 latent changes the class's patches by {ours} more than the other patches "
-                "(target minus other change rate), against {rl} for a random latent of matched frequency and {rd} "
-                "for a random direction of the same norm")
-    known = all(v is not None and math.isfinite(v) for v in (ours, rl, rd))
-    moves = bool(known and size(ours) > size(rl) and size(ours) > size(rd))
+FINDING_RESAMPLES = 2000  # bootstrap resamples of the per-class margins
+
+
+def finding(task: str, effects: dict, seed: int) -> dict:
+    """Whether the chosen latent moves its target more than both random baselines, in one sentence.
+
+    `effects`: per method, the per-class headline (classification: the change of the class's
+    probability, compared by size; segmentation: target minus other change rate). The margins over
+    each baseline are paired per class, with a seeded 95% bootstrap interval: the latent "moves
+    more" only when both intervals lie above zero, so a difference within the classes' spread is not
+    called a win.
+    """
+    size = np.abs if task == "classification" else (lambda v: v)
+    ours = np.asarray(effects["latent"], dtype=np.float64)
+    margins = {}
+    for base in ("random_latent", "random_direction"):
+        theirs = np.asarray(effects[base], dtype=np.float64)
+        keep = np.isfinite(ours) & np.isfinite(theirs)
+        margins[base] = bootstrap_mean(size(ours[keep]) - size(theirs[keep]), np.random.default_rng(seed),
+                                       FINDING_RESAMPLES)
+    moves = all(m["n"] >= 2 and m["low"] > 0 for m in margins.values())
     fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.3g}"  # noqa: E731
-    text = what.format(ours=fmt(ours), rl=fmt(rl), rd=fmt(rd))
-    text = text[0].upper() + text[1:] + (": the chosen latent moves its target more than both baselines."
-                                         if moves else ": the chosen latent does not move its target more than both "
-                                                       "baselines.")
-    return {"moves_more_than_baselines": moves, "text": text}
+    mean = {m: fmt(float(np.nanmean(effects[m])) if np.isfinite(effects[m]).any() else math.nan)
+            for m in ("latent", "random_latent", "random_direction")}
+    what = ("Suppressing each class's most selective latent changes the class's probability by {latent} on average "
+            if task == "classification" else
+            "Setting each class's best-F1 latent changes the class's patches by {latent} more than the other patches "
+            "(target minus other change rate) on average ").format(**mean)
+    interval = lambda m: f"{fmt(m['value'])} [{fmt(m['low'])}, {fmt(m['high'])}]"  # noqa: E731
+    text = (what + f"(a random latent of matched frequency: {mean['random_latent']}; a random direction of the "
+            f"same norm: {mean['random_direction']}); per class, the latent's {'size of ' if task == 'classification' else ''}"
+            f"effect exceeds the random latent's by {interval(margins['random_latent'])} and the random direction's "
+            f"by {interval(margins['random_direction'])} (95% bootstrap over classes): the chosen latent "
+            + ("moves its target more than both baselines." if moves else
+               "does not clearly move its target more than both baselines."))
+    return {"moves_more_than_baselines": moves, "text": text, "margins": margins}
 
 
 # -- the figure's examples --------------------------------------------------------------------------
@@ -812,14 +831,14 @@ def intervene(args) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict, list[str]]:
         run = run_classification(src, plan, suppress_scale=suppress, insert_scale=insert, scales=scales,
                                  where=args.tokens, batch_size=args.batch_size)
         table, dose, part = classification_tables(run, plan, classes, suppress_scale=suppress, insert_scale=insert,
-                                                  scales=scales)
+                                                  scales=scales, seed=args.seed)
         result = {**common, "methods": list(CLASSIFICATION_METHODS), "suppress_scale": suppress,
                   "insert_scale": insert, "tokens": args.tokens, **part}
         figure = examples(src, plan, choice, run.best, args.examples, task=task, scale=suppress, where=args.tokens)
     else:
         run = run_segmentation(src, plan, scale=scale, scales=scales, batch_size=args.batch_size)
         table, dose, part = segmentation_tables(run, plan, choice, classes, scale=scale, scales=scales,
-                                                probe_ignore=src.probe.ignore_index)
+                                                probe_ignore=src.probe.ignore_index, seed=args.seed)
         result = {**common, "methods": [m for m in SEGMENTATION_METHODS if m != "manual" or manual], "scale": scale,
                   "thresholds": thresholds, **part}
         figure = examples(src, plan, choice, run.best, args.examples, task=task, scale=scale)
