@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 
@@ -63,3 +64,14 @@ def device(text: str) -> str:
     elif dev.type != "cpu":
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}: use cpu, cuda or cuda:N")
     return text
+
+
+def json_object(text: str, flag: str = "the argument") -> dict:
+    """A command-line argument that must be a JSON object (a config entry, a hierarchy)."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise VisaeError(f"{flag} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise VisaeError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value

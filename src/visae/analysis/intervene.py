@@ -14,14 +14,16 @@ Latents are chosen on the probe's TRAINING images only:
   `--max-frequency` of the training patches; or the latents `--latents-json` names (`manual`).
 
 Each chosen latent's edit is read against baselines: `random_latent` (a seeded draw among the
-alive latents nearest in image-level firing frequency, never a chosen one), `random_direction`
+latents the choice could pick, nearest in firing frequency on the same training images: image
+level for classification, patch level for segmentation; never a chosen one), `random_direction`
 (a seeded unit vector in d_model, scaled on each token to the norm the latent edit has there)
 and, for classification, `probe_direction` (the final features moved as far as the latent edit
 moved them, along the probe's own weight direction for the class: an upper bound).
 
 Each test batch runs the blocks up to L once; every edit of that batch then runs only the blocks
-after L (checked once per run against `Backbone.final_tokens` with the edit, which is used
-instead where a model's blocks cannot be run on their own).
+after L (`Backbone.tokens_after`). The first batch checks that shortcut's plain pass against
+`Backbone.final_tokens`; where they differ (a model whose blocks cannot run on their own) every
+edit goes through `final_tokens` with the edit hook instead.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from visae.args import device as device_arg, nonneg_int, positive_int
+from visae.args import device as device_arg, json_object, nonneg_int, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.analysis.stats import bootstrap_mean
 from visae.analysis.probes import confusion_matrix, iou_from_confusion, pixel_predictions, task_batches
@@ -160,15 +162,6 @@ class Sources:
     device: str
 
 
-def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise VisaeError(f"{flag} is not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise VisaeError(f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
-
 
 def _probe_split(probe, which: str, directory) -> tuple[dict, np.ndarray]:
     entry = probe.meta.get(which)
@@ -181,7 +174,7 @@ def _probe_split(probe, which: str, directory) -> tuple[dict, np.ndarray]:
 def open_sources(index_dir, probe_dir, model_spec: dict, weights, layer, task: str, device: str) -> Sources:
     """The latent index, its store and SAE, the probe, the model and the probe's datasets, checked
     to belong together; every refusal is one line."""
-    from visae.analysis.invariance import _check_same_model
+    from visae.analysis.invariance import check_same_model
     from visae.analysis.latent_index import LatentIndex, reopen_sources
     from visae.analysis.probes import LinearProbe
     from visae.data import open_dataset
@@ -200,7 +193,7 @@ def open_sources(index_dir, probe_dir, model_spec: dict, weights, layer, task: s
     if spec.get("source") == "pretrain" and not spec.get("weights"):
         raise VisaeError("the model is a `visae pretrain` model: pass its weights file (--weights)")
     backbone = load_backbone(spec)
-    _check_same_model(backbone, store.info.model, store.root)
+    check_same_model(backbone, store.info.model, store.root)
     probe_model = (probe.meta.get("model") or {}).get("identity")
     if probe_model != backbone.identity:
         differ = sorted(k for k in set(probe_model or {}) | set(backbone.identity)
@@ -242,8 +235,9 @@ class EditedForward:
 
     `start(pixels)` runs the blocks up to `layer` once (the residual stream, kept) and the rest
     (the plain tokens); `edited(edit, rows)` runs the edit on the kept stream of `rows` and the
-    blocks after `layer`. The first batch checks that against `final_tokens(pixels, edit, layer)`
-    (the reference); if they differ, every edit goes through `final_tokens` instead."""
+    blocks after `layer`. The first batch checks that shortcut's plain pass against
+    `final_tokens(pixels)`; if they differ, every edit goes through `final_tokens(pixels, edit=...,
+    layer=...)` instead."""
 
     def __init__(self, backbone, layer: int):
         self.backbone, self.layer = backbone, layer
@@ -264,7 +258,9 @@ class EditedForward:
                 scale = float(reference.abs().max()) or 1.0
                 self.blocks_alone = alone.shape == reference.shape and bool(
                     (alone - reference).abs().max() <= TAIL_RTOL * scale)
-            except Exception:  # a block that needs more than its input: the reference path
+            except torch.OutOfMemoryError:
+                raise
+            except (TypeError, RuntimeError, ValueError):  # a block that needs more than its input
                 self.blocks_alone = False
         self.plain = self._tail(self.resid) if self.blocks_alone else self.backbone.final_tokens(self.pixels)
         return self.plain
@@ -341,7 +337,8 @@ def classification_choice(src: Sources, batch_size: int) -> dict:
     masked = np.where(eligible[:, None], sel, -np.inf)
     latents = masked.argmax(axis=0)
     return {"latents": [int(j) for j in latents], "score": [float(masked[j, c]) for c, j in enumerate(latents)],
-            "fire_rate": [float(fire_rate[j, c]) for c, j in enumerate(latents)]}
+            "fire_rate": [float(fire_rate[j, c]) for c, j in enumerate(latents)], "eligible": eligible,
+            "frequency": fires.sum(1) / n_class.sum()}
 
 
 def segmentation_choice(src: Sources, thresholds: list[float], max_frequency: float, batch_size: int) -> dict:
@@ -380,7 +377,8 @@ def segmentation_choice(src: Sources, thresholds: list[float], max_frequency: fl
                          f"raise --max-frequency")
     latents, thr_index, f1 = best_f1(tp, n_pred, n_true, eligible)
     return {"latents": [int(j) for j in latents], "threshold": [float(thresholds[t]) for t in thr_index],
-            "f1": [float(v) for v in f1], "score": [float(v) for v in f1]}
+            "f1": [float(v) for v in f1], "score": [float(v) for v in f1], "eligible": eligible,
+            "frequency": frequency}
 
 
 # -- the edits on the test images ------------------------------------------------------------------
@@ -603,6 +601,8 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
         codes = BatchCodes(src, plan, fwd.resid)
         flat = []
         for c in range(C):
+            if c == probe.ignore_index:  # e.g. ADE20K's "other": never a target
+                continue
             n_c = (labels == c).sum(1)
             k = int(n_c.argmax())
             if n_c[k] > 0 and (c not in best or int(n_c[k]) > best[c][0]):
@@ -629,6 +629,8 @@ def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes:
     methods = [m for m in SEGMENTATION_METHODS if m != "manual" or plan.manual]
     rows = []
     for c in range(C):
+        if c == probe_ignore:
+            continue
         for method in methods:
             if method == "manual" and c not in plan.manual:
                 continue
@@ -768,7 +770,7 @@ def _finite(values, flag: str) -> list[float]:
 def _manual_latents(text: str | None, classes: list[str], width: int) -> dict[int, int]:
     if not text:
         return {}
-    given = _json_object(text, "--latents-json")
+    given = json_object(text, "--latents-json")
     out = {}
     for name, latent in given.items():
         if name not in classes:
@@ -796,7 +798,7 @@ def intervene(args) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict, list[str]]:
     class names) for parsed arguments."""
     scales = _finite(args.scales, "--scales")
     task = args.task
-    src = open_sources(args.index, args.probe, _json_object(args.model, "--model"), args.weights, args.layer, task,
+    src = open_sources(args.index, args.probe, json_object(args.model, "--model"), args.weights, args.layer, task,
                        args.device)
     classes, C = list(src.probe.classes), len(src.probe.classes)
     manual = _manual_latents(args.latents_json, classes, src.sae.width) if task == "segmentation" else {}
@@ -813,8 +815,9 @@ def intervene(args) -> tuple[dict, pd.DataFrame, pd.DataFrame, dict, list[str]]:
     rng_latents, rng_targets = np.random.default_rng([args.seed, 0]), np.random.default_rng([args.seed, 1])
     directions = torch.randn(C, src.sae.d_model, generator=torch.Generator().manual_seed(args.seed))
     plan = Plan(latents=choice["latents"],
-                random_latents=matched_random_latents(choice["latents"], index.frequency, index.alive, rng_latents,
-                                                      exclude=manual.values()),
+                # from the pool the chosen latents were chosen from, matched on the same training images
+                random_latents=matched_random_latents(choice["latents"], choice["frequency"], choice["eligible"],
+                                                      rng_latents, exclude=manual.values()),
                 directions=directions / directions.norm(dim=1, keepdim=True),
                 max_activation=index.max_activation, manual=manual)
     common = {"task": task, "identity": index.identity.to_dict(), "model": index.identity.model,
@@ -866,7 +869,6 @@ def write_intervention(out, result: dict, table: pd.DataFrame, dose: pd.DataFram
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(out)
     (out / INTERVENTION).unlink(missing_ok=True)
     for name, frame in ((INTERVENTION_CLASSES, table), (INTERVENTION_DOSE, dose)):
         with atomic_path(out / name) as tmp:
@@ -880,9 +882,13 @@ def write_intervention(out, result: dict, table: pd.DataFrame, dose: pd.DataFram
 
 def cmd_intervene(args) -> int:
     started = time.time()
+    out = Path(args.out)
+    (out / INTERVENTION).unlink(missing_ok=True)  # a failed rerun must not leave the old marker standing
+    if out.is_dir():
+        clean_stale_temps(out)
     result, table, dose, figure, classes = intervene(args)
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
-    config["model"] = _json_object(args.model, "--model")
+    config["model"] = json_object(args.model, "--model")
     write_intervention(args.out, result, table, dose, figure, config, started, classes)
     print(f"{result['identity']['sae']} {result['task']}: {result['finding']['text']} "
           f"({time.time() - started:.1f}s) -> {args.out}")
@@ -903,12 +909,12 @@ def add_cli(subparsers) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--batch-size", type=positive_int, default=256)
-    p.add_argument("--examples", type=nonneg_int, default=4, help="images in the figure's examples")
+    p.add_argument("--examples", type=positive_int, default=4, help="images in the figure's examples")
     g = p.add_argument_group("classification")
     g.add_argument("--tokens", choices=list(WHERE), default="patches", help="the tokens edited")
     g.add_argument("--suppress-scale", type=float, default=0.0)
     g.add_argument("--insert-scale", type=float, default=1.0)
-    g.add_argument("--insert-targets", type=positive_int, default=9, help="other classes inserted per class")
+    g.add_argument("--insert-targets", type=positive_int, default=5, help="other classes inserted per class")
     g = p.add_argument_group("segmentation")
     g.add_argument("--scale", type=float, default=-2.0)
     g.add_argument("--thresholds", type=float, nargs="+", default=[0, 0.1, 0.3, 1.0])

@@ -325,7 +325,7 @@ def _spec_from_meta(model: dict, weights) -> dict:
     return spec
 
 
-def _check_same_model(backbone, model: dict, root: Path) -> None:
+def check_same_model(backbone, model: dict, root: Path) -> None:
     """Refuse a rebuilt model whose identity (weights' sha256, init, kwargs, transform) differs
     from the one that made the store."""
     theirs = model.get("identity")
@@ -368,7 +368,7 @@ def encoder_from_store(store, sae, *, weights=None, device: str = "cpu",
     if spec.get("source") == "pretrain" and not spec.get("weights"):
         raise VisaeError(f"store {store.root} was made by a `visae pretrain` model: pass its weights file (--weights)")
     backbone = load_backbone(spec)
-    _check_same_model(backbone, meta.model, store.root)
+    check_same_model(backbone, meta.model, store.root)
     if backbone.layout != meta.layout.model:
         raise VisaeError(f"the rebuilt model's token layout {backbone.layout} is not store {store.root}'s "
                          f"{meta.layout.model}")

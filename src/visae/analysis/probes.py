@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visae.args import json_object
 from visae.data.patches import patch_labels
 from visae.errors import VisaeError
 from visae.layout import PROBE, PROBE_WEIGHTS, TASKS
@@ -300,11 +301,12 @@ def task_data(task: str, dataset, indices, backbones: list, batch_size: int) -> 
 
 
 def fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, settings: list[tuple[float, float]], steps: int,
-                seed: int, ignore_index: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+                seed: int, ignore_index: int | None = None, device="cpu") -> list[tuple[torch.Tensor, ...]]:
     """Softmax regressions on the rows `x` [n, d] (standardised by their float64 mean and std),
     one per (lr, weight decay) in `settings`, trained side by side with AdamW for `steps` full
     batch steps (fixed-order minibatches past MAX_ROWS_PER_STEP rows); rows labelled
-    `ignore_index` are left out. Deterministic: the initial weights come from `seed`.
+    `ignore_index` are left out. Deterministic: the initial weights come from `seed`. Trains on
+    `device` (the paper's segmentation probe fits about a million patch rows).
     Returns (weight [C, d], bias [C], mean [d], std [d]) per setting, on the CPU."""
     if ignore_index is not None:
         keep = y != ignore_index
@@ -313,6 +315,7 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, settings: list
         raise VisaeError("no training rows left for the probe: every label is the ignore label")
     if int(y.min()) < 0 or int(y.max()) >= n_classes:
         raise VisaeError(f"probe label {int(y.min() if y.min() < 0 else y.max())} is outside 0..{n_classes - 1}")
+    x, y = x.to(device), y.to(device)
     x64 = x.double()
     mean, std = x64.mean(0), x64.std(0, unbiased=False).clamp_min(1e-6)
     xs = ((x64 - mean) / std).float()
@@ -364,7 +367,7 @@ def score_probe(probe: LinearProbe, data: TaskData, grid, image_size, batch_size
 
 def train_task_probe(task: str, backbone, train: TaskData, test: TaskData, classes: list[str],
                      ignore_index: int | None, *, lrs, weight_decays, steps: int, val_fraction: float,
-                     seed: int) -> tuple[LinearProbe, dict]:
+                     seed: int, device="cpu") -> tuple[LinearProbe, dict]:
     """The probe recipe: each (lr, weight decay) fitted on the training images less a seeded
     validation split and scored there, the best pair (first on ties) refitted on all training
     images and scored on `test`. Returns the probe and {grid, chosen, test_score, per_class}."""
@@ -382,7 +385,7 @@ def train_task_probe(task: str, backbone, train: TaskData, test: TaskData, class
     def fit(data: TaskData, chosen) -> list[LinearProbe]:
         x, y = data.rows()
         return [LinearProbe(task, *fitted, classes=list(classes), ignore_index=ignore)
-                for fitted in fit_softmax(x, y, len(classes), chosen, steps, seed, ignore)]
+                for fitted in fit_softmax(x, y, len(classes), chosen, steps, seed, ignore, device)]
 
     val_scores = [score_probe(p, val_part, grid, image_size)[0] for p in fit(fit_part, settings)]
     best = int(np.nanargmax(val_scores)) if not np.isnan(val_scores).all() else 0
@@ -404,14 +407,23 @@ def _finite_or_none(value) -> float | None:
 def random_init_spec(spec: dict, init_seed: int) -> dict:
     """The spec of a random-init model of `spec`'s architecture: same source, arch, model_kwargs,
     image size and preprocessing, no weights, no pretrained tag, `init_seed`. A `visae pretrain`
-    model becomes the timm ViT its weights' config.json states (head included)."""
-    from visae.models.registry import _with_pretrain_architecture
+    model becomes the timm ViT its weights' config.json states (head included); an open_clip model
+    whose tag was trained with QuickGELU (OpenAI's CLIP) keeps it, through the `-quickgelu` config."""
+    from visae.models.registry import with_pretrain_architecture
 
     base = dict(spec)
     if base.get("source") == "pretrain":
         if not base.get("weights"):
             raise VisaeError("a `visae pretrain` model needs its weights file (--weights) to know its architecture")
-        base = dict(_with_pretrain_architecture(base, base["weights"]), source="timm")
+        base = dict(with_pretrain_architecture(base, base["weights"]), source="timm")
+    if base.get("source") == "open_clip" and base.get("pretrained"):
+        import open_clip
+
+        from visae.models.registry import open_clip_quick_gelu
+
+        arch = str(base["arch"])
+        if open_clip_quick_gelu(open_clip, arch, base["pretrained"]) and f"{arch}-quickgelu" in open_clip.list_models():
+            base["arch"] = f"{arch}-quickgelu"  # the tag's activation, which a tag-less build would not pick
     out = {k: base[k] for k in RANDOM_INIT_KEYS if base.get(k) is not None}
     if "name" in out:
         out["name"] = f"{out['name']}-random-init"
@@ -447,15 +459,6 @@ def check_task_datasets(task: str, train, test, train_idx: list[int], test_idx: 
                          f"have different class lists: probe on datasets of one label set")
 
 
-def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise VisaeError(f"{flag} is not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise VisaeError(f"{flag} must be a JSON object (a config entry), got {type(value).__name__}")
-    return value
-
 
 def add_cli(subparsers) -> None:
     import argparse
@@ -484,6 +487,7 @@ def add_cli(subparsers) -> None:
 def cmd_probe(args) -> int:
     import time
 
+    from visae.atomic import clean_stale_temps
     from visae.data import open_dataset
     from visae.models import load_backbone
     from visae.provenance import provenance
@@ -491,16 +495,18 @@ def cmd_probe(args) -> int:
     started = time.time()
     out = Path(args.out)
     (out / PROBE).unlink(missing_ok=True)  # a stale marker never outlives a changed probe
-    spec = _json_object(args.model, "--model")
+    if out.is_dir():
+        clean_stale_temps(out)
+    spec = json_object(args.model, "--model")
     if args.weights is not None:
         spec["weights"] = str(args.weights)
-    train_spec, test_spec = _json_object(args.train, "--train"), _json_object(args.test, "--test")
+    train_spec, test_spec = json_object(args.train, "--train"), json_object(args.test, "--test")
     train_ds, test_ds = open_dataset(train_spec), open_dataset(test_spec)
     train_idx = sample_indices(len(train_ds), args.train_images, [args.seed, 0])
     test_idx = sample_indices(len(test_ds), args.test_images, [args.seed, 1])
     check_task_datasets(args.task, train_ds, test_ds, train_idx, test_idx)
     recipe = {"lrs": args.lrs, "weight_decays": args.weight_decays, "steps": args.steps,
-              "val_fraction": args.val_fraction, "seed": args.seed}
+              "val_fraction": args.val_fraction, "seed": args.seed, "device": args.device}
     classes, ignore = list(train_ds.classes), train_ds.ignore_index
 
     random_spec = random_init_spec(spec, args.seed)

@@ -19,7 +19,6 @@ Writes `profile_latents.csv` (one row per latent), `concepts.csv` (one row per c
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from visae.analysis.latent_index import LatentIndex, reopen_sources
-from visae.args import device as device_arg, nonneg_int, positive_int, unit_fraction
+from visae.args import device as device_arg, json_object, nonneg_int, positive_int, unit_fraction
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import CONCEPTS, PROFILE, PROFILE_LATENTS, RUN_MARKER
@@ -155,21 +154,12 @@ def write_profile(out, result: dict, latents: pd.DataFrame, concepts: pd.DataFra
     write_json(out / PROFILE, result)
 
 
-def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise VisaeError(f"{flag} is not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise VisaeError(f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
-
 
 def cmd_profile(args) -> int:
     started = time.time()
-    hierarchy = _json_object(args.hierarchy_json, "--hierarchy-json")
-    model = _json_object(args.model, "--model") if args.model else None
-    domain = _json_object(args.domain_json, "--domain-json") if args.domain_json else None
+    hierarchy = json_object(args.hierarchy_json, "--hierarchy-json")
+    model = json_object(args.model, "--model") if args.model else None
+    domain = json_object(args.domain_json, "--domain-json") if args.domain_json else None
     result, latents, concepts = profile(args.index, hierarchy=hierarchy, shifts=args.shifts,
                                         invariance_latents=args.invariance_latents, threshold=args.threshold,
                                         seed=args.seed, weights=args.weights, model_spec=model, domain=domain,

@@ -162,7 +162,7 @@ def load_backbone(spec: dict[str, Any]) -> Backbone:
     if weights is not None:
         weights = _check_weights_file(weights)
     if source == "pretrain" and weights is not None:
-        spec = _with_pretrain_architecture(spec, weights)
+        spec = with_pretrain_architecture(spec, weights)
         arch, image_size = spec["arch"], spec.get("image_size")
     model_kwargs = dict(spec.get("model_kwargs") or {})
     pretrained = spec.get("pretrained")
@@ -222,7 +222,7 @@ def _identity(bb: Backbone, weights: str | None, init_seed: int, model_kwargs: d
     }
 
 
-def _with_pretrain_architecture(spec: dict[str, Any], weights: str) -> dict[str, Any]:
+def with_pretrain_architecture(spec: dict[str, Any], weights: str) -> dict[str, Any]:
     """A `visae pretrain` checkpoint states its own architecture in the config.json beside it
     (e.g. the supervised model's 10-class head); that wins over the config entry."""
     import json
@@ -263,7 +263,7 @@ def _open_clip_preprocess_cfg(open_clip, arch: str, tag: str | None) -> dict[str
     }
 
 
-def _open_clip_quick_gelu(open_clip, arch: str, tag: str | None) -> bool:
+def open_clip_quick_gelu(open_clip, arch: str, tag: str | None) -> bool:
     """Whether the weights a tag names were trained with QuickGELU (OpenAI's CLIP, DFN, MetaCLIP).
 
     open_clip's plain configs (ViT-B-16) build GELU and only warn on a hub download, and say
@@ -293,7 +293,7 @@ def _load_open_clip(arch: str, tag, weights: str | None, image_size: int | None,
         kwargs.update({k: v for k, v in _open_clip_preprocess_cfg(open_clip, arch, tag).items() if v is not None})
     if preprocess["interpolation"] is not None:
         kwargs["image_interpolation"] = preprocess["interpolation"]
-    if _open_clip_quick_gelu(open_clip, arch, tag):
+    if open_clip_quick_gelu(open_clip, arch, tag):
         kwargs["force_quick_gelu"] = True
     download = bool(tag) and weights is None
     try:

@@ -116,7 +116,7 @@ def collect_rows(paths) -> list[Row]:
     return rows
 
 
-def _read_csv(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...] = ()) -> pd.DataFrame:
+def read_csv(path: Path, what: str, columns: tuple[str, ...], text: tuple[str, ...] = ()) -> pd.DataFrame:
     """The CSV at `path`, checking that `columns` are numeric; `text` columns are read as strings."""
     if not path.is_file():
         raise VisaeError(f"{what} {path} does not exist")
@@ -150,7 +150,7 @@ def _csv_identity(df: pd.DataFrame, path: Path, what: str, rerun: str) -> Identi
 def load_latents(path: str | Path) -> tuple[Identity, np.ndarray]:
     """(identity, per-latent firing frequencies) of an evaluation's latents.csv."""
     path = Path(path)
-    df = _read_csv(path, "latents file", ("latent", "frequency"), text=IDENTITY_COLUMNS)
+    df = read_csv(path, "latents file", ("latent", "frequency"), text=IDENTITY_COLUMNS)
     ident = _csv_identity(df, path, "latents file", "visae evaluate")
     freq = df["frequency"].to_numpy(dtype=np.float64)
     if len(freq) == 0 or not np.all(np.isfinite(freq)) or (freq < 0).any() or (freq > 1).any():
@@ -179,7 +179,7 @@ def load_log(path: str | Path) -> tuple[dict, pd.DataFrame]:
     """(identity, per-step frame) of an SAE's training log.csv, whose leading columns name the SAE
     (identity and architecture), as latents.csv's do."""
     path = Path(path)
-    df = _read_csv(path, "training log", ("tokens", "mse", "l0"), text=(*IDENTITY_COLUMNS, "architecture"))
+    df = read_csv(path, "training log", ("tokens", "mse", "l0"), text=(*IDENTITY_COLUMNS, "architecture"))
     ident = _csv_identity(df, path, "training log", "visae train")
     if df.empty or "architecture" not in df.columns:
         raise VisaeError(f"training log {path} has no rows or no 'architecture' column")

@@ -25,7 +25,7 @@ from visae.atomic import atomic_path
 from visae.errors import VisaeError
 from visae.layout import EXEMPLARS, MATCHES, Identity, figure_name
 from visae.report.collect import read_json
-from visae.report.figures import RC, _save  # also selects the Agg backend
+from visae.report.figures import RC, save_figure  # also selects the Agg backend
 
 from matplotlib.figure import Figure  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -111,7 +111,7 @@ def similarity_rows(paths) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
-def _rounded(df: pd.DataFrame) -> pd.DataFrame:
+def rounded(df: pd.DataFrame) -> pd.DataFrame:
     """The Markdown / LaTeX view: numbers to 3 decimals, without the store hash (the CSV keeps it)."""
     out = df.drop(columns=[c for c in ("store_hash",) if c in df.columns])
     for col in out.columns:
@@ -124,7 +124,7 @@ def _rounded(df: pd.DataFrame) -> pd.DataFrame:
 def write_table(df: pd.DataFrame, out: Path, name: str, key_columns: list[str]) -> list[Path]:
     """`<name>.csv` (full precision), `.md`, `.tex` (rounded) and `.json` (numbers keyed by row)."""
     out.mkdir(parents=True, exist_ok=True)
-    shown = _rounded(df)
+    shown = rounded(df)
     keyed = {"/".join(str(r[k]) for k in key_columns): {k: (None if isinstance(v, float) and math.isnan(v) else v)
                                                         for k, v in r.items() if k not in key_columns}
              for r in df.to_dict("records")}
@@ -280,8 +280,8 @@ def write_comparison(profiles, matchings, similarities, tables_out, figures_out)
             by_model.setdefault(p["identity"]["model"], []).append(p)
         for model, items in by_model.items():
             items = sorted(items, key=lambda p: p["identity"]["sae"])
-            written += _save(abstraction_figure(model, items), figures_out, figure_name("abstraction", model))
-            written += _save(invariance_figure(model, items), figures_out, figure_name("invariance", model))
+            written += save_figure(abstraction_figure(model, items), figures_out, figure_name("abstraction", model))
+            written += save_figure(invariance_figure(model, items), figures_out, figure_name("invariance", model))
         matches = [(_read(p, "matching.json"), Path(p)) for p in matchings]
         seeds = {(m["identity_a"]["model"], m["identity_a"]["layer"], m["identity_a"]["sae"]): m | {"path": p}
                  for m, p in matches if m["kind"] == "seed baseline"}
@@ -299,8 +299,8 @@ def write_comparison(profiles, matchings, similarities, tables_out, figures_out)
             pairs.setdefault(pair, []).append((f"{ia['sae']}, layers {ia['layer']} / {ib['layer']}", cross, twin))
         for pair, panels in pairs.items():
             panels = sorted(panels, key=lambda t: t[0])
-            written += _save(matching_figure(pair, panels), figures_out, figure_name("matching", pair))
+            written += save_figure(matching_figure(pair, panels), figures_out, figure_name("matching", pair))
             first = panels[0][1]
-            written += _save(exemplars_figure(pair, first["path"], first["summary"]), figures_out,
+            written += save_figure(exemplars_figure(pair, first["path"], first["summary"]), figures_out,
                              figure_name("exemplars", pair))
     return written

@@ -51,7 +51,7 @@ def _palette(archs) -> dict[str, tuple]:
     return {a: fixed[a] if a in fixed else next(extra) for a in known}
 
 
-def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out: Path, stem: str) -> list[Path]:
     paths = []
     for ext, meta in (("png", PNG_METADATA), ("pdf", PDF_METADATA)):
         path = out / f"{stem}.{ext}"
@@ -171,7 +171,7 @@ def training_figure(model: str, logs: list[tuple[dict, pd.DataFrame]]) -> Figure
     return fig
 
 
-def _by_model(items, model_of) -> dict[str, list]:
+def by_model(items, model_of) -> dict[str, list]:
     groups: dict[str, list] = {}
     for item in items:
         groups.setdefault(model_of(item), []).append(item)
@@ -193,11 +193,11 @@ def write_figures(rows: list[Row], out: str | Path, freqs: dict[tuple, np.ndarra
     paths: list[Path] = []
     with matplotlib.rc_context(), sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.2):
         matplotlib.rcParams.update(RC)
-        for model, group in _by_model(rows, lambda r: r.model).items():
-            paths += _save(frontier_figure(model, group), out, figure_name("frontier", model))
-            paths += _save(latent_freq_figure(model, group, freqs), out, figure_name("latent_freq", model))
+        for model, group in by_model(rows, lambda r: r.model).items():
+            paths += save_figure(frontier_figure(model, group), out, figure_name("frontier", model))
+            paths += save_figure(latent_freq_figure(model, group, freqs), out, figure_name("latent_freq", model))
         if logs:
-            for model, group in _by_model(logs, lambda lg: lg[0]["model"]).items():
+            for model, group in by_model(logs, lambda lg: lg[0]["model"]).items():
                 group = sorted(group, key=lambda lg: (lg[0]["dataset"], str(lg[0]["layer"]), lg[0]["sae"]))
-                paths += _save(training_figure(model, group), out, figure_name("training", model))
+                paths += save_figure(training_figure(model, group), out, figure_name("training", model))
     return paths

@@ -26,9 +26,9 @@ from visae.atomic import atomic_path
 from visae.errors import VisaeError
 from visae.layout import (INTERVENTION, INTERVENTION_CLASSES, INTERVENTION_DOSE, INTERVENTION_EXAMPLES, TASKS,
                           Layout, layer_dir)
-from visae.report.collect import _read_csv, read_json
-from visae.report.comparison import _rounded
-from visae.report.figures import RC, _by_model, _save  # also selects the Agg backend
+from visae.report.collect import read_csv, read_json
+from visae.report.comparison import rounded
+from visae.report.figures import RC, by_model, save_figure  # also selects the Agg backend
 
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
@@ -136,8 +136,8 @@ def load_result(path: str | Path) -> Result:
     if missing:
         raise VisaeError(f"intervention file {path} lacks key(s) {', '.join(missing)}: {RERUN}")
     curves = [f"{stem}_{stat}" for stem, _ in spec.dose_curves for stat in ("mean", "std")]
-    dose = _read_csv(folder / INTERVENTION_DOSE, "dose file", ("scale", *curves), text=("method",))
-    classes = _read_csv(folder / INTERVENTION_CLASSES, "classes file", ())
+    dose = read_csv(folder / INTERVENTION_DOSE, "dose file", ("scale", *curves), text=("method",))
+    classes = read_csv(folder / INTERVENTION_CLASSES, "classes file", ())
     absent = _missing(set(classes.columns), spec.classes_columns)
     if absent:
         raise VisaeError(f"classes file {folder / INTERVENTION_CLASSES} lacks column(s) {', '.join(absent)}: {RERUN}")
@@ -218,7 +218,7 @@ def shown_frame(task: str, df: pd.DataFrame, methods: list[str]) -> pd.DataFrame
                                          zip(df[f"{method}_{metric}_mean"], df[f"{method}_{metric}_std"])]
     for col in ("moves_more_than_baselines", "finding"):
         out[col] = out.pop(col)
-    return _rounded(out.rename(columns={"probe_metric": "metric", "probe_score": "probe",
+    return rounded(out.rename(columns={"probe_metric": "metric", "probe_score": "probe",
                                         "random_init_score": "random init", spec.before[0]: spec.before[1],
                                         "moves_more_than_baselines": "moves more"}))
 
@@ -384,8 +384,8 @@ def write_interventions(paths, tables_out, figures_out) -> list[Path]:
         written += write_task_table(task, results, tables_out)
     with matplotlib.rc_context(RC):
         for task, results in by_task.items():
-            for model, group in _by_model(results, lambda r: r.summary["model"]).items():
+            for model, group in by_model(results, lambda r: r.summary["model"]).items():
                 for kind, draw in (("dose", dose_figure), ("example", example_figure)):
                     stem = PurePosixPath(Layout().intervention_figure(kind, task, model, "png")).stem
-                    written += _save(draw(task, model, group), figures_out, stem)
+                    written += save_figure(draw(task, model, group), figures_out, stem)
     return written

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visae.args import device as device_arg, nonneg_int, positive_int
+from visae.args import device as device_arg, json_object, nonneg_int, positive_int
 from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.layout import Layout
@@ -144,16 +144,6 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
         }, out_dir)
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
-    return value
-
-
 def add_cli(sub) -> None:
     p = sub.add_parser("bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bsub = p.add_subparsers(dest="bench", metavar="<bench>", required=True)
@@ -202,7 +192,7 @@ def add_cli(sub) -> None:
     i.add_argument("--source", default="open_clip", help="the model's registry source (open_clip, timm)")
     i.add_argument("--arch", default="ViT-B-16", help="random-init architecture of that source")
     i.add_argument("--image-size", type=positive_int, default=224)
-    i.add_argument("--model-kwargs", type=_json_object, default=None, metavar="JSON",
+    i.add_argument("--model-kwargs", type=lambda text: json_object(text, "--model-kwargs"), default=None, metavar="JSON",
                    help="timm model_kwargs, e.g. the demo's '{\"patch_size\": 4, \"depth\": 4}'")
     i.add_argument("--layer", type=int, default=-2, help="the block edited")
     i.add_argument("--architecture", default="relu", choices=["relu", "topk", "batchtopk", "jumprelu", "matryoshka"])

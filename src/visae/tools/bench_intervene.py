@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from visae.tools.bench_train import _interleaved, _median
+from visae.tools.bench_train import interleaved, median
 
 GOALS = {"edited_vs_plain": 0.75}
 MIN_TIMED_S = 0.1  # each timed call runs enough passes to last about this long
@@ -39,6 +39,11 @@ def bench_intervene(source: str = "open_clip", arch: str = "ViT-B-16", image_siz
     backbone = load_backbone(spec).to(device)
     block = backbone.resolve_layer(layer)
     width = backbone.d_model * expansion
+    from visae.errors import VisaeError
+    from visae.sae.config import ARCH_KEYS
+
+    if "k" in ARCH_KEYS[architecture] and k is None:
+        raise VisaeError(f"a {architecture} SAE needs --k (the latents kept per token)")
     sae = build_sae(architecture, backbone.d_model, width, seed=seed, k=k).to(device).eval()
     pixels = torch.randn(batch, 3, *backbone.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
     acts = backbone.record(pixels, [block])[block]
@@ -71,8 +76,8 @@ def bench_intervene(source: str = "open_clip", arch: str = "ViT-B-16", image_siz
                 torch.cuda.synchronize()
         return run
 
-    times = _interleaved({"plain": repeated(plain_once), "edited": repeated(edited_once)}, rounds)
-    ratio = _median([p / e for p, e in zip(times["plain"], times["edited"])])
+    times = interleaved({"plain": repeated(plain_once), "edited": repeated(edited_once)}, rounds)
+    ratio = median([p / e for p, e in zip(times["plain"], times["edited"])])
     plain_ps, edited_ps = passes / min(times["plain"]), passes / min(times["edited"])
     return {
         "bench": "intervene", "device": device_info(),

@@ -54,12 +54,12 @@ def _matmul_fn(B, d, h, dtype):
     return run
 
 
-def _median(xs: list) -> float:
+def median(xs: list) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2]
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
+def interleaved(fns: dict, reps: int) -> dict:
     """Times of each function over `reps` rounds, timed in turns (one warm-up each first)."""
     for fn in fns.values():
         fn()
@@ -88,15 +88,15 @@ def bench_train(d: int = 384, expansion: int = 16, batch: int = 4096, k: int = 3
 
     relu = ReLUSAE(d, h, seed=0, dtype=tdtype)
     topk = TopKSAE(d, h, k=k, seed=0, dtype=tdtype, dead_tokens=10**12)
-    times = _interleaved({"matmul": _matmul_fn(batch, d, h, tdtype),
+    times = interleaved({"matmul": _matmul_fn(batch, d, h, tdtype),
                           "relu": _step_fn(relu, make_adam(relu.parameters(), lr=1e-4), x, 1e-3),
                           "topk": _step_fn(topk, make_adam(topk.parameters(), lr=1e-4), x, 0.0)}, max(reps, 5))
     t_mm, t_relu, t_topk = min(times["matmul"]), min(times["relu"]), min(times["topk"])
     matmul_flops = flop_step / t_mm
     # The ratios: medians over rounds of the ratio of the two times taken back to back, so load
     # that comes and goes on a shared machine cancels instead of favouring either.
-    relu_ratio = _median([m / r for m, r in zip(times["matmul"], times["relu"])])
-    topk_speedup = _median([r / t for r, t in zip(times["relu"], times["topk"])])
+    relu_ratio = median([m / r for m, r in zip(times["matmul"], times["relu"])])
+    topk_speedup = median([r / t for r, t in zip(times["relu"], times["topk"])])
     del relu
 
     # Loader: the same TopK training, fed from an fp16 store on disk vs from memory.
