@@ -82,7 +82,8 @@ def check_config():
 
 
 def check_interventions():
-    """The interventions section's names: SAEs, models and datasets that exist, with masks for segmentation."""
+    """The interventions section's names: SAEs, models and datasets that exist (whether a dataset has
+    masks is checked by `visae probe`, which opens it)."""
     section = config["interventions"]
     for sae in section["saes"]:
         if sae not in config["saes"]:

@@ -568,7 +568,7 @@ def classification_tables(run: ClassificationRun, plan: Plan, classes: list[str]
         "accuracy_before": accuracy(run.pred0, run.labels),
     }
     effects = {m: by[m]["delta_prob"].to_numpy(dtype=np.float64) for m in CLASSIFICATION_METHODS}
-    part["finding"] = finding("classification", effects, seed)
+    part["finding"] = finding("classification", effects, seed, plan.latents)
     return table, pd.DataFrame(dose), part
 
 
@@ -663,21 +663,23 @@ def segmentation_tables(run: SegmentationRun, plan: Plan, choice: dict, classes:
             "miou_before": iou_from_confusion(run.confusion[(None, "before")], probe_ignore)[0],
             "mode": "auto+manual" if plan.manual else "auto"}
     effects = {m: (by[m]["target_change"] - by[m]["other_change"]).to_numpy(dtype=np.float64) for m in methods}
-    part["finding"] = finding("segmentation", effects, seed)
+    part["finding"] = finding("segmentation", effects, seed,
+                              [plan.latents[c] for c in range(len(classes)) if c != probe_ignore])
     return table, pd.DataFrame(dose), part
 
 
 FINDING_RESAMPLES = 2000  # bootstrap resamples of the per-class margins
 
 
-def finding(task: str, effects: dict, seed: int) -> dict:
+def finding(task: str, effects: dict, seed: int, latents=None) -> dict:
     """Whether the chosen latent moves its target more than both random baselines, in one sentence.
 
     `effects`: per method, the per-class headline (classification: the change of the class's
     probability, compared by size; segmentation: target minus other change rate). The margins over
     each baseline are paired per class, with a seeded 95% bootstrap interval: the latent "moves
     more" only when both intervals lie above zero, so a difference within the classes' spread is not
-    called a win.
+    called a win. `latents`: the chosen latent per class; classes sharing one latent are not
+    independent, so the sentence says how many distinct latents the classes used.
     """
     size = np.abs if task == "classification" else (lambda v: v)
     ours = np.asarray(effects["latent"], dtype=np.float64)
@@ -688,6 +690,7 @@ def finding(task: str, effects: dict, seed: int) -> dict:
         margins[base] = bootstrap_mean(size(ours[keep]) - size(theirs[keep]), np.random.default_rng(seed),
                                        FINDING_RESAMPLES)
     moves = all(m["n"] >= 2 and m["low"] > 0 for m in margins.values())
+    distinct = len(set(int(j) for j in latents)) if latents is not None else None
     fmt = lambda v: "n/a" if v is None or not math.isfinite(v) else f"{v:+.3g}"  # noqa: E731
     mean = {m: fmt(float(np.nanmean(effects[m])) if np.isfinite(effects[m]).any() else math.nan)
             for m in ("latent", "random_latent", "random_direction")}
@@ -699,10 +702,11 @@ def finding(task: str, effects: dict, seed: int) -> dict:
     text = (what + f"(a random latent of matched frequency: {mean['random_latent']}; a random direction of the "
             f"same norm: {mean['random_direction']}); per class, the latent's {'size of ' if task == 'classification' else ''}"
             f"effect exceeds the random latent's by {interval(margins['random_latent'])} and the random direction's "
-            f"by {interval(margins['random_direction'])} (95% bootstrap over classes): the chosen latent "
+            f"by {interval(margins['random_direction'])} (95% bootstrap over {len(ours)} classes"
+            + (f", {distinct} distinct latents" if distinct is not None else "") + "): the chosen latent "
             + ("moves its target more than both baselines." if moves else
                "does not clearly move its target more than both baselines."))
-    return {"moves_more_than_baselines": moves, "text": text, "margins": margins}
+    return {"moves_more_than_baselines": moves, "text": text, "margins": margins, "distinct_latents": distinct}
 
 
 # -- the figure's examples --------------------------------------------------------------------------
