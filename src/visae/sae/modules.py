@@ -298,6 +298,17 @@ class TopKSAE(_AuxKMixin, SAE):
         vals, idx = pre.topk(self.k, dim=1, sorted=False)
         return torch.relu(vals), idx
 
+    def encode_some(self, x, latents):
+        """A latent keeps its value where fewer than k latents of the token pre-activate above it:
+        one encoder product and a count per latent, no top-k over the row (the same codes as
+        `encode` except on exact ties, which continuous activations do not have)."""
+        ids = self._latent_ids(latents)
+        pre = self.pre_acts(self.normalise(x.reshape(-1, x.shape[-1])))
+        mine = pre[:, ids]
+        kept = [(pre > mine[:, j:j + 1]).sum(1, keepdim=True) < self.k for j in range(len(ids))]
+        codes = torch.relu(mine) * torch.cat(kept, 1) if kept else mine
+        return codes.reshape(*x.shape[:-1], len(ids))
+
     def activate(self, pre):
         vals, idx = self.select(pre)
         return torch.zeros_like(pre).scatter_(1, idx, vals)
@@ -412,9 +423,11 @@ class BatchTopKSAE(TopKSAE):
 
     def encode_some(self, x, latents):
         """Elementwise (one fixed threshold) at inference once the threshold is set; otherwise the
-        batch's top-k (or a Matryoshka's per-token top-k) needs every latent."""
-        if self.training or float(self.threshold) < 0 or getattr(self, "inner", "batchtopk") != "batchtopk":
-            return super().encode_some(x, latents)
+        batch's top-k needs every latent. A Matryoshka over per-token top-k counts as TopK does."""
+        if getattr(self, "inner", "batchtopk") == "topk":
+            return TopKSAE.encode_some(self, x, latents)
+        if self.training or float(self.threshold) < 0:
+            return SAE.encode_some(self, x, latents)
         ids = self._latent_ids(latents)
         pre = self._pre_acts_some(x, ids)
         return (pre * (pre > self.threshold)).reshape(*x.shape[:-1], len(ids))
