@@ -146,15 +146,7 @@ class Backbone:
                     raise _StopForward
             return hook
 
-        handles = [self._blocks[i].register_forward_hook(make_hook(i)) for i in wanted]
-        try:
-            with torch.inference_mode():
-                self._run(pixels.to(device=self.device, dtype=self.dtype))
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        self._run_hooked(pixels, [(i, make_hook(i)) for i in wanted])
         expected = (pixels.shape[0], self.layout.n_tokens, self.d_model)
         for idx, x in out.items():
             if tuple(x.shape) != expected:
@@ -192,10 +184,15 @@ class Backbone:
             out["x"] = x if self._batch_first else x.transpose(0, 1)
             raise _StopForward
 
-        handles = []
-        if edit is not None:
-            handles.append(self._blocks[at].register_forward_hook(edit_hook))
-        handles.append(self._blocks[last].register_forward_hook(last_hook))  # after the edit's, if on the same block
+        hooks = [(at, edit_hook)] if edit is not None else []
+        self._run_hooked(pixels, hooks + [(last, last_hook)])  # the edit's first, if on the same block
+        with torch.inference_mode():
+            return self.final_norm(out["x"])
+
+    def _run_hooked(self, pixels: torch.Tensor, hooks: list) -> None:
+        """Run the network on `pixels` with forward hooks (block index, hook) in place, in that
+        order; a hook that raises _StopForward ends the pass there."""
+        handles = [self._blocks[i].register_forward_hook(hook) for i, hook in hooks]
         try:
             with torch.inference_mode():
                 self._run(pixels.to(device=self.device, dtype=self.dtype))
@@ -204,8 +201,6 @@ class Backbone:
         finally:
             for h in handles:
                 h.remove()
-        with torch.inference_mode():
-            return self.final_norm(out["x"])
 
     def tokens_after(self, resid: torch.Tensor, layer: int) -> torch.Tensor:
         """Final tokens (after the final norm) from the residual stream `resid` [B, T, d] after block
