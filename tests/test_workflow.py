@@ -270,11 +270,12 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
 
 
 def test_dvc_exp_run_sets_a_param(project):
-    proc = run(project, "dvc", "exp", "run", "-S", "config/config.yaml:saes.topk-16.k=8")
-    assert "Running stage 'train'" in proc.stdout
-    metrics = json.loads(Path(Layout(project / "results").metrics("vit-supervised", DATASET, LAYER, "topk-16"))
-                         .read_text())
-    assert metrics["l0"] == pytest.approx(8.0)
+    # the classification's insertions per class: the interventions stage reruns, with the new value
+    proc = run(project, "dvc", "exp", "run", "-S", "config/config.yaml:interventions.classification.insert_targets=1")
+    assert "Running stage 'interventions'" in proc.stdout
+    marker = Path(Layout(project / "results").intervention_marker("classification", "vit-supervised", DATASET,
+                                                                   LAYER, "topk-16"))
+    assert json.loads(marker.read_text())["config"]["insert_targets"] == 1
 
 
 def test_two_clean_runs_give_identical_metrics(tmp_path):
