@@ -79,3 +79,24 @@ def fashion_mnist_dir() -> Path:
     if not (FASHION_MNIST_DEB / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST is absent: apt-get install -y dataset-fashion-mnist")
     return FASHION_MNIST_DEB
+
+
+@pytest.fixture(scope="session")
+def pretrain_checkpoint():
+    """`write(directory, spec, init_seed)`: a `visae pretrain`-style checkpoint (model.safetensors and
+    config.json) of a random-init timm ViT of `spec`; returns the weights file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from visae.models import load_backbone
+
+    def write(directory: Path, spec: dict, init_seed: int) -> Path:
+        directory.mkdir(parents=True)
+        model = load_backbone(spec | {"init_seed": init_seed}).model
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps({"model_spec": {k: spec[k] for k in
+                                                                           ("arch", "image_size", "model_kwargs")}}))
+        return directory / "model.safetensors"
+
+    return write

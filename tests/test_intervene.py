@@ -192,16 +192,6 @@ def _fashion_mnist():
     pytest.skip("Fashion-MNIST is absent: `visae fetch fashion-mnist` or apt-get install -y dataset-fashion-mnist")
 
 
-def _weights(directory, init_seed: int):
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True)
-    model = load_backbone(TINY | {"init_seed": init_seed}).model
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"model_spec": {k: TINY[k] for k in
-                                                                       ("arch", "image_size", "model_kwargs")}}))
-    return directory / "model.safetensors"
-
 
 def _probe(bb, task, spec, train_images, test_images, out):
     """A ridge-regression probe on the final tokens, saved as `visae probe` saves one."""
@@ -236,7 +226,7 @@ def _probe(bb, task, spec, train_images, test_images, out):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, pretrain_checkpoint):
     """A tiny pretrain-style ViT, its store at layer 1 (48 Fashion-MNIST test images), an SAE
     trained on it, the SAE's latent index and both probes."""
     import yaml
@@ -244,7 +234,7 @@ def tiny(tmp_path_factory):
     from visae.extract import plan_extract, run_extract
 
     root = tmp_path_factory.mktemp("intervene")
-    weights = _weights(root / "pretrain", init_seed=0)
+    weights = pretrain_checkpoint(root / "pretrain", TINY, 0)
     spec = {"source": "pretrain", "arch": "vit_tiny_patch16_224", "name": "vit-demo", "image_size": 28,
             "weights": str(weights)}
     data = {"format": "fashion-mnist", "root": str(_fashion_mnist()), "split": "test"}
@@ -337,7 +327,7 @@ def test_segmentation_end_to_end(tiny, tmp_path):
     assert t["pred_before"].shape == (2, 28, 28) and t["pred_after"].dtype == np.int64
 
 
-def test_bad_inputs_are_one_line(tiny, tmp_path, capsys):
+def test_bad_inputs_are_one_line(tiny, tmp_path, capsys, pretrain_checkpoint):
     def fails(match, *extra, task="classification"):
         assert _run(tiny, task, tmp_path / "bad", *extra) == 1
         err = capsys.readouterr().err.strip()
@@ -350,7 +340,7 @@ def test_bad_inputs_are_one_line(tiny, tmp_path, capsys):
     fails(r"^probe .* is a classification probe, not --task segmentation",
           "--probe", str(tiny.root / "probe-cls"), task="segmentation")
     fails(r"trained on block 1 \(store 1\), not --layer 0 \(block 0\)", "--layer=0")
-    other = _weights(tiny.root / f"other-{tmp_path.name}", init_seed=1)
+    other = pretrain_checkpoint(tiny.root / f"other-{tmp_path.name}", TINY, 1)
     fails(r"^the rebuilt model differs from the one that made store", "--weights", str(other))
     assert not (tmp_path / "bad" / "intervention.json").exists()
 

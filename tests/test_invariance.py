@@ -228,18 +228,6 @@ TINY = {"source": "timm", "arch": "vit_tiny_patch16_224", "image_size": 28,
         "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2}}
 
 
-def _weights(directory, init_seed: int):
-    """A `visae pretrain`-style checkpoint (weights + config.json) of a random-init tiny ViT."""
-    from safetensors.torch import save_file
-    from visae.models import load_backbone
-
-    directory.mkdir(parents=True)
-    model = load_backbone(TINY | {"init_seed": init_seed}).model
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"model_spec": {k: TINY[k] for k in
-                                                                       ("arch", "image_size", "model_kwargs")}}))
-    return directory / "model.safetensors"
-
 
 def fashion_mnist() -> Path:
     """The fetched copy (resources/fashion-mnist) or Debian's (dataset-fashion-mnist)."""
@@ -251,14 +239,14 @@ def fashion_mnist() -> Path:
 
 
 @pytest.fixture(scope="module")
-def extracted(tmp_path_factory):
+def extracted(tmp_path_factory, pretrain_checkpoint):
     from visae.extract import plan_extract, run_extract
     from visae.sae import checkpoint as ckpt
     from visae.sae.modules import build_sae, estimate_normalisation
     from visae.store import ActivationStore
 
     root = tmp_path_factory.mktemp("inv")
-    weights = _weights(root / "pretrain", init_seed=0)
+    weights = pretrain_checkpoint(root / "pretrain", TINY, 0)
     spec = {"source": "pretrain", "arch": "vit_tiny_patch16_224", "name": "vit-demo", "weights": str(weights)}
     data = {"format": "fashion-mnist", "root": str(fashion_mnist()), "split": "test"}
     plan = plan_extract(spec, data, [1], tokens="all", batch_size=4, max_images=12)
@@ -297,9 +285,9 @@ def test_encoder_from_store_reproduces_the_store(extracted):
         load_image(12)
 
 
-def test_encoder_from_store_refuses_another_model(extracted):
+def test_encoder_from_store_refuses_another_model(extracted, pretrain_checkpoint):
     store_dir, sae_dir, _, _, root = extracted
-    other = _weights(root / "other", init_seed=1)
+    other = pretrain_checkpoint(root / "other", TINY, 1)
     with pytest.raises(VisaeError, match="^the rebuilt model differs from the one that made store .* in "
                                          "weights_sha256 .*pass the weights file"):
         encoder_from_store(store_dir, sae_dir, weights=other)
