@@ -38,6 +38,8 @@ COMMANDS = {
     "similarity": ("visae.analysis.compare", "CKA and mutual kNN between two models, per layer pair"),
     "probe": ("visae.analysis.probes", "a linear classification or segmentation probe on a model's final layer"),
     "intervene": ("visae.analysis.intervene", "edit SAE latents inside the model and score the task probe against baselines"),
+    "saebench": ("visae.analysis.saebench", "vision SAEBench of one SAE: sparse probing, TPP, absorption, shrinkage, stability"),
+    "sae": ("visae.sae.interop", "export an SAE to SAELens's format, import one from SAELens or saev"),
     "container": ("visae.tools.container", "build the CUDA image / run snakemake in it (Docker)"),
     "report": ("visae.report.cli", "result tables and figures from evaluations"),
 }

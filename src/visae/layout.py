@@ -23,6 +23,10 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
   interventions/<task>/<model>/<dataset>/layer_<L>/<sae>/   the edit scored on the task's probe:
                                                 intervention.json, classes.csv, dose.csv, examples.safetensors
   interventions/tables/<task>.<ext>, interventions/figures/<kind>_<task>_<model>.<ext>   their report
+  saebench/<model>/<dataset>/layer_<L>/<sae>/   the vision SAEBench of one SAE: saebench.json,
+                                                sparse_probing.csv, tpp.csv, absorption.csv
+  saebench/tables/<model>__<dataset>__layer_<L>.<ext>, saebench/metrics.json (DVC's),
+  saebench/figures/saebench_<model>.<ext>       their report
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
   logs/<stage>/....log, benchmarks/<stage>/....tsv
   bench/<name>.json                             `visae bench` results
@@ -70,6 +74,12 @@ MODEL_COMPARISON_FIGURES = ("abstraction", "invariance")  # one per model
 PAIR_COMPARISON_FIGURES = ("matching", "exemplars")  # one per pair of models, named a__b
 TASKS = ("classification", "segmentation")  # the intervention tasks; one table each
 INTERVENTION_FIGURES = ("dose", "example")  # one per (task, model), named <kind>_<task>_<model>
+SAEBENCH = "saebench.json"  # one SAE's vision SAEBench done, written last (`visae saebench`)
+SAEBENCH_PROBING = "sparse_probing.csv"  # per (class, k, method) sparse-probing accuracy
+SAEBENCH_TPP = "tpp.csv"  # per (class, method) targeted probe perturbation
+SAEBENCH_ABSORPTION = "absorption.csv"  # per (group, fine class) absorption
+SAEBENCH_FIGURES = ("saebench",)  # one per model: every metric against L0, per architecture
+BROWSER_INDEX = "index.html"  # the latent browser's entry page, written last
 
 
 def layer_dir(layer: int | str) -> str:
@@ -213,6 +223,29 @@ class Layout:
         """`dose` (the dose-response curves) or `example` (one edited image) of one task on one model."""
         return self._path("interventions", "figures", f"{figure_name(f'{kind}_{task}', model)}.{ext}")
 
+    def saebench(self, model: str, dataset: str, layer, sae: str) -> str:
+        return self._path("saebench", model, dataset, layer_dir(layer), sae)
+
+    def saebench_marker(self, model: str, dataset: str, layer, sae: str) -> str:
+        return _join(self.saebench(model, dataset, layer, sae), SAEBENCH)
+
+    def saebench_tables_dir(self) -> str:
+        return self._path("saebench", "tables")
+
+    def saebench_table(self, model: str, dataset: str, layer, ext: str) -> str:
+        """One store's table: every SAEBench metric of every SAE trained on it."""
+        return self._path("saebench", "tables", f"{model_slug(model)}__{dataset}__{layer_dir(layer)}.{ext}")
+
+    def saebench_metrics(self) -> str:
+        """DVC's metrics file of the SAEBench: {model/dataset/layer_L/sae: {metric: value}}."""
+        return self._path("saebench", "metrics.json")
+
+    def saebench_figures_dir(self) -> str:
+        return self._path("saebench", "figures")
+
+    def saebench_figure(self, model: str, ext: str) -> str:
+        return self._path("saebench", "figures", f"{figure_name('saebench', model)}.{ext}")
+
     # -- the report
     def tables_dir(self) -> str:
         return self._path("tables")
@@ -228,6 +261,9 @@ class Layout:
 
     def browser(self) -> str:
         return self._path("browser")
+
+    def browser_index(self) -> str:
+        return self._path("browser", BROWSER_INDEX)
 
     def readme(self) -> str:
         return self._path("README.md")

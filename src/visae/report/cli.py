@@ -74,6 +74,21 @@ def cmd_report_interventions(args) -> int:
     return 0
 
 
+# Report parts with their own module: each defines `add_arguments(parser)` and `run(args) -> int`.
+PARTS = {
+    "saebench": ("visae.report.saebench", "per store: saebench/tables/<model>__<dataset>__<layer>.*, metrics.json, "
+                                          + "saebench_<m> figures"),
+    "browser": ("visae.report.browser", "the static latent browser (results/browser/index.html, from file://)"),
+    "readme": ("visae.report.summary", "results/README.md: what was run, the headline numbers, links to everything"),
+}
+
+
+def _part(module: str):
+    import importlib
+
+    return importlib.import_module(module)
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("report", description=__doc__)
     sub = p.add_subparsers(dest="report_command", metavar="<what>", required=True)
@@ -107,3 +122,7 @@ def add_cli(subparsers) -> None:
     i.add_argument("--tables", required=True, help="output folder of the tables")
     i.add_argument("--figures", required=True, help="output folder of the figures")
     i.set_defaults(func=cmd_report_interventions)
+    for name, (module, help_line) in PARTS.items():
+        part = sub.add_parser(name, help=help_line)
+        _part(module).add_arguments(part)
+        part.set_defaults(func=lambda args, module=module: _part(module).run(args))
