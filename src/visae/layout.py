@@ -25,8 +25,8 @@ names (model, dataset, SAE, pass) or Snakemake wildcards such as "{model}"; a la
   interventions/tables/<task>.<ext>, interventions/figures/<kind>_<task>_<model>.<ext>   their report
   saebench/<model>/<dataset>/layer_<L>/<sae>/   the vision SAEBench of one SAE: saebench.json,
                                                 sparse_probing.csv, tpp.csv, absorption.csv
-  saebench/tables/<model>__<dataset>__layer_<L>.<ext>, saebench/metrics.json (DVC's),
-  saebench/figures/saebench_<model>.<ext>       their report
+  saebench/tables/<model>__<dataset>__layer_<L>.<ext>, saebench/figures/saebench_<model>.<ext>   their
+                                                report; metrics/saebench.json: DVC's metrics file of them
   tables/<name>.<ext>, figures/<kind>_<model>.<ext>, browser/, README.md, report.html
   logs/<stage>/....log, benchmarks/<stage>/....tsv
   bench/<name>.json                             `visae bench` results
@@ -238,7 +238,7 @@ class Layout:
 
     def saebench_metrics(self) -> str:
         """DVC's metrics file of the SAEBench: {model/dataset/layer_L/sae: {metric: value}}."""
-        return self._path("saebench", "metrics.json")
+        return self._path("metrics", "saebench.json")  # outside saebench/: DVC outputs may not overlap
 
     def saebench_figures_dir(self) -> str:
         return self._path("saebench", "figures")

@@ -7,8 +7,8 @@ from itertools import combinations
 from snakemake.exceptions import WorkflowError
 
 from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
-                          MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, TABLE_FORMATS, TASKS, Layout, layer_dir,
-                          seed_twin)
+                          MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, SAEBENCH_FIGURES, TABLE_FORMATS, TASKS,
+                          Layout, layer_dir, seed_twin)
 from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
 
 RESULTS = Layout(config["results"])
@@ -79,6 +79,9 @@ def check_config():
     if len({"groups", "wordnet"} & set(hierarchy)) > 1:
         raise WorkflowError("compare.hierarchy: give groups or wordnet, not both")
     check_interventions()
+    for sae in config["saebench"]["saes"] or []:
+        if sae not in config["saes"]:
+            raise WorkflowError(f"saebench.saes: {sae!r} is not a key of saes ({', '.join(config['saes'])})")
 
 
 def check_interventions():
@@ -428,3 +431,52 @@ def sample_flags(task):
     section = config["interventions"][task]
     return " ".join(f"--{key.replace('_', '-')} {section[key]}" for key in ("train_images", "test_images")
                     if section[key] is not None)
+
+
+# -- the vision SAEBench -------------------------------------------------------------------------
+
+# Second seeds are the stability baseline, not entries of their own.
+SEED_TWINS = {seed_twin(sae) for sae in COMPARED} if config["compare"]["seeds"] >= 2 else set()
+BENCHED = ([sae for sae in config["saes"] if sae not in SEED_TWINS] if config["saebench"]["saes"] is None
+           else list(config["saebench"]["saes"]))
+
+
+def saebench_outputs():
+    return [RESULTS.saebench_marker(model, dataset, layer, sae) for model, dataset, layer in stores() for sae in BENCHED]
+
+
+def saebench_indexes():
+    """The latent index of every benched SAE on every store (the compare stage builds them)."""
+    return [RESULTS.latent_index_marker(model, dataset, layer, sae)
+            for model, dataset, layer in stores() for sae in BENCHED]
+
+
+def saebench_twin(wc):
+    """The pass marker of the SAE's second seed when the comparison trains one (else none)."""
+    twin = seed_twin(wc.sae)
+    if twin not in config["saes"]:
+        return []
+    return [RESULTS.sae_pass_marker(wc.model, wc.dataset, wc.layer, sae_pass(twin))]
+
+
+def saebench_flags(wc):
+    """`--twin` (stability) and `--hierarchy-json` (absorption, on the compared dataset only)."""
+    flags = []
+    if saebench_twin(wc):
+        flags.append(f"--twin {shlex.quote(sae_dir(wc.model, wc.dataset, wc.layer, seed_twin(wc.sae)))}")
+    if wc.dataset == COMPARE_DATASET and config["compare"]["hierarchy"]:
+        flags.append(f"--hierarchy-json {shlex.quote(json.dumps(config['compare']['hierarchy'], sort_keys=True))}")
+    section = config["saebench"]
+    if section["max_classes"] is not None:
+        flags.append(f"--max-classes {section['max_classes']}")
+    return " ".join(flags)
+
+
+def saebench_report_outputs(table_formats=TABLE_FORMATS, figure_formats=FIGURE_FORMATS):
+    """Per store a table, DVC's metrics file, per model a figure (none when no SAE is benched)."""
+    if not BENCHED:
+        return []
+    tables = [RESULTS.saebench_table(model, dataset, layer, ext)
+              for model, dataset, layer in stores() for ext in table_formats]
+    figures = [RESULTS.saebench_figure(model, ext) for ext in figure_formats for model in config["models"]]
+    return tables + [RESULTS.saebench_metrics()] + figures

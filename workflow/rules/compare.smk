@@ -165,3 +165,4 @@ rule compare_all:
     input:
         compare_report_outputs(),
         intervened_indexes(),
+        saebench_indexes(),
