@@ -137,13 +137,18 @@ rule compare_report:
         matchings=comparison_outputs() + comparison_outputs(seed_baseline=True),
         similarities=similarity_outputs(),
     output:
-        [report(path, caption="../report/compare_tables.rst", category="Comparison", labels={"table": name})
-         for name in COMPARISON_TABLES for path in [RESULTS.comparison_table(name, "md")]],
-        [report(RESULTS.comparison_figure(kind, model, "png"), caption=f"../report/{kind}.rst", category="Comparison",
-                subcategory=model, labels={"model": model, "figure": kind})
+        # one caption per table, in COMPARISON_TABLES' order (params.figures counts them)
+        report(RESULTS.comparison_table("profiles", "md"), caption="../report/compare_profiles.rst",
+               category="2 Comparison", subcategory="Tables", labels={"table": "Table 2a: profiles"}),
+        report(RESULTS.comparison_table("matching", "md"), caption="../report/compare_matching.rst",
+               category="2 Comparison", subcategory="Tables", labels={"table": "Table 2b: matching"}),
+        report(RESULTS.comparison_table("similarity", "md"), caption="../report/compare_similarity.rst",
+               category="2 Comparison", subcategory="Tables", labels={"table": "Table 2c: similarity"}),
+        [report(RESULTS.comparison_figure(kind, model, "png"), caption=f"../report/{kind}.rst",
+                category="2 Comparison", subcategory=model, labels={"model": model, "figure": kind})
          for model in config["models"] for kind in MODEL_COMPARISON_FIGURES],
         [report(RESULTS.comparison_figure(kind, f"{a}__{b}", "png"), caption=f"../report/{kind}.rst",
-                category="Comparison", subcategory=f"{a} vs {b}", labels={"pair": f"{a} vs {b}", "figure": kind})
+                category="2 Comparison", subcategory=f"{a} vs {b}", labels={"pair": f"{a} vs {b}", "figure": kind})
          for a, b in model_pairs() for kind in PAIR_COMPARISON_FIGURES],
         compare_report_outputs(table_formats=[f for f in TABLE_FORMATS if f != "md"],
                                figure_formats=[f for f in FIGURE_FORMATS if f != "png"]),

@@ -91,10 +91,12 @@ rule intervene_report:
     input:
         intervention_outputs(),
     output:
-        [report(RESULTS.intervention_table(task, "md"), caption="../report/interventions_tables.rst",
-                category="Interventions", labels={"table": task}) for task in intervened_tasks()],
+        # kind: the task; its table's caption is classification.rst or segmentation.rst
+        [report(RESULTS.intervention_table(kind, "md"), caption=f"../report/{kind}.rst", category="3 Interventions",
+                subcategory="Tables", labels={"table": f"Table {TASKS.index(kind) + 3}: {kind}"})
+         for kind in intervened_tasks()],
         [report(RESULTS.intervention_figure(kind, task, model, "png"), caption=f"../report/{kind}.rst",
-                category="Interventions", subcategory=task, labels={"model": model, "figure": kind})
+                category="3 Interventions", subcategory=task, labels={"model": model, "figure": kind})
          for task in intervened_tasks() for model in task_models(task) for kind in INTERVENTION_FIGURES],
         intervene_report_outputs(table_formats=[f for f in TABLE_FORMATS if f != "md"],
                                  figure_formats=[f for f in FIGURE_FORMATS if f != "png"]),

@@ -6,10 +6,10 @@ rule tables:
     input:
         evaluate_outputs(),
     output:
-        md=report(RESULTS.table("saes", "md"), caption="../report/saes_md.rst", category="Tables",
-                  labels={"table": "SAEs (Markdown)"}),
-        csv=report(RESULTS.table("saes", "csv"), caption="../report/saes_csv.rst", category="Tables",
-                   labels={"table": "SAEs (CSV)"}),
+        md=report(RESULTS.table("saes", "md"), caption="../report/saes_md.rst", category="1 SAEs",
+                  subcategory="Tables", labels={"table": "Table 1: SAE metrics", "format": "Markdown"}),
+        csv=report(RESULTS.table("saes", "csv"), caption="../report/saes_csv.rst", category="1 SAEs",
+                   subcategory="Tables", labels={"table": "Table 1: SAE metrics", "format": "CSV"}),
         tex=RESULTS.table("saes", "tex"),
         json=RESULTS.table("saes", "json"),
     params:
@@ -32,7 +32,7 @@ rule figures:
             report(
                 RESULTS.figure(kind, model, "png"),
                 caption=f"../report/{kind}.rst",
-                category="Figures",
+                category="1 SAEs",
                 subcategory=model,
                 labels={"model": model, "figure": kind},
             )
