@@ -480,3 +480,18 @@ def saebench_report_outputs(table_formats=TABLE_FORMATS, figure_formats=FIGURE_F
               for model, dataset, layer in stores() for ext in table_formats]
     figures = [RESULTS.saebench_figure(model, ext) for ext in figure_formats for model in config["models"]]
     return tables + [RESULTS.saebench_metrics()] + figures
+
+
+# -- the latent browser --------------------------------------------------------------------------
+
+# Every SAE with a latent index on the compared dataset gets pages (second seeds are baselines).
+BROWSED = [sae for sae in dict.fromkeys(COMPARED + INTERVENED + BENCHED) if sae not in SEED_TWINS]
+
+
+def browser_indexes():
+    return [RESULTS.latent_index_marker(model, COMPARE_DATASET, layer, sae)
+            for model, layer in compare_stores() for sae in BROWSED]
+
+
+def browser_outputs():
+    return [RESULTS.browser_index()] if BROWSED else []

@@ -57,3 +57,57 @@ rule figures:
 rule report_all:
     input:
         report_outputs(),
+
+
+# results/README.md: what was run, the headline numbers beside their baselines, the numbered tables,
+# links to every figure and to the latent browser.
+rule readme:
+    input:
+        report_outputs(),
+        compare_report_outputs(),
+        intervene_report_outputs(),
+        saebench_report_outputs(),
+        extract_outputs(),
+        pass_outputs(),
+        browser_outputs(),
+    output:
+        report(RESULTS.readme(), caption="../report/readme.rst", category="5 Summary", labels={"page": "README"}),
+    params:
+        results=RESULTS.root,
+    log:
+        RESULTS.log("report", "readme"),
+    benchmark:
+        RESULTS.benchmark("report", "readme")
+    shell:
+        logged("visae report readme --results-dir {params.results:q} --out {output:q}")
+
+
+# The latent browser: a static site under results/browser/, opened from file:// (index.html last).
+rule browser:
+    input:
+        indexes=browser_indexes(),
+        matchings=comparison_outputs() + comparison_outputs(seed_baseline=True),
+        profiles=profile_outputs(),
+        interventions=intervention_outputs(),
+        saebench=[path for path in saebench_outputs() if f"/{COMPARE_DATASET}/" in path],
+        data=dataset_files(COMPARE_DATASET),
+    output:
+        RESULTS.browser_index(),
+    params:
+        indexes=lambda wc, input: [os.path.dirname(path) for path in input.indexes],
+        dataset=entry_json("datasets", COMPARE_DATASET),
+        out=RESULTS.browser(),
+        env=lambda wc, threads: threads_env(threads),
+    log:
+        RESULTS.log("report", "browser"),
+    benchmark:
+        RESULTS.benchmark("report", "browser")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        logged(
+            "{params.env} visae report browser --indexes {params.indexes:q} --matchings {input.matchings:q}"
+            " --profiles {input.profiles:q} --interventions {input.interventions:q} --saebench {input.saebench:q}"
+            " --datasets {params.dataset:q} --out {params.out:q}"
+        )

@@ -43,7 +43,17 @@ rule saebench_report:
     input:
         saebench_outputs(),
     output:
-        saebench_report_outputs(),
+        [
+            report(RESULTS.saebench_table(model, dataset, layer, "md"), caption="../report/saebench_table.rst",
+                   category="4 SAEBench", subcategory="Tables", labels={"store": f"{model} · {dataset} · {layer}"})
+            for model, dataset, layer in stores()
+        ] if BENCHED else [],
+        [
+            report(RESULTS.saebench_figure(model, "png"), caption="../report/saebench.rst", category="4 SAEBench",
+                   subcategory=model, labels={"model": model, "figure": "saebench"})
+            for model in config["models"]
+        ] if BENCHED else [],
+        [path for path in saebench_report_outputs() if not path.endswith((".md", ".png"))],
     params:
         tables=RESULTS.saebench_tables_dir(),
         figures=RESULTS.saebench_figures_dir(),
