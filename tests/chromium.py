@@ -66,6 +66,16 @@ def _click(d, element) -> None:
     element.click()
 
 
+def _follow(d, link, what: str) -> None:
+    """Click a link and wait for its page to be drawn (not the old one's readiness)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = d.current_url
+    _click(d, link)
+    WebDriverWait(d, WAIT_S).until(lambda d: d.current_url != old)
+    _ready(d, what)
+
+
 def _params(url: str) -> dict:
     return {k: v[0] for k, v in parse_qs(urlparse(url).query).items()}
 
@@ -91,11 +101,12 @@ def check_latent_page(d, what: str) -> dict:
     return {"images": len(images), "lit_patches": lit}
 
 
-def check_browser(browser_dir, screenshot) -> dict:
+def check_browser(browser_dir, screenshot, require_match: bool = True) -> dict:
     """Open `browser_dir`/index.html from file:// headless and check: no console errors on any
-    page; an SAE page's table reorders when a sort header is clicked; a latent page shows its
-    images and heatmaps; its link to the matched latent opens the other model's latent. Saves
-    screenshots: `screenshot` (the latent page), `<stem>-sae<suffix>` and `<stem>-index<suffix>`."""
+    page; an SAE page's table reorders when a sort header is clicked, and filters; a latent page
+    shows its images and heatmaps; its link to the matched latent opens the other model's latent
+    (unless `require_match` is False and no SAE has a cross-model comparison). Saves screenshots:
+    `screenshot` (the latent page), `<stem>-sae<suffix>` and `<stem>-index<suffix>`."""
     from selenium.webdriver.common.by import By
 
     browser_dir, screenshot = Path(browser_dir).resolve(), Path(screenshot)
@@ -112,13 +123,13 @@ def check_browser(browser_dir, screenshot) -> dict:
         saes = d.execute_script("return VISAE.get('manifest').saes")
         # an SAE matched to another model's SAE that this browser also holds
         crossed = [(s, i) for s in saes for i, c in enumerate(s["comparisons"]) if c["cross_model"] and c["other"]]
-        assert crossed, "no SAE has a cross-model comparison with a page: give --matchings of two models"
-        sae, comp = crossed[0]
+        assert crossed or not require_match, "no SAE has a cross-model comparison with a page: give --matchings " \
+                                             "of two models"
+        sae, comp = crossed[0] if crossed else (saes[0], None)
         links = d.find_elements(By.CSS_SELECTOR, "a.sae-link")
         link = next(a for a in links if _params(a.get_attribute("href")) ==
                     {"model": sae["model"], "dataset": sae["dataset"], "layer": sae["layer"], "sae": sae["sae"]})
-        _click(d, link)
-        _ready(d, "sae.html")
+        _follow(d, link, "sae.html")
         before = _latents(d)
         assert before == sorted(before) and len(before) > 1, f"sae.html: rows not in latent order ({before[:5]})"
         _click(d, d.find_element(By.CSS_SELECTOR, "th.sortable[data-col='frequency']"))
@@ -134,20 +145,24 @@ def check_browser(browser_dir, screenshot) -> dict:
                                 "'#latent-table tbody tr')].map(r => t.data.frequency[Number(r.dataset.latent)])",
                                 f"table/{sae['key']}")
         assert kept and min(kept) >= least, f"sae.html: the frequency filter kept {min(kept or [0])} < {least}"
-        _click(d, d.find_element(By.CSS_SELECTOR, f"th.sortable[data-col='match_r_{comp}']"))
+        sort = f"match_r_{comp}" if comp is not None else "max_activation"
+        _click(d, d.find_element(By.CSS_SELECTOR, f"th.sortable[data-col='{sort}']"))
         d.execute_script("window.scrollTo(0, 0); document.querySelector('.scroll').scrollLeft = 0")
         _no_console_errors(d, "sae.html")
         d.save_screenshot(str(shots["sae"]))
         top = _latents(d)[0]
-        _click(d, d.find_element(By.CSS_SELECTOR, f"#latent-table tbody tr[data-latent='{top}'] td a"))
+        _follow(d, d.find_element(By.CSS_SELECTOR, f"#latent-table tbody tr[data-latent='{top}'] td a"), "latent.html")
         here = _params(d.current_url)
         assert here["latent"] == str(top) and here["model"] == sae["model"], f"latent link opened {d.current_url}"
         checked = {"sae": sae["key"], "latent": top, **check_latent_page(d, f"latent {top} of {sae['key']}")}
         d.save_screenshot(str(shots["latent"]))
+        checked["screenshots"] = {k: str(v) for k, v in shots.items()}
+        if comp is None:
+            return checked
         match = d.find_elements(By.CSS_SELECTOR, "a.match-link[data-kind='cross']")
         assert match, f"latent {top} of {sae['key']} has no link to its match in the other model"
         target = int(match[0].text.split()[-1])
-        _click(d, match[0])
+        _follow(d, match[0], "the matched latent's page")
         there = _params(d.current_url)
         other = next(s for s in saes if s["key"] == sae["comparisons"][comp]["other"])
         assert (there["model"], there["sae"], there["latent"]) == (other["model"], other["sae"], str(target)), \
@@ -157,7 +172,6 @@ def check_browser(browser_dir, screenshot) -> dict:
         heading = d.find_element(By.TAG_NAME, "h1").text
         assert heading == f"Latent {target}", heading
         checked["match"] = {"sae": other["key"], "latent": target}
-        checked["screenshots"] = {k: str(v) for k, v in shots.items()}
         return checked
     finally:
         d.quit()

@@ -19,20 +19,28 @@ browser/
   data/manifest.js                                 every SAE: identity, summaries, comparisons
   data/<sae key>/table.js                          the latent table (one column array per field)
   data/<sae key>/latents_<c>.js                    64 latents: top images, heatmaps, histogram...
-  images/<dataset>/sheet_<s>.png|jpg               16 x 16 thumbnails, each image once
+  images/<dataset>/sheet_<s>.png|jpg               thumbnails, each image once, <= 512 px a side
   provenance.json
 
-Heatmaps: the latent's activation on every patch of each top image, re-encoded from the store,
-quantised to uint8 against the latent's maximum (base64, `N x gh x gw` bytes per latent).
-Histograms: 20 equal bins on (0, max] of the image-level activations, plus the images it is 0 on.
+Heatmaps: the latent's activation on every patch of each top image, re-encoded from the store
+(reopened as the later stages do, `reopen_sources`: refused if the store or SAE changed since the
+index; not `open_sae_on_store`, which re-hashes the whole store), quantised to uint8 against the
+latent's maximum, `N x gh x gw` bytes per latent, zlib-deflated, base64 (the page inflates them
+with the browser's DecompressionStream). Histograms: 20 equal bins on (0, max] of the index's
+image-level activations, plus the images it is 0 on. Images: from the --datasets entry named like
+the indexes' dataset (checked against their labels), else from the spec their store records.
 
-Sizes. The demo (8 SAEs of 512 latents on 1,000 Fashion-MNIST images, 7x7 patches, top 8):
-about 2.5 MB, ~1.8 MB of it the heatmaps, 0.2 MB the 1,000 images at 28 px (built in ~30 s on one
-CPU core). The paper (2 models x (SAE + second seed) = 4 indexes of 24,576 latents on 50,000
-ImageNet images, 16x16 patches, top 8): heatmaps 4 x 24,576 x 8 x 256 B = 201 MB raw, 268 MB as
-base64, the thousands of dead latents excepted; images at most 50,000 unique thumbnails at 64 px,
-JPEG (~2.5 KB each) = ~125 MB in ~196 sheets; tables ~2 MB per SAE; ~400 MB in all, of which a
-latent page loads ~0.7 MB (one chunk and <= 8 sheets).
+Sizes. The demo (8 SAEs of 512 latents on the 1,000 held-out Fashion-MNIST images, 7x7 patches,
+top 8): 3.1 MB in 82 files: the latent chunks 2.4 MB (0.4 MB of it heatmaps, deflated 3.9x),
+the 1,000 images at 28 px 0.4 MB, the tables 0.3 MB; built in 10-15 s on one busy CPU core.
+The paper (2 models x (SAE + second seed) = 4 indexes of 24,576 latents on 50,000 ImageNet
+images, 16x16 patches, top 8), scaled from the demo's bytes per latent: heatmaps 2 KB raw per
+latent, ~0.5 KB deflated as base64 if as sparse as the demo's; other detail ~0.65 KB (20 classes
+charted); so ~115 MB of chunks, ~6.5 MB of tables, and at most 50,000 thumbnails at 64 px as
+JPEG (1.8 KB each, measured on ImageNet images) = ~90 MB in 782 sheets of 8x8: ~210 MB in all,
+of which one latent page loads ~1 MB (its chunk of 64 latents, <= 8 sheets). Its build is
+dominated by re-encoding the top images' tokens through the SAE (use --device cuda) and by
+decoding up to 50,000 images for the thumbnails.
 """
 
 from __future__ import annotations
@@ -282,11 +290,11 @@ def saebench_rows(metrics: dict) -> list[dict]:
         probe = re.fullmatch(r"sparse_probing_k(\d+)", k)
         if probe:
             row["baseline"] = _num(metrics.get(f"sparse_probing_floor_k{probe.group(1)}"))
-            row["baseline_label"] = "random latents"
+            row["baseline_label"] = "floor"
             row["ceiling"] = _num(metrics.get("sparse_probing_ceiling"))
         elif f"{k}_random" in metrics:
             row["baseline"] = _num(metrics[f"{k}_random"])
-            row["baseline_label"] = "random SAE" if k != "stability" else "random latents"
+            row["baseline_label"] = "random"
         rows.append(row)
     return rows
 
@@ -656,8 +664,8 @@ def chunk(sae: Sae, comps: list[dict], lo: int, hi: int, heat_q, hist, zeros, sl
               "heat": base64.b64encode(zlib.compress(np.ascontiguousarray(heat_q[lo:hi]).tobytes(), 9)).decode(),
               "hist": hist[lo:hi].tolist(), "zeros": [int(z) for z in zeros[lo:hi]],
               "classes": classes,
-              "class_frequency": [_nums(idx.class_frequency[lo + i, c]) for i, c in enumerate(classes)],
-              "class_mean": [_nums(idx.class_mean[lo + i, c]) for i, c in enumerate(classes)]}
+              "class_frequency": [_nums(idx.class_frequency[lo + i, c], 3) for i, c in enumerate(classes)],
+              "class_mean": [_nums(idx.class_mean[lo + i, c], 3) for i, c in enumerate(classes)]}
     if sae.profile is not None:
         p = sae.profile.iloc[lo:hi]
         keep = [c for c in ("purity", "coarse_purity", "entropy_bits", "n_classes", "lca_depth", "category")
@@ -693,32 +701,29 @@ def manifest_entry(sae: Sae, comps: list[dict], dataset_key: str, top: int, grid
 
 # -- the build -----------------------------------------------------------------------------------
 
-def build(args, tmp: Path) -> dict:
-    """Every file of the browser into `tmp`, index.html last; returns {path: bytes} of what was written."""
+def shown_top(sae: Sae, top: int) -> int:
+    """Top images shown per latent: `--top`, or fewer when the index kept fewer."""
+    return min(top, sae.index.top_images.shape[1])
+
+
+def write_image_sets(saes: Saes, entries: dict, args, tmp: Path, sizes: dict) -> tuple[dict, dict]:
+    """Per image set (the indexes' dataset), each image any SAE shows, once, in store order, in
+    sprite sheets; returns (the manifest's image_sets, dataset -> the images in slot order)."""
     import numpy as np
 
-    saes = Saes(args.indexes)
-    attach_matchings(saes, args.matchings)
-    attach_profiles(saes, args.profiles)
-    attach_interventions(saes, args.interventions)
-    attach_saebench(saes, args.saebench)
-    entries = _dataset_entries(args.datasets)
-    sizes: dict[str, int] = {}
+    from visae.analysis.compare import check_same_images
 
-    # images: per image set (dataset name), each image any SAE shows once, in store order
     by_set: dict[str, list[Sae]] = {}
     for sae in saes.items:
         by_set.setdefault(sae.identity.dataset, []).append(sae)
-    sets, slot_of = {}, {}
+    sets, slots = {}, {}
     for name, members in sorted(by_set.items()):
-        from visae.analysis.compare import check_same_images
-
         first = members[0].index
         for other in members[1:]:
             check_same_images(first.meta["image_set"], other.index.meta["image_set"], f"index {first.identity.key}",
                               f"index {other.identity.key}")
-        top = {s.key: min(args.top, s.index.top_images.shape[1]) for s in members}
-        shown = np.unique(np.concatenate([s.index.top_images[:, :top[s.key]].reshape(-1) for s in members]))
+        shown = np.unique(np.concatenate([s.index.top_images[:, :shown_top(s, args.top)].reshape(-1)
+                                          for s in members]))
         shown = shown[shown >= 0]
         load = image_source(name, first.meta["image_set"], entries.get(name), first)
         cell, thumbs = thumbnails(load, shown, args.thumb)
@@ -726,32 +731,47 @@ def build(args, tmp: Path) -> dict:
         names, fmt = write_sheets(tmp / "images" / key, thumbs, cell, args.image_format)
         for n in names:
             sizes[f"images/{key}/{n}"] = (tmp / "images" / key / n).stat().st_size
-        sets[name] = {"key": key, "cell": cell, "side": sheet_side(cell), "sheets": [f"images/{key}/{n}" for n in names],
-                      "format": fmt, "images": int(len(shown)), "grey": fmt == "png" and load is not None,
-                      "has_images": load is not None}
-        slot_of[name] = shown
+        sets[name] = {"key": key, "cell": cell, "side": sheet_side(cell), "format": fmt, "images": int(len(shown)),
+                      "sheets": [f"images/{key}/{n}" for n in names], "has_images": load is not None}
+        slots[name] = shown
+    return sets, slots
 
-    manifest = {"format": FORMAT, "saes": [], "image_sets": sets}
-    for sae in saes.items:
-        idx = sae.index
-        top = min(args.top, idx.top_images.shape[1])
-        comps = comparisons(sae, saes)
-        heat = heatmaps(idx, top, device=args.device)
-        heat_q = quantise(heat.reshape(idx.width, -1), idx.max_activation).reshape(heat.shape)
-        hist, zeros = histograms(idx)
-        shown = slot_of[sae.identity.dataset]
-        chosen, top_class = chosen_latents(sae), top_classes(idx, top)
-        base = tmp / "data" / sae.key
-        sizes[f"data/{sae.key}/table.js"] = _write(base / "table.js",
-                                                   _js(f"table/{sae.key}", table(sae, comps, top, chosen, top_class)))
-        for c in range(math.ceil(idx.width / CHUNK)):
-            lo, hi = c * CHUNK, min(idx.width, (c + 1) * CHUNK)
-            d = chunk(sae, comps, lo, hi, heat_q, hist, zeros, lambda im: np.searchsorted(shown, im), top, chosen,
-                      top_class)
-            name = f"latents_{c:03d}.js"
-            sizes[f"data/{sae.key}/{name}"] = _write(base / name, _js(f"latents/{sae.key}/{c}", d))
-        manifest["saes"].append(manifest_entry(sae, comps, sae.identity.dataset, top, heat.shape[2:]))
-        print(f"{sae.identity.key}: {idx.width} latents, top {top}")
+
+def write_sae(sae: Sae, saes: Saes, shown, args, tmp: Path, sizes: dict) -> dict:
+    """An SAE's table and detail chunks; returns its manifest entry."""
+    import numpy as np
+
+    idx = sae.index
+    top = shown_top(sae, args.top)
+    comps = comparisons(sae, saes)
+    heat = heatmaps(idx, top, device=args.device)
+    heat_q = quantise(heat.reshape(idx.width, -1), idx.max_activation).reshape(heat.shape)
+    hist, zeros = histograms(idx)
+    chosen, top_class = chosen_latents(sae), top_classes(idx, top)
+    base = tmp / "data" / sae.key
+    sizes[f"data/{sae.key}/table.js"] = _write(base / "table.js",
+                                               _js(f"table/{sae.key}", table(sae, comps, top, chosen, top_class)))
+    for c in range(math.ceil(idx.width / CHUNK)):
+        lo, hi = c * CHUNK, min(idx.width, (c + 1) * CHUNK)
+        d = chunk(sae, comps, lo, hi, heat_q, hist, zeros, lambda im: np.searchsorted(shown, im), top, chosen,
+                  top_class)
+        name = f"latents_{c:03d}.js"
+        sizes[f"data/{sae.key}/{name}"] = _write(base / name, _js(f"latents/{sae.key}/{c}", d))
+    print(f"{sae.identity.key}: {idx.width} latents, top {top}")
+    return manifest_entry(sae, comps, sae.identity.dataset, top, heat.shape[2:])
+
+
+def build(args, tmp: Path) -> dict:
+    """The browser's data and images into `tmp`; returns {relative path: bytes written}."""
+    saes = Saes(args.indexes)
+    attach_matchings(saes, args.matchings)
+    attach_profiles(saes, args.profiles)
+    attach_interventions(saes, args.interventions)
+    attach_saebench(saes, args.saebench)
+    sizes: dict[str, int] = {}
+    sets, slots = write_image_sets(saes, _dataset_entries(args.datasets), args, tmp, sizes)
+    manifest = {"format": FORMAT, "image_sets": sets,
+                "saes": [write_sae(sae, saes, slots[sae.identity.dataset], args, tmp, sizes) for sae in saes.items]}
     sizes["data/manifest.js"] = _write(tmp / "data" / "manifest.js", _js("manifest", manifest))
     return sizes
 

@@ -509,9 +509,10 @@ window.VISAE = (() => {
             el("p", { class: "note" }, `Heatmap: the latent's activation on each of the ${gh}×${gw} patches, `
               + `relative to its maximum ${fmt(d.max_activation[k])}; the outlined patch is the image's maximum.`)),
           el("aside", {}, el("h2", {}, "Summary"), statList(s, d, k))),
-        el("div", { class: "charts" },
+        cards.length ? el("div", { class: "charts" },
           el("section", {}, el("h2", {}, "Activation histogram"), histogram(d.hist[k], d.max_activation[k], d.zeros[k], s.images)),
-          el("section", {}, el("h2", {}, "Per-class firing rate"), classBars(s.classes, d.classes[k], d.class_frequency[k], d.class_mean[k]))),
+          el("section", {}, el("h2", {}, "Per-class firing rate"), classBars(s.classes, d.classes[k], d.class_frequency[k], d.class_mean[k])))
+          : el("p", { class: "note" }, `A dead latent: 0 on all ${s.images} indexed images.`),
         ...[matchesBlock(s, d, k), interventionsBlock(s, d, k)].filter(Boolean));
     }));
   }
