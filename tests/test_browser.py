@@ -173,7 +173,7 @@ def test_emitted_data_match_the_indexes(tree):
             counts = np.histogram(col, bins=browser.HIST_BINS, range=(0, float(idx.max_activation[j])))[0] \
                 if len(col) else np.zeros(browser.HIST_BINS)
             assert e["hist"][j] == counts.tolist() and e["zeros"][j] + sum(e["hist"][j]) == len(idx.images)
-        np.testing.assert_allclose(np.asarray(e["class_frequency"], dtype=float), idx.class_frequency, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(e["class_frequency"], dtype=float), idx.class_frequency, rtol=5e-3)
         name, table = read_js(out / "data" / s["key"] / "table.js")
         assert table["rows"] == idx.width
         np.testing.assert_allclose(table["data"]["frequency"], idx.frequency, rtol=1e-3)
