@@ -243,6 +243,9 @@ def test_many_classes_chart_the_ones_a_latent_fires_on_most():
 def test_a_rebuild_gives_the_same_bytes(tree, tmp_path):
     again = tmp_path / "browser"
     assert build(again, tree) == 0
+    (again / "data" / "stale.js").write_text("")  # a rebuild replaces the whole folder
+    assert build(again, tree) == 0
+    assert not (again / "data" / "stale.js").exists() and not list(tmp_path.glob(".browser.*"))
     files = sorted(p.relative_to(tree.out) for p in tree.out.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     for f in files:
@@ -294,3 +297,17 @@ def test_the_browser_in_chromium(tree, tmp_path):
     assert checked["images"] == TOP and all(n > 0 for n in checked["lit_patches"][:1])
     for shot in checked["screenshots"].values():
         assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_store_without_images_gets_placeholders(synth_sae, tmp_path):
+    store, sae = synth_sae
+    index = tmp_path / "index"
+    assert main(["latents", "--store", str(store), "--sae", str(sae), "--out", str(index), "--top", "4"]) == 0
+    parser = Parser(prog="visae report browser")
+    browser.add_arguments(parser)
+    assert browser.run(parser.parse_args(["--indexes", str(index), "--out", str(tmp_path / "b")])) == 0
+    _, manifest = read_js(tmp_path / "b" / "data" / "manifest.js")
+    (s,) = manifest["saes"]
+    images = manifest["image_sets"][s["dataset"]]
+    assert images["has_images"] is False and images["cell"] == 8 and s["top"] == 4 and s["comparisons"] == []
+    assert (tmp_path / "b" / "index.html").is_file() and (tmp_path / "b" / images["sheets"][0]).is_file()

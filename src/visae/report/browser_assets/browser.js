@@ -229,6 +229,10 @@ window.VISAE = (() => {
         el("p", { class: "note" }, "Click a header to sort (again to reverse); hover it for what the column is. "
           + "Empty cells: not measured (dead latents, latents without a profile)."));
       this.render();
+      // the filter row sticks right under the header row, whatever the font makes its height
+      requestAnimationFrame(() => {
+        for (const th of filterRow.children) th.style.top = `${head.getBoundingClientRect().height}px`;
+      });
     }
 
     input(key, placeholder, type) {
