@@ -31,8 +31,8 @@ image-level activations, plus the images it is 0 on. Images: from the --datasets
 the indexes' dataset (checked against their labels), else from the spec their store records.
 
 Sizes. The demo (8 SAEs of 512 latents on the 1,000 held-out Fashion-MNIST images, 7x7 patches,
-top 8): 3.1 MB in 82 files: the latent chunks 2.4 MB (0.4 MB of it heatmaps, deflated 3.9x),
-the 1,000 images at 28 px 0.4 MB, the tables 0.3 MB; built in 10-15 s on one busy CPU core.
+top 8): 3.1 MB in 83 files: the latent chunks 2.4 MB (0.4 MB of it heatmaps, deflated 3.9x),
+the 1,000 images at 28 px 0.4 MB, the tables 0.3 MB; built in 9-15 s on one busy CPU core.
 The paper (2 models x (SAE + second seed) = 4 indexes of 24,576 latents on 50,000 ImageNet
 images, 16x16 patches, top 8), scaled from the demo's bytes per latent: heatmaps 2 KB raw per
 latent, ~0.5 KB deflated as base64 if as sparse as the demo's; other detail ~0.65 KB (20 classes
@@ -809,6 +809,9 @@ def write_browser(args) -> dict:
                   "top": args.top, "thumb": args.thumb, "image_format": args.image_format}
         write_json(tmp / RUN_MARKER, provenance(config, seeds={}, started=started))
         for name in ASSETS:  # index.html last: it marks the browser done
+            if not (_assets() / name).is_file():
+                raise VisaeError(f"visae's install lacks its browser page {name} (visae/report/browser_assets): "
+                                 f"reinstall visae")
             data = (_assets() / name).read_bytes()
             (tmp / name).write_bytes(data)
             sizes[name] = len(data)
