@@ -144,6 +144,36 @@ def test_full_dag_runs_the_interventions(project):
             assert 0 <= probe["test_score"] <= 1 and 0 <= probe["random_init"]["test_score"] <= 1
 
 
+def test_full_dag_writes_the_readme_and_a_browser_that_works_in_chromium(project, tmp_path):
+    from chromium import check_browser
+
+    results = Layout(project / "results")
+    readme = Path(results.readme()).read_text()
+    for heading in ("## What was run", "## Headline numbers", "Table 1", "Table 3", "Table 5"):
+        assert heading in readme, heading
+    for link in re.findall(r"\]\(([^)#]+)\)", readme):  # every relative link resolves
+        if "://" not in link:
+            assert (project / "results" / link).exists(), link
+    assert "browser/index.html" in readme
+    check_browser(results.browser(), tmp_path / "browser.png")
+    assert (tmp_path / "browser.png").stat().st_size > 10_000
+
+
+def test_full_dag_runs_the_vision_saebench(project):
+    import pandas as pd
+
+    results = Layout(project / "results")
+    metrics = json.loads(Path(results.saebench_metrics()).read_text())
+    for model in ("vit-simclr", "vit-supervised"):
+        marker = json.loads(Path(results.saebench_marker(model, DATASET, LAYER, "topk-16")).read_text())
+        assert marker["identity"]["model"] == model and marker["format"] == "visae-saebench/1"
+        assert marker["metrics"]["stability"] is not None  # the second seed is there
+        assert metrics[f"{model}/{DATASET}/layer_{LAYER}/topk-16"]["l0"] == marker["metrics"]["l0"]
+        table = pd.read_csv(results.saebench_table(model, DATASET, LAYER, "csv"))
+        assert list(table.sae) == ["topk-16"]
+        assert Path(results.saebench_figure(model, "png")).stat().st_size > 1000
+
+
 def test_lint_is_clean(project):
     proc = run(project, "snakemake", "--lint", "--configfile", ".test/config/config.yaml")
     assert "Congratulations, your workflow is in a good condition!" in proc.stdout + proc.stderr
@@ -247,7 +277,7 @@ def test_dvc_repro_is_a_noop_then_reruns_from_train(project, tmp_path):
     first = run(project, "dvc", "repro")
     assert "Nothing to be done" in first.stdout + first.stderr
     second = run(project, "dvc", "repro")
-    assert second.stdout.count("didn't change, skipping") == 7
+    assert second.stdout.count("didn't change, skipping") == 9
 
     config = yaml.safe_load((project / "config" / "config.yaml").read_text())
     config["saes"]["relu-l1-0.01"]["lr"] = 0.002
