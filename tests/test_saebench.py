@@ -253,3 +253,17 @@ def test_bad_input_is_one_line_and_leaves_no_marker(planted, tmp_path, capsys, a
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (out / "saebench.json").exists()
+
+
+def test_max_classes_scores_a_seeded_sample_and_the_split_follows_train_fraction(planted):
+    root, _ = planted
+    out = root / "two"
+    assert main(["saebench", "--index", str(root / "index"), "--k", "1", "--tpp-latents", "1", "--max-classes", "2",
+                 "--train-fraction", "0.7", "--out", str(out)]) == 0
+    result = json.loads((out / "saebench.json").read_text())
+    assert len(result["images"]["classes_evaluated"]) == 2
+    assert set(pd.read_csv(out / "sparse_probing.csv").class_name) == set(result["images"]["classes_evaluated"])
+    assert len(pd.read_csv(out / "tpp.csv")) == 2 * 2
+    assert result["images"]["probe_train"] == pytest.approx(0.7 * IMAGES / 2, abs=3)
+    assert set(result["metrics"]) >= {"sparse_probing_k1", "sparse_probing_floor_k1"}
+    assert "sparse_probing_k2" not in result["metrics"]

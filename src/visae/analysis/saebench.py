@@ -326,15 +326,16 @@ def absorption(acts, codes, rows_model, origin, pooled, labels, train, test, tre
                 top = np.asarray(proj.argmax(axis=1)).ravel()
                 absorbed[at] = ((top_value > 0) & (cosine[top] >= ABSORPTION_COS) & (projection[at] > 0)
                                 & (top_value >= ABSORPTION_SHARE * projection[at]))
-            for level, cls, mask in [("group", None, np.ones(len(test), bool))] + \
-                    [("class", c, labels[test] == c) for c in members]:
+            levels = [("group", None, np.ones(len(test), bool))] + [("class", c, labels[test] == c) for c in members]
+            for level, cls, mask in levels:
                 n_tp = int((right & mask).sum())
-                rows.append({"group": group, "level": level, "class": cls, "class_name": "" if cls is None else
-                             names[cls], "method": method, "true_positives": n_tp,
-                             "main_silent": int((silent & mask).sum()), "absorbed": int((absorbed & mask).sum()),
-                             "rate": float((absorbed & mask).sum() / n_tp) if n_tp else None,
-                             "main_latents": _ids(latents)})
-            entry["rate" if method == "sae" else "rate_random"] = rows[-len(members) - 1]["rate"]
+                rate = float((absorbed & mask).sum() / n_tp) if n_tp else None
+                rows.append({"group": group, "level": level, "class": cls,
+                             "class_name": "" if cls is None else names[cls], "method": method,
+                             "true_positives": n_tp, "main_silent": int((silent & mask).sum()),
+                             "absorbed": int((absorbed & mask).sum()), "rate": rate, "main_latents": _ids(latents)})
+                if level == "group":
+                    entry["rate" if method == "sae" else "rate_random"] = rate
         groups.append(entry)
     return rows, groups
 
@@ -619,8 +620,7 @@ def cmd_saebench(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    p = subparsers.add_parser("saebench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                              help="vision SAEBench of one SAE: sparse probing, TPP, absorption, shrinkage, stability")
+    p = subparsers.add_parser("saebench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--index", required=True, help="the SAE's latent index folder (`visae latents`)")
     p.add_argument("--out", required=True)
     p.add_argument("--twin", default=None, help="the same SAE trained from another seed (its checkpoint folder): "
