@@ -460,12 +460,12 @@ def saebench_twin(wc):
 
 
 def saebench_flags(wc):
-    """`--twin` (stability) and `--hierarchy-json` (absorption, on the compared dataset only)."""
+    """`--twin` (stability) and `--hierarchy` (absorption, on the compared dataset only)."""
     flags = []
     if saebench_twin(wc):
         flags.append(f"--twin {shlex.quote(sae_dir(wc.model, wc.dataset, wc.layer, seed_twin(wc.sae)))}")
     if wc.dataset == COMPARE_DATASET and config["compare"]["hierarchy"]:
-        flags.append(f"--hierarchy-json {shlex.quote(json.dumps(config['compare']['hierarchy'], sort_keys=True))}")
+        flags.append(f"--hierarchy {shlex.quote(json.dumps(config['compare']['hierarchy'], sort_keys=True))}")
     section = config["saebench"]
     if section["max_classes"] is not None:
         flags.append(f"--max-classes {section['max_classes']}")
