@@ -348,3 +348,23 @@ def test_grid_entries_that_import():
     jsonschema.validate({k: v for k, v in per_model.items() if k != "name"}, entry_schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"import": "saev", "path": "/x", "sha256": "xyz"}, entry_schema)
+
+
+def test_the_workflow_gives_each_pass_to_one_rule():
+    """train.smk's two rules split the pass names with these constraints (a marker's path goes
+    <...>/<pass>/provenance.json); the import rule reads the model's file and passes its checksum."""
+    import re
+
+    marker = "results/saes/m/d/layer_1/{}/provenance.json"
+    imported = ["paper", "b.2"]
+    trained = re.compile(rf"results/saes/m/d/layer_1/(?P<p>{C.pass_pattern(imported, trained=True)})/provenance\.json")
+    importer = re.compile(rf"results/saes/m/d/layer_1/(?P<p>{C.pass_pattern(imported, trained=False)})/provenance\.json")
+    for name in ("paper", "b.2", "paper2", "bx2", "relu", "topk-16.seed1"):
+        path = marker.format(name)
+        assert bool(trained.fullmatch(path)) != bool(importer.fullmatch(path)), name
+        assert bool(importer.fullmatch(path)) == (name in imported), name
+    assert C.pass_pattern([], trained=True) == "[^/]+" and not re.fullmatch(C.pass_pattern([], trained=False), "x")
+    entry = {"import": "saelens", "path": {"clip": "/s/my sae", "dino": "/s/d"}, "sha256": {"clip": "a" * 64}}
+    assert C.import_files(entry, "clip") == ["/s/my sae/cfg.json", "/s/my sae/sae_weights.safetensors"]
+    assert C.import_flags("paper", entry, "clip") == f"--format saelens --path '/s/my sae' --name paper --sha256 {'a' * 64}"
+    assert C.import_flags("paper", entry, "dino") == "--format saelens --path /s/d --name paper"

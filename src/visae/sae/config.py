@@ -220,6 +220,36 @@ def is_imported(entry) -> bool:
     return isinstance(entry, dict) and "import" in entry
 
 
+# -- the workflow's import rule (workflow/rules/train.smk): an imported SAE is a pass of its own ---
+def for_model(value, model: str):
+    """An imported entry's `path` or `sha256` for one model: the value, or the model's in a mapping."""
+    return value.get(model) if isinstance(value, dict) else value
+
+
+def import_files(entry: dict, model: str) -> list[str]:
+    """The files `visae sae import` reads for `model` (the rule's inputs: a changed file reruns it)."""
+    path = for_model(entry["path"], model)
+    return [path] if entry["import"] == "saev" else [f"{path}/cfg.json", f"{path}/sae_weights.safetensors"]
+
+
+def import_flags(name: str, entry: dict, model: str) -> str:
+    """`--format --path --name [--sha256]` of `visae sae import` for one model's import."""
+    import shlex
+
+    sha = for_model(entry.get("sha256"), model)
+    return (f"--format {entry['import']} --path {shlex.quote(for_model(entry['path'], model))} "
+            f"--name {shlex.quote(name)}" + (f" --sha256 {sha}" if sha else ""))
+
+
+def pass_pattern(imported: list[str], *, trained: bool) -> str:
+    """The wildcard constraint that gives a pass to one rule: the imported SAEs' passes to the import
+    rule, every other to `train` (the pass folder is followed by "/" in the marker's path)."""
+    if not imported:
+        return "[^/]+" if trained else "(?!)"
+    names = "|".join(re.escape(name) for name in sorted(imported))
+    return rf"(?!(?:{names})/)[^/]+" if trained else rf"(?:{names})"
+
+
 # -- grid validation ----------------------------------------------------------------------------
 def _fail(i: int, entry, msg: str):
     name = entry.get("name") if isinstance(entry, dict) else None
