@@ -111,8 +111,10 @@ def test_export_runs_in_saelens_with_the_same_codes_and_reconstructions(tmp_path
         torch.testing.assert_close(back.encode(acts), f, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(back.decode(f), sae.decode(f), atol=1e-6, rtol=1e-6)
     saved = ckpt.read_config(tmp_path / "v")
-    assert {k: back.config[k] for k in ("entry", "identity", "name")} == {k: saved[k] for k in ("entry", "identity", "name")}
-    assert back.config["imported"]["format"] == "saelens"
+    assert (back.config["identity"], back.config["name"]) == (saved["identity"], saved["name"])
+    assert back.config["entry"] == {**saved["entry"], "import": "saelens", "path": str(tmp_path / "l")}
+    assert back.config["imported"]["format"] == "saelens" and back.config["imported"]["normalisation"] == {
+        "method": "restored"}
 
 
 def _saelens_sae(sae_lens, kind: str):
@@ -255,6 +257,28 @@ def test_saev_schema5_checkpoints_follow_its_encoder(tmp_path, acts, cls, thresh
     assert sae.config["imported"]["normalisation"] == {"method": "none"}
 
 
+def test_a_saev_checkpoint_with_given_constants(tmp_path, acts):
+    """saev <= 0.1 with its `scale_mean` / `scale_norm` constants given (--mean, --scale)."""
+    import io
+
+    t = _random_state()
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(json.dumps({"d_vit": D, "exp_factor": 4, "sparsity_coeff": 4e-4}).encode() + b"\n" + buf.getvalue())
+    mean = acts.mean(0)
+    np.save(tmp_path / "mean.npy", mean.numpy())
+    assert main(["sae", "import", "--format", "saev", "--path", str(path), "--out", str(tmp_path / "v"),
+                 "--mean", str(tmp_path / "mean.npy"), "--scale", "0.75"]) == 0
+    sae = ckpt.load(tmp_path / "v")
+    f = torch.relu(((acts - mean) / 0.75 - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
+    with torch.no_grad():
+        torch.testing.assert_close(sae.encode(acts), f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sae.decode(f), (f @ t["W_dec"] + t["b_dec"]) * 0.75 + mean, atol=1e-5, rtol=1e-5)
+    assert sae.config["imported"]["normalisation"] == {"method": "given", "mean": str(tmp_path / "mean.npy"),
+                                                       "scale": 0.75}
+
+
 def test_unrepresentable_sources_are_refused_with_one_line_and_nothing_written(tmp_path, capsys, acts):
     out = tmp_path / "out"
     v5 = _saev_v5(tmp_path / "topk.pt", {"cls": "TopK", "params": {"top_k": 8}}, _random_state())
@@ -288,6 +312,8 @@ def test_unrepresentable_sources_are_refused_with_one_line_and_nothing_written(t
                                                "metadata": {"sae_lens_version": "6.54.12"}}))
     one_line_error(capsys, ["sae", "import", "--format", "saelens", "--path", str(lens), "--out", str(out)],
                    "normalize_activations 'layer_norm' rescales each token at run time")
+    one_line_error(capsys, ["sae", "import", "--format", "saelens", "--path", str(lens), "--out", str(out),
+                            "--normalisation", "saev"], "a SAELens SAE takes raw activations")
     assert not out.exists() or not any(out.iterdir())
 
 

@@ -31,7 +31,6 @@ changed its encoder under that schema number).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -434,6 +433,11 @@ def import_sae(fmt: str, path, out, *, name: str | None = None, sha256: str | No
         raise VisaeError(f"unknown import format {fmt!r}; allowed: {', '.join(IMPORT_FORMATS)}")
     if normalisation not in NORMALISATIONS:
         raise VisaeError(f"unknown normalisation {normalisation!r}; allowed: {', '.join(NORMALISATIONS)}")
+    if fmt == "saelens" and (mean is not None or scale is not None or normalisation == "saev"):
+        raise VisaeError("a SAELens SAE takes raw activations: --normalisation saev and --mean/--scale apply "
+                         "to saev checkpoints")
+    if (mean is None) != (scale is None):
+        raise VisaeError("give --mean and --scale together (saev's scale_mean and scale_norm constants)")
     path = Path(path)
     main_file = path / SAELENS_WEIGHTS if fmt == "saelens" else path
     if not main_file.is_file():
@@ -460,18 +464,14 @@ def import_sae(fmt: str, path, out, *, name: str | None = None, sha256: str | No
                              f"{store.d_model} (model {_model_name(store.info.model)}, layer {store.info.layer})")
         store.token_index(token_kind)  # a kind the store lacks fails here, before anything is written
 
-    # the normalisation constants: the source's own, saev's recipe on the store, given ones, or none
-    norm_record = None
-    if mean is not None or scale is not None:
-        if mean is None or scale is None:
-            raise VisaeError("give --mean and --scale together (saev's scale_mean and scale_norm constants)")
-        if fmt == "saelens":
-            raise VisaeError("a SAELens SAE takes raw activations: --mean/--scale apply to saev checkpoints")
+    # the normalisation constants: a SAELens SAE's are its own (raw activations, or what an export
+    # folded); a saev checkpoint's are saev's recipe on the store, given ones, or none
+    if fmt == "saelens":
+        norm_record = {"method": "restored" if src.config is not None else "none"}
+    elif mean is not None:
         src.mu, src.scale = _read_mean(mean, src.d_model), float(scale)
         norm_record = {"method": "given", "mean": str(mean), "scale": float(scale)}
     elif normalisation == "saev" or (normalisation == "auto" and src.normalised_by_source):
-        if fmt == "saelens":
-            raise VisaeError("a SAELens SAE takes raw activations: --normalisation saev applies to saev checkpoints")
         if store is None:
             raise VisaeError(f"{path}: saev <= 0.1 checkpoints expect activations normalised by saev's data loader, "
                              f"which recomputes its constants from the data: give --store (saev's recipe on it), "
@@ -481,7 +481,7 @@ def import_sae(fmt: str, path, out, *, name: str | None = None, sha256: str | No
         norm_record = {"method": "saev", "tokens": n, "seed": SAEV_NORM_SEED, "token_kind": token_kind,
                        "drawn": "the first tokens of numpy default_rng(42).permutation over every token of the "
                                 "kind of every image (saev's activations.Dataset)"}
-    elif src.mu is None or normalisation == "none":
+    else:
         src.mu, src.scale = torch.zeros(src.d_model, dtype=torch.float64), 1.0
         norm_record = {"method": "none"}
     if not (math.isfinite(src.scale) and src.scale > 0):
@@ -503,7 +503,7 @@ def import_sae(fmt: str, path, out, *, name: str | None = None, sha256: str | No
                       split={"heldout": heldout, "seed": split_seed, "method": SPLIT_METHOD},
                       source={"model": model, "layer": layer, "dataset": dataset, "store": None, "store_hash": None,
                               "token_kind": token_kind, "d_model": src.d_model})
-    config.setdefault("entry", {**entry, **src.entry})
+    config["entry"] = {**(config.get("entry") or src.entry), **entry}  # what it was, and where it came from
     if src.config is None:
         config.update(tokens_seen=None, steps=None, seed=None, seed_from="imported", init=None, b_dec_init=None,
                       normalisation_sample=norm_record, data_seed=None, last={})
@@ -569,13 +569,12 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser("sae", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="sae_command", metavar="<action>", required=True)
     e = sub.add_parser("export", help="write a visae SAE checkpoint as a SAELens folder (cfg.json + "
-                                      "sae_weights.safetensors)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      "sae_weights.safetensors)")
     e.add_argument("--sae", required=True, help="visae SAE checkpoint folder (config.json, sae.safetensors)")
     e.add_argument("--out", required=True, help="the SAELens folder to write")
-    e.add_argument("--format", default="saelens", choices=["saelens"])
+    e.add_argument("--format", default="saelens", choices=["saelens"], help="the format to write (default: saelens)")
     e.set_defaults(func=cmd_sae_export)
-    i = sub.add_parser("import", help="write a visae SAE checkpoint from a saev file or a SAELens folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    i = sub.add_parser("import", help="write a visae SAE checkpoint from a saev file or a SAELens folder")
     i.add_argument("--format", required=True, choices=list(IMPORT_FORMATS))
     i.add_argument("--path", required=True, help="saev checkpoint file, or SAELens folder")
     i.add_argument("--out", required=True, help="the visae SAE checkpoint folder to write")
@@ -588,12 +587,13 @@ def add_cli(subparsers) -> None:
     i.add_argument("--dataset", default=None, help="without --store: the dataset name to record")
     i.add_argument("--layer", type=_layer, default=None, help="without --store: the layer to record")
     i.add_argument("--heldout", type=open_fraction, default=0.1, help="held-out fraction evaluations use "
-                                                                      "(as `visae train --heldout`)")
-    i.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the held-out split")
+                                                                      "(as `visae train --heldout`; default: 0.1)")
+    i.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the held-out split (default: 0)")
     i.add_argument("--token-kind", default="all", choices=["all", "patches", "cls", "registers"],
-                   help="the tokens evaluations read (and saev's normalisation sample)")
+                   help="the tokens evaluations read, and saev's normalisation sample (default: all)")
     i.add_argument("--normalisation", default="auto", choices=list(NORMALISATIONS),
-                   help="saev: recompute saev's constants on --store (auto: for saev <= 0.1 files), or none")
+                   help="saev: recompute saev's constants on --store, or none (default: auto: saev's for "
+                        "saev <= 0.1 files, none for later ones)")
     i.add_argument("--mean", default=None, help="saev: the mean activation (torch.save'd tensor or .npy)")
     i.add_argument("--scale", type=positive_float, default=None, help="saev: the norm scale (with --mean)")
     i.add_argument("--marker", default=None, help="write provenance.json here last (the workflow's pass marker)")
