@@ -8,7 +8,9 @@ against these, the JSON schema's `saes` section is held equal to them (tests/tes
 
 Only the common keys' defaults are filled into an entry (what config.json records as `entry`);
 an architecture key left out is left to its module (the same default, documented here).
-No torch here: the workflow imports this at parse time.
+An entry with `import:` is an SAE trained elsewhere (`ImportedConfig`: a saev file or a SAELens
+folder); `visae sae import` writes its checkpoint where `visae train` would, and everything after
+treats it as a trained SAE. No torch here: the workflow imports this at parse time.
 """
 
 import dataclasses
@@ -24,17 +26,19 @@ from visae.errors import VisaeError
 # Initialisations of (W_enc, W_dec), the first the default; see `visae.sae.modules.init_weights`.
 INITS = ("tied-0.1", "tied", "kaiming")
 B_DEC_INITS = ("mean", "zero")  # b_dec starts at the data mean (the recipe), or at zero (what saev ran)
+IMPORT_FORMATS = ("saev", "saelens")  # what an `import:` entry reads (visae.sae.interop)
 
 
 def key(default=MISSING, *, doc: str = "", minimum=None, exclusive_minimum=None, maximum=None,
         exclusive_maximum=None, enum=None, items: dict | None = None, length: int | None = None,
-        sparsity: bool = False, at_most_width: bool = False, train_default: bool = False):
-    """A grid key. Ranges as JSON schema has them; `items`: the range of a list's entries;
+        sparsity: bool = False, at_most_width: bool = False, train_default: bool = False, pattern: str | None = None):
+    """A grid key. Ranges as JSON schema has them; `items`: the range of a list's entries; `pattern`: a string's;
     `sparsity`: the architecture's λ; `at_most_width`: may not exceed the SAE width;
     `train_default`: the workflow's `train:` section may give it for every entry."""
     meta = {"doc": doc, "minimum": minimum, "exclusiveMinimum": exclusive_minimum, "maximum": maximum,
             "exclusiveMaximum": exclusive_maximum, "enum": enum, "items": items, "length": length,
-            "sparsity": sparsity, "at_most_width": at_most_width, "train_default": train_default}
+            "sparsity": sparsity, "at_most_width": at_most_width, "train_default": train_default,
+            "pattern": pattern}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -101,6 +105,20 @@ class MatryoshkaConfig(BatchTopKConfig):
                                            "1/4, 1/2, 1; the full width is always one)")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ImportedConfig:
+    """An SAE trained elsewhere, evaluated like a trained one. The entry's key is `import` (a Python
+    keyword: the field is `import_`)."""
+    name: str = key(doc="names the SAE's folder: letters, digits and _ . = + -")
+    import_: str = key(enum=IMPORT_FORMATS, doc="the source's format: saev (a checkpoint file) or saelens (a folder "
+                                                "with cfg.json and sae_weights.safetensors)")
+    path: str | dict = key(doc="the saev file or SAELens folder to import, or a mapping model -> file (an SAE "
+                               "fits one model: a config of several models names one per model)")
+    sha256: str | dict | None = key(None, pattern="^[0-9a-f]{64}$",
+                                    doc="the source's expected sha256 (saev: the file; SAELens: sae_weights.safetensors"
+                                        "), or a mapping model -> sha256; an import whose source differs is refused")
+
+
 CONFIGS: dict[str, type[SAEConfig]] = {"relu": ReLUConfig, "topk": TopKConfig, "batchtopk": BatchTopKConfig,
                                        "jumprelu": JumpReLUConfig, "matryoshka": MatryoshkaConfig}
 ARCHITECTURES = tuple(CONFIGS)
@@ -126,6 +144,9 @@ REQUIRED = {a: tuple(n for n, f in fs.items() if f.default is MISSING and f.defa
 SPARSITY_KEY = {a: n for a, fs in ARCH_FIELDS.items() for n, f in fs.items() if f.metadata["sparsity"]}
 ARCH_KEYS = {a: tuple(n for n, f in fs.items() if not f.metadata["sparsity"]) for a, fs in ARCH_FIELDS.items()}
 TRAIN_DEFAULTS = tuple(n for n, f in COMMON.items() if f.metadata["train_default"])
+# An imported entry's keys (`import` for the field `import_`) and those it requires.
+IMPORT_FIELDS = {n.rstrip("_"): f for n, f in _fields(ImportedConfig).items()}
+IMPORT_REQUIRED = ("import", "path")
 # Per architecture, the keys that may not exceed the SAE's width (checked at plan time too).
 AT_MOST_WIDTH = {a: tuple(n for n, f in fs.items() if f.metadata["at_most_width"]) for a, fs in ARCH_FIELDS.items()}
 
@@ -151,6 +172,8 @@ def field_schema(f: dataclasses.Field, describe: bool = True) -> dict:
     else:
         out = {"type": [_JSON_TYPE[base], "null"] if nullable else _JSON_TYPE[base]}
     out.update({r: m[r] for r in _RANGES if m[r] is not None})
+    if m["pattern"]:
+        out["pattern"] = m["pattern"]
     if base is list:
         out["items"] = {"type": "number", **(m["items"] or {})}
         out["minItems"] = m["length"] or 1
@@ -179,6 +202,52 @@ def schema_required() -> list:
     """Per architecture, its required keys, as JSON schema if/then rules."""
     return [{"if": {"properties": {"architecture": {"const": a}}}, "then": {"required": list(REQUIRED[a])}}
             for a in ARCHITECTURES if REQUIRED[a]]
+
+
+def schema_import_properties() -> dict:
+    """An imported entry's keys as the schema's `saes` entries list them (without `name`); `path`
+    and `sha256` are a string or a mapping model -> string."""
+    out = {name: field_schema(f) for name, f in IMPORT_FIELDS.items() if name != "name"}
+    for name in ("path", "sha256"):
+        value = {"type": "string", **({"pattern": out[name]["pattern"]} if "pattern" in out[name] else {})}
+        out[name]["type"] = ["string", "object"] + (["null"] if name == "sha256" else [])
+        out[name]["additionalProperties"] = value
+    return out
+
+
+def is_imported(entry) -> bool:
+    """Whether a grid entry is an SAE trained elsewhere (`import:`), not one to train."""
+    return isinstance(entry, dict) and "import" in entry
+
+
+# -- the workflow's import rule (workflow/rules/train.smk): an imported SAE is a pass of its own ---
+def for_model(value, model: str):
+    """An imported entry's `path` or `sha256` for one model: the value, or the model's in a mapping."""
+    return value.get(model) if isinstance(value, dict) else value
+
+
+def import_files(entry: dict, model: str) -> list[str]:
+    """The files `visae sae import` reads for `model` (the rule's inputs: a changed file reruns it)."""
+    path = for_model(entry["path"], model)
+    return [path] if entry["import"] == "saev" else [f"{path}/cfg.json", f"{path}/sae_weights.safetensors"]
+
+
+def import_flags(name: str, entry: dict, model: str) -> str:
+    """`--format --path --name [--sha256]` of `visae sae import` for one model's import."""
+    import shlex
+
+    sha = for_model(entry.get("sha256"), model)
+    return (f"--format {entry['import']} --path {shlex.quote(for_model(entry['path'], model))} "
+            f"--name {shlex.quote(name)}" + (f" --sha256 {sha}" if sha else ""))
+
+
+def pass_pattern(imported: list[str], *, trained: bool) -> str:
+    """The wildcard constraint that gives a pass to one rule: the imported SAEs' passes to the import
+    rule, every other to `train` (the pass folder is followed by "/" in the marker's path)."""
+    if not imported:
+        return "[^/]+" if trained else "(?!)"
+    names = "|".join(re.escape(name) for name in sorted(imported))
+    return rf"(?!(?:{names})/)[^/]+" if trained else rf"(?:{names})"
 
 
 # -- grid validation ----------------------------------------------------------------------------
@@ -244,9 +313,34 @@ def _check(i: int, e: dict, key: str, f: dataclasses.Field, d_model: int) -> Non
         _fail(i, e, f"key {key!r} = {e[key]} exceeds the SAE width {e['width']}{extra}")
 
 
-def validate_grid(grid, d_model: int) -> list[dict]:
+def validate_imported(i: int, entry: dict) -> dict:
+    """Check an `import:` entry against ImportedConfig (no defaults to fill: it trains nothing)."""
+    for k in entry:
+        if k not in IMPORT_FIELDS:
+            _fail(i, entry, f"unknown key {k!r} for an imported SAE; allowed: {', '.join(sorted(IMPORT_FIELDS))}")
+    for k in IMPORT_REQUIRED:
+        if k not in entry:
+            _fail(i, entry, f"missing key {k!r} (required by an imported SAE)")
+    if entry["import"] not in IMPORT_FORMATS:
+        _fail(i, entry, f"key 'import' is {entry['import']!r}; allowed: {', '.join(IMPORT_FORMATS)}")
+    path, sha = entry["path"], entry.get("sha256")
+    paths = path if isinstance(path, dict) else {None: path}
+    if not paths or not all(isinstance(v, str) and v for v in paths.values()):
+        _fail(i, entry, f"key 'path' must be a file or folder, or a mapping model -> file, got {path!r}")
+    if sha is not None:
+        shas = sha if isinstance(sha, dict) else {None: sha}
+        if isinstance(sha, dict) != isinstance(path, dict) or not set(shas) <= set(paths):
+            _fail(i, entry, "key 'sha256' must have the shape of 'path' (one value, or a mapping of its models)")
+        for v in shas.values():
+            if not (isinstance(v, str) and re.fullmatch(IMPORT_FIELDS["sha256"].metadata["pattern"], v)):
+                _fail(i, entry, f"key 'sha256' must be 64 lowercase hex digits, got {v!r}")
+    return dict(entry)
+
+
+def validate_grid(grid, d_model: int, allow_import: bool = False) -> list[dict]:
     """Check a grid (a YAML list of `saes:` entries) against the config dataclasses and fill the
-    common defaults. Each problem is one line naming the entry and the key."""
+    common defaults. Each problem is one line naming the entry and the key. `import:` entries are
+    checked against ImportedConfig where `allow_import`, else refused (`visae train` trains)."""
     if isinstance(grid, dict) and "saes" in grid:
         grid = grid["saes"]
     if not isinstance(grid, list) or not grid:
@@ -255,18 +349,26 @@ def validate_grid(grid, d_model: int) -> list[dict]:
     for i, entry in enumerate(grid):
         if not isinstance(entry, dict):
             raise VisaeError(f"grid entry #{i + 1}: must be a mapping, got {type(entry).__name__}")
-        for k in ("name", "architecture"):
+        for k in ("name",) if is_imported(entry) else ("name", "architecture"):
             if k not in entry:
                 _fail(i, entry, f"missing key {k!r}")
-        arch = entry["architecture"]
-        if arch not in ARCHITECTURES:
-            _fail(i, entry, f"key 'architecture' is {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
         name = str(entry["name"])
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.=+-]*", name):
             _fail(i, entry, "key 'name' must be letters, digits and _ . = + - (it names a folder)")
         if name in names:
             _fail(i, entry, "key 'name' is used by an earlier entry")
         names.add(name)
+        if is_imported(entry):
+            if not allow_import:
+                _fail(i, entry, f"it is imported (import: {entry['import']}), not trained: `visae sae import` "
+                                f"writes its checkpoint")
+            if "architecture" in entry:
+                _fail(i, entry, "an imported SAE takes its architecture from its source: remove key 'architecture'")
+            out.append(validate_imported(i, entry))
+            continue
+        arch = entry["architecture"]
+        if arch not in ARCHITECTURES:
+            _fail(i, entry, f"key 'architecture' is {arch!r}; allowed: {', '.join(ARCHITECTURES)}")
         allowed = set(COMMON) | set(ARCH_FIELDS[arch])
         for k in entry:
             if k not in allowed:
@@ -289,9 +391,10 @@ def validate_grid(grid, d_model: int) -> list[dict]:
             if e.get(k) is not None:
                 _check(i, e, k, f, d_model)
         out.append(e)
-    sizes = {e["batch_size"] for e in out}
+    trained = [e for e in out if not is_imported(e)]
+    sizes = {e["batch_size"] for e in trained}
     if len(sizes) > 1:
-        raise VisaeError(f"grid entry {out[[e['batch_size'] for e in out].index(max(sizes))]['name']!r}: key "
+        raise VisaeError(f"grid entry {trained[[e['batch_size'] for e in trained].index(max(sizes))]['name']!r}: key "
                          f"'batch_size' differs across the grid ({sorted(sizes)}); one read of the store "
                          f"feeds every SAE, so they must share one batch size")
     return out
