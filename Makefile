@@ -3,11 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
+# sae-lens and saev, for tests/test_interop.py only, in a venv of their own layered over .venv (a
+# .pth file): sae-lens pulls transformers and wandb, which timm and open_clip import whenever
+# they are installed, and every visae process would pay for them.
+INTEROP := .venv-interop
+INTEROP_STAMP := $(INTEROP)/.setup-done
 FMNIST_DEB := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: setup demo test bench data clean
 
-setup: $(STAMP) data
+setup: $(STAMP) $(INTEROP_STAMP) data
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "visae needs Python >= 3.11 (set PYTHON=python3.11)")'
@@ -15,6 +20,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+$(INTEROP_STAMP): $(STAMP)
+	test -x $(INTEROP)/bin/python || $(BIN)/python -m venv --without-pip $(INTEROP)
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  > "$$($(INTEROP)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/visae-venv.pth"
+	$(BIN)/python -m pip --python $(INTEROP)/bin/python install -q -c constraints.txt sae-lens
+	$(BIN)/python -m pip --python $(INTEROP)/bin/python install -q --no-deps -c constraints.txt saev
+	touch $(INTEROP_STAMP)
 
 # Demo data: Debian's dataset-fashion-mnist when we can install it, otherwise the
 # official download with checksum verification (`visae fetch fashion-mnist`).

@@ -22,12 +22,14 @@ def schema():
 
 
 def test_schema_saes_section_equals_the_dataclasses():
-    entry = schema()["properties"]["saes"]["additionalProperties"]
+    entry, imported = schema()["properties"]["saes"]["additionalProperties"]["oneOf"]
     props = dict(entry["properties"])
     assert props.pop("pass")["type"] == "string"  # the one workflow-only key
     assert props == C.schema_properties()  # keys, types, enums, ranges; defaults in the descriptions
     assert entry["allOf"] == C.schema_required()
     assert entry["required"] == ["architecture"] and entry["additionalProperties"] is False
+    assert imported["properties"] == C.schema_import_properties()  # an SAE trained elsewhere
+    assert imported["required"] == list(C.IMPORT_REQUIRED) and imported["additionalProperties"] is False
 
 
 def test_schema_train_defaults_equal_the_dataclasses():
@@ -116,7 +118,7 @@ def test_prefixes_are_fractions_of_the_width_everywhere():
     assert build_sae("matryoshka", 16, 64, k=4).prefix_sizes == [8, 16, 32, 64]
     with pytest.raises(ValueError, match=r"fractions of the width in \(0, 1\], got \[16, 32\]"):
         build_sae("matryoshka", 16, 64, k=4, prefixes=[16, 32])
-    entry_schema = schema()["properties"]["saes"]["additionalProperties"]
+    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["oneOf"][0]
     jsonschema.validate({"architecture": "matryoshka", "k": 4, "prefixes": [0.25, 1]}, entry_schema)
     for bad in ([16, 64], []):
         with pytest.raises(jsonschema.ValidationError):
@@ -124,7 +126,7 @@ def test_prefixes_are_fractions_of_the_width_everywhere():
 
 
 def test_schema_requires_each_architectures_keys():
-    entry_schema = schema()["properties"]["saes"]["additionalProperties"]
+    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["oneOf"][0]
     jsonschema.validate({"architecture": "relu", "l1": 1e-3}, entry_schema)
     with pytest.raises(jsonschema.ValidationError, match="'l1' is a required property"):
         jsonschema.validate({"architecture": "relu"}, entry_schema)

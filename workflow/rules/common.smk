@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
                           MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, SAEBENCH_FIGURES, TABLE_FORMATS, TASKS,
                           Layout, layer_dir, seed_twin)
-from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS
+from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS, is_imported
 
 RESULTS = Layout(config["results"])
 # Every shell command ends so: its output goes to the job's log, and a failure shows the log's
@@ -60,7 +60,9 @@ def check_config():
         d_model = plan_d_model(entry)
         if d_model is not None:
             for sae in config["saes"]:
-                check_sae_width(model, d_model, sae, config["saes"][sae])
+                if not is_imported(config["saes"][sae]):
+                    check_sae_width(model, d_model, sae, config["saes"][sae])
+    check_imported()
     compare = config["compare"]
     for section in ("models", "saes"):
         for name in config[section]:
@@ -110,6 +112,28 @@ def check_interventions():
             if sae not in section["saes"]:
                 raise WorkflowError(f"interventions.segmentation.latents.{model}: {sae!r} is not one of "
                                     f"interventions.saes ({', '.join(section['saes']) or 'none'})")
+
+
+def check_imported():
+    """An imported SAE (`import:`) is a pass of its own and fits one model at one layer: a config of
+    several models names a file per model, and every model has one layer."""
+    for sae, entry in config["saes"].items():
+        if not is_imported(entry):
+            continue
+        if "pass" in entry or any(other.get("pass") == sae for other in config["saes"].values()):
+            raise WorkflowError(f"saes.{sae}: an imported SAE is a pass of its own (no pass: on it or naming it)")
+        paths = entry["path"]
+        if not isinstance(paths, dict) and len(config["models"]) > 1:
+            raise WorkflowError(f"saes.{sae}.path: one file for models {', '.join(config['models'])}, but an SAE "
+                                f"fits one model: give path: {{model: file}}")
+        if isinstance(paths, dict) and set(paths) != set(config["models"]):
+            other = sorted(set(paths) ^ set(config["models"]))[0]
+            raise WorkflowError(f"saes.{sae}.path: {other!r} is " + ("not a key of models" if other in paths
+                                else "a model without a file") + f" (models: {', '.join(config['models'])})")
+        for model, model_entry in config["models"].items():
+            if len(model_entry["layers"]) > 1:
+                raise WorkflowError(f"saes.{sae}: model {model} has layers {model_entry['layers']}, but an "
+                                    f"imported SAE fits one layer")
 
 
 # d_model of architectures whose width is known without building them (a prefix of the arch
@@ -165,6 +189,8 @@ def add_seed_twins():
     if config["compare"]["seeds"] < 2:
         return
     for sae in COMPARED:
+        if is_imported(config["saes"][sae]):
+            continue  # trained elsewhere: no second seed to train
         twin = seed_twin(sae)
         if twin in config["saes"]:
             raise WorkflowError(f"saes.{twin}: the name is taken by compare.seeds' second seed of {sae}")
@@ -290,6 +316,7 @@ def sae_logs():
         RESULTS.sae_log(model, dataset, layer, sae_pass(sae), sae)
         for model, dataset, layer in stores()
         for sae in config["saes"]
+        if not is_imported(config["saes"][sae])  # no training log
     ]
 
 
@@ -324,7 +351,7 @@ def comparison_outputs(seed_baseline=False):
         if config["compare"]["seeds"] < 2:
             return []
         return [RESULTS.comparison_marker(m, l, sae, m, l, seed_twin(sae), COMPARE_DATASET)
-                for m, l in compare_stores() for sae in COMPARED]
+                for m, l in compare_stores() for sae in COMPARED if not is_imported(config["saes"][sae])]
     return [RESULTS.comparison_marker(a, la, sae, b, lb, sae, COMPARE_DATASET)
             for a, b in model_pairs() for la in layer_names(a) for lb in layer_names(b) for sae in COMPARED]
 
