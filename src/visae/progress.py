@@ -43,7 +43,8 @@ class LogBar(tqdm):
         if self.disable:
             return
         finished = self.total is None or self.n >= self.total
-        if finished and sys.exc_info()[0] is None and getattr(self, "_last_n", None) != self.n:
+        if finished and self.leave is not False and sys.exc_info()[0] is None and \
+                getattr(self, "_last_n", None) != self.n:
             self._ema_dt = lambda: None  # the summary's rate: over the whole run
             with self._lock:
                 self.display()
@@ -56,7 +57,8 @@ def progress(iterable=None, *, total=None, desc: str, unit: str, unit_scale: boo
     """A bar over `iterable` or up to `total`, counted in `unit` (plural: "images", "tokens", "steps").
 
     `enabled=False` (a command's own --quiet) or VISAE_PROGRESS=0 give a bar that does nothing.
-    Use it like tqdm: update(n), set_postfix_str(s, refresh=False), close() (in a finally)."""
+    Use it like tqdm: update(n), set_postfix_str(s, refresh=False), close() (in a finally); set
+    `leave = False` before closing a bar whose run will end in an error, to leave no summary line."""
     file = sys.stderr if file is None else file
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)

@@ -6,9 +6,12 @@ Tables (csv full precision; md and tex rounded; json keyed for `dvc metrics`):
 - `matching`: per pair of SAEs, the fraction of live latents matched at r >= threshold, against the
   permutation null, and for a cross-model pair against each model's seed baseline (matched: r > threshold);
 - `similarity`: per pair of models and layer pair, CKA and mutual kNN against their nulls.
-Figures: `abstraction_<model>`, `invariance_<model>`, `matching_<a>__<b>` (the matched-correlation
-histograms of the pair against both seed baselines) and `exemplars_<a>__<b>` (the most
-model-specific latents' top images with patch heatmaps). Identity comes from the files only.
+Figures: `abstraction_<model>`, `invariance_<model>`, `exemplars_<model>` (per profiled SAE, six
+latents spread over the frequency range, each with its top images and their strongest patch
+framed; read from the latent index the profile names and the index's store's dataset),
+`matching_<a>__<b>` (the matched-correlation histograms of the pair against both seed baselines)
+and `exemplars_<a>__<b>` (the most model-specific latents' top images with patch heatmaps).
+Identity comes from the files only.
 """
 
 from __future__ import annotations

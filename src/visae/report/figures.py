@@ -1,4 +1,6 @@
-"""Per-model figures: the L0-vs-NMSE frontier, latent-frequency histograms and training curves.
+"""The SAE figures: per model the L0-vs-NMSE frontier, latent-frequency histograms and training
+curves, and `frontier_all` (every model's SAEs on one frontier); `theme()`, the one look every
+report figure (comparison, interventions, SAEBench) is drawn in.
 
 Figures are drawn on `matplotlib.figure.Figure` objects (no pyplot state) with the Agg backend,
 under fixed rcParams, and saved without timestamps, so the same inputs give the same PNG/PDF bytes.
@@ -23,12 +25,11 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from visae.atomic import atomic_path  # noqa: E402
 from visae.errors import VisaeError  # noqa: E402
-from visae.layout import SEED_TWIN, figure_name, model_slug  # noqa: E402
+from visae.layout import ALL_MODELS, SEED_TWIN, figure_name, model_slug  # noqa: E402
 from visae.report.collect import Row  # noqa: E402
 
 ARCH_ORDER = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
 MARKERS = ["o", "s", "^", "D", "P", "X", "v"]  # one per architecture, in ARCH_ORDER
-ALL = "all"  # the all-model figures: frontier_all
 DENSE_THRESHOLD = 0.01  # visae.analysis.evaluate's: a latent firing on more than 1% of tokens is dense
 DEFAULT_EDGES = [float(e) for e in np.arange(-8.0, 0.01, 0.5)]
 DPI = 150
@@ -365,14 +366,14 @@ def write_figures(rows: list[Row], out: str | Path, freqs: dict[tuple, np.ndarra
     freqs = freqs or {}
     check_histograms(rows, freqs)
     groups = by_model(rows, lambda r: r.model)
-    if ALL in {model_slug(m) for m in groups}:
-        raise VisaeError(f"a model named {ALL!r} would share its figure names with the all-model figures "
-                         f"({figure_name('frontier', ALL)}): rename it")
+    if ALL_MODELS in {model_slug(m) for m in groups}:
+        raise VisaeError(f"a model named {ALL_MODELS!r} would share its figure names with the all-model figures "
+                         f"({figure_name('frontier', ALL_MODELS)}): rename it")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     with theme():
-        paths += save_figure(frontier_all_figure(rows), out, figure_name("frontier", ALL))
+        paths += save_figure(frontier_all_figure(rows), out, figure_name("frontier", ALL_MODELS))
         for model, group in groups.items():
             paths += save_figure(frontier_figure(model, group), out, figure_name("frontier", model))
             paths += save_figure(latent_freq_figure(model, group, freqs), out, figure_name("latent_freq", model))

@@ -324,6 +324,8 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                     return {m.name: m.status for m in members}
         save_state()
     finally:
+        if any(m.status == "failed" for m in members):
+            bar.leave = False  # the error names what finished: no summary line before it
         bar.close()
         for m in members:
             if m.log is not None:
