@@ -111,6 +111,15 @@ def test_profile_and_the_comparison_report(tmp_path, trained):
     for ext in ("md", "tex", "json"):
         assert (tables / f"profiles.{ext}").stat().st_size > 0
     assert (figures / "abstraction_synthetic.png").is_file() and (figures / "invariance_synthetic.pdf").is_file()
+    assert (figures / "exemplars_synthetic.png").is_file()  # per model: latents across the frequency range
+    from visae.report.comparison import exemplar_latents
+
+    idx = LatentIndex.load(index)
+    shown = exemplar_latents(idx, 6, 6)
+    eligible = idx.alive & ((idx.top_images[:, :6] >= 0).sum(1) == 6)
+    assert len(shown) == 6 and eligible[shown].all() and np.all(np.diff(idx.frequency[shown]) <= 0)
+    assert idx.frequency[shown[0]] == idx.frequency[eligible].max()
+    assert idx.frequency[shown[-1]] == idx.frequency[eligible].min()
     # a matching's data files are checked against the sha256 matching.json records
     with open(tmp_path / "m" / "matches.csv", "a") as fh:
         fh.write("a,0,0,1,1,0,1\n")

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -170,7 +171,8 @@ def test_figures_written_and_deterministic(results, tmp_path):
                      "--out", str(out)]) == 0
         runs.append(out)
     expected = {f"{stem}_{model}.{ext}" for stem in FIGURE_STEMS for model in (MODEL, "other-model")
-                for ext in ("png", "pdf")} | {f"training_{MODEL}.png", f"training_{MODEL}.pdf", "provenance.json"}
+                for ext in ("png", "pdf")} | {f"training_{MODEL}.png", f"training_{MODEL}.pdf", "provenance.json",
+                                              "frontier_all.png", "frontier_all.pdf"}
     assert {p.name for p in runs[0].iterdir()} == expected
     for name in sorted(expected - {"provenance.json"}):
         data = (runs[0] / name).read_bytes()
@@ -178,6 +180,25 @@ def test_figures_written_and_deterministic(results, tmp_path):
         assert len(data) > 5000
         assert data == (runs[1] / name).read_bytes(), f"{name} differs between two runs"
     assert b"CreationDate" not in (runs[0] / f"frontier_{MODEL}.pdf").read_bytes()
+
+
+def test_the_all_model_frontier_holds_every_sae_and_a_model_named_all_is_refused(results, tmp_path):
+    import dataclasses
+
+    from visae.report.figures import frontier_all_figure, theme, write_figures
+
+    rows = collect_rows(results["metrics"])
+    with theme():
+        fig = frontier_all_figure(rows)
+    ax = fig.axes[0]
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert sorted(map(tuple, points)) == sorted((r.l0, r.nmse) for r in rows)
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"model", "architecture"} <= set(legend)  # colour: the model (with its store when there are several)
+    assert all(any(t.startswith(m) for t in legend) for m in (MODEL, "other-model"))
+    with pytest.raises(VisaeError, match="'all' would share its figure names"):
+        write_figures([dataclasses.replace(rows[0], model="all")], tmp_path / "f")
+    assert not (tmp_path / "f").exists()
 
 
 def test_figures_without_latents_use_metrics_histogram(results, tmp_path):

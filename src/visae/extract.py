@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from visae.args import device as device_arg, nonneg_int, positive_int
 from visae.atomic import clean_stale_temps, write_json
 from visae.data.patches import VOTES
 from visae.errors import VisaeError
 from visae.layout import EXTRACT_MARKER, RUN_MARKER, layer_dir
+from visae.progress import progress as progress_bar
 from visae.provenance import package_versions, provenance
 from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
 from visae.store.meta import StoreLayout, StoreMeta
@@ -271,8 +271,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
 
     writer_thread = threading.Thread(target=write_loop, daemon=True)
     writer_thread.start()
-    bar = tqdm(total=plan.n_images, initial=start_image, unit="img", desc="extract",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=plan.n_images, initial=start_image, desc="extract", unit="images", enabled=progress)
     token_idx = torch.from_numpy(plan.token_idx)
     try:
         shard, filled, buffers = first, 0, None

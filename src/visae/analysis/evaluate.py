@@ -35,6 +35,7 @@ from visae.args import device as device_arg, open_fraction, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import LATENTS, METRICS, RUN_MARKER
+from visae.progress import counted
 from visae.provenance import provenance
 
 DENSE_THRESHOLD = 0.01
@@ -60,7 +61,8 @@ def evaluate(store_path, sae_path, *, heldout: float | None = None, batch_size: 
     l0_sum = torch.zeros((), dtype=torch.float64, device=device)
     fires = torch.zeros(h, dtype=torch.float64, device=device)
     act_sum = torch.zeros(h, dtype=torch.float64, device=device)
-    for x in loader:
+    for x in counted(loader, total=loader.tokens_per_epoch, desc=f"evaluate {cfg.get('name')}", unit="tokens",
+                     unit_scale=True):
         xn = sae.normalise(x)
         f = sae.encode_norm(xn)
         xhat_n = sae.decode_norm(f)

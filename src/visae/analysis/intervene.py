@@ -318,7 +318,8 @@ def classification_choice(src: Sources, batch_size: int) -> dict:
     fires = np.zeros((h, C), dtype=np.float64)
     n_class = np.zeros(C, dtype=np.float64)
     tokens, _ = _pooled(src)
-    for pixels, labels, _ in task_batches(src.train, src.train_images, src.backbone, batch_size):
+    for pixels, labels, _ in task_batches(src.train, src.train_images, src.backbone, batch_size,
+                                          desc="choose latents"):
         resid = src.backbone.record(pixels.to(src.backbone.device), [src.layer])[src.layer][:, tokens]
         on = (_sae_codes(src, resid).amax(dim=1) > 0).double().cpu()
         keep = (labels >= 0) & (labels < C)
@@ -353,7 +354,8 @@ def segmentation_choice(src: Sources, thresholds: list[float], max_frequency: fl
     fired = np.zeros(h, dtype=np.float64)
     n_patches = 0
     thr = torch.tensor(thresholds, dtype=torch.float32)
-    for pixels, _, masks in task_batches(src.train, src.train_images, src.backbone, batch_size):
+    for pixels, _, masks in task_batches(src.train, src.train_images, src.backbone, batch_size,
+                                         desc="choose latents"):
         resid = src.backbone.record(pixels.to(src.backbone.device), [src.layer])[src.layer][:, lay.n_prefix:]
         f = _sae_codes(src, resid).reshape(-1, h).float().cpu()
         labels = torch.from_numpy(np.concatenate([
@@ -465,7 +467,7 @@ def run_classification(src: Sources, plan: Plan, *, suppress_scale: float, inser
     best: dict = {}
     offset = 0
     dose_scales = [s for s in scales if s != suppress_scale]
-    for pixels, labels, _ in task_batches(src.test, src.test_images, bb, batch_size):
+    for pixels, labels, _ in task_batches(src.test, src.test_images, bb, batch_size, desc="edit"):
         feats0 = feats(fwd.start(pixels))
         probs0 = _probs(probe, feats0)
         labels_all.append(labels.numpy())
@@ -591,7 +593,7 @@ def run_segmentation(src: Sources, plan: Plan, *, scale: float, scales: list[flo
     best: dict = {}
     offset = 0
     all_scales = list(dict.fromkeys([*scales, scale]))
-    for pixels, _, masks in task_batches(src.test, src.test_images, bb, batch_size):
+    for pixels, _, masks in task_batches(src.test, src.test_images, bb, batch_size, desc="edit"):
         logits0 = probe.logits(probe.features(fwd.start(pixels), lay.n_prefix, lay.n_cls > 0))
         pred0 = logits0.argmax(-1).cpu().numpy()
         target = masks.numpy()
@@ -739,7 +741,7 @@ def examples(src: Sources, plan: Plan, choice: dict, best: dict, n: int, *, task
     if not picked:
         return out
     images = src.test_images[[best[c][1] for c in picked]]
-    pixels, _, _ = next(task_batches(src.test, images, src.backbone, len(images)))
+    pixels, _, _ = next(task_batches(src.test, images, src.backbone, len(images), desc=None))
     fwd = EditedForward(src.backbone, src.layer)
     plain = fwd.start(pixels)
     codes = _sae_codes(src, fwd.resid[:, lay.n_prefix:], plan.latents).cpu()  # [n, P, C]

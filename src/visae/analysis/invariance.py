@@ -31,6 +31,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 from visae.analysis.stats import bootstrap_mean
 from visae.errors import VisaeError
+from visae.progress import counted
 
 Encode = Callable[[list], np.ndarray]  # list of PIL images -> float32 [B, h] image-level activations
 LoadImage = Callable[[int], Image.Image]  # store image index -> decoded image
@@ -218,8 +219,10 @@ def invariance(encode: Encode, load_image: LoadImage, top_images, top_values, *,
     original, drawn = np.zeros(flat_images.size), np.zeros(flat_images.size)
     shifted = {name: np.zeros(flat_images.size) for name in shifts}
     changed = dict.fromkeys(shifts, 0)
-    for start in range(0, len(everything), batch_size):
-        stop = min(start + batch_size, len(everything))
+    n = len(everything)
+    for start in counted(range(0, n, batch_size), total=n, desc="invariance", unit="images",
+                         size=lambda start: min(batch_size, n - start)):
+        stop = min(start + batch_size, n)
         images = [load_image(int(i)) for i in everything[start:stop]]
         acts = _encoded(encode, images, h)
         top_reads.fill(original, acts, start, stop)
@@ -288,8 +291,10 @@ def domain_invariance(encode: Encode, load_domain_image: LoadImage, domain_label
     median = np.array([np.median(v[m]) if m.any() else np.inf for v, m in zip(top_values, valid)])
     per_class = np.bincount(domain_labels, minlength=int(dominant.max(initial=-1)) + 1)
     same, other = np.zeros(h, dtype=np.int64), np.zeros(h, dtype=np.int64)
-    for start in range(0, len(domain_labels), batch_size):
-        index = np.arange(start, min(start + batch_size, len(domain_labels)))
+    n = len(domain_labels)
+    for start in counted(range(0, n, batch_size), total=n, desc="domain invariance", unit="images",
+                         size=lambda start: min(batch_size, n - start)):
+        index = np.arange(start, min(start + batch_size, n))
         fires = _encoded(encode, [load_domain_image(int(i)) for i in index], h) >= threshold * median
         mine = domain_labels[index][:, None] == dominant[None, :]
         same += (fires & mine).sum(0)

@@ -33,6 +33,7 @@ from visae.args import device as device_arg, positive_int
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import LATENT_ARRAYS, LATENT_INDEX, RUN_MARKER, Identity
+from visae.progress import counted
 from visae.provenance import provenance
 from visae.store.format import sha256_file
 
@@ -144,7 +145,8 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
     data, indices, indptr = [], [], [np.zeros(1, dtype=np.int64)]
     nnz = 0
     step = max(1, chunk_floats // max(1, p * h))
-    for lo in range(0, n, step):
+    for lo in counted(range(0, n, step), total=n, desc=f"latents {ctx.config.get('name')}", unit="images",
+                      size=lambda lo: min(step, n - lo)):
         chunk = images[lo:lo + step]
         x = store.take(chunk, tokens).to(device=device, dtype=torch.float32)
         f = sae.encode(x.reshape(-1, sae.d_model)).reshape(len(chunk), p, h)

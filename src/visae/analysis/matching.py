@@ -24,6 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from visae.errors import VisaeError
+from visae.progress import counted
 
 BLOCK = 1024                # A latents per block
 CHUNK = 2048                # images per dense chunk
@@ -191,7 +192,8 @@ def correlations(a, b, *, top_k: int = TOP_K, block: int = BLOCK, chunk: int = C
     merged_values, merged_rows = torch.empty((k_b, h_b), **f64), torch.empty((k_b, h_b), **i64)
     merged_indices = torch.empty((k_b, h_b), **i64)
     dense = np.empty((h_a, h_b), dtype=np.float32) if keep_dense else None
-    for i0 in range(0, h_a, block):
+    for i0 in counted(range(0, h_a, block), total=h_a, desc="correlations", unit="latents",
+                      size=lambda i0: min(block, h_a - i0)):
         i1 = min(i0 + block, h_a)
         width = i1 - i0
         a_block = a[:, i0:i1]

@@ -22,6 +22,7 @@ from visae.args import json_object
 from visae.data.patches import patch_labels
 from visae.errors import VisaeError
 from visae.layout import PROBE, PROBE_WEIGHTS, TASKS
+from visae.progress import counted, progress
 
 
 @torch.no_grad()
@@ -177,13 +178,16 @@ class LinearProbe:
 PIXEL_CHUNK_FLOATS = 1 << 25  # upsampled logits held at once by pixel_predictions (128 MB)
 
 
-def task_batches(dataset, indices: Sequence[int], backbone, batch_size: int
+def task_batches(dataset, indices: Sequence[int], backbone, batch_size: int, desc: str | None = "images"
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(pixels [b, 3, H, W] float, labels [b] int64, masks [b, H, W] int64 or None) over the
-    images `indices` in that order; masks through `backbone.mask_transform` (model resolution)."""
+    images `indices` in that order; masks through `backbone.mask_transform` (model resolution).
+    `desc` names the progress bar (None: no bar)."""
     fill = dataset.ignore_index if dataset.ignore_index is not None else 0
     indices = [int(i) for i in indices]
-    for start in range(0, len(indices), batch_size):
+    n = len(indices)
+    for start in counted(range(0, n, batch_size), total=n, desc=desc or "", unit="images",
+                         size=lambda start: min(batch_size, n - start), enabled=desc is not None):
         samples = [dataset[i] for i in indices[start:start + batch_size]]
         pixels = torch.stack([backbone.transform(s.image) for s in samples]).float()
         labels = torch.tensor([s.label for s in samples], dtype=torch.int64)
@@ -283,7 +287,7 @@ def task_data(task: str, dataset, indices, backbones: list, batch_size: int) -> 
     if any(repr(b.transform) != repr(first.transform) for b in backbones):
         raise VisaeError("task_data runs backbones side by side only when they share one preprocessing")
     feats, labels, masks = [[] for _ in backbones], [], []
-    for pixels, y, m in task_batches(dataset, indices, first, batch_size):
+    for pixels, y, m in task_batches(dataset, indices, first, batch_size, desc=f"{task} features"):
         for out, backbone in zip(feats, backbones):
             layout = backbone.layout
             tokens = backbone.final_tokens(pixels.to(backbone.device))
@@ -334,7 +338,7 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, n_classes: int, settings: list
     # one matmul for every setting: logits [rows, settings * classes], one softmax row per setting
     targets = [yb.repeat_interleave(n_set) for _, yb in batches]
     with torch.enable_grad():
-        for step in range(steps):
+        for step in progress(range(steps), desc="probe fit", unit="steps"):
             xb, target = batches[step % len(batches)][0], targets[step % len(batches)]
             logits = torch.addmm(torch.cat(biases), xb, torch.cat(weights).t()).view(-1, n_classes)
             loss = F.cross_entropy(logits, target) * n_set  # the sum of the settings' mean losses

@@ -25,7 +25,6 @@ import csv
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -293,7 +292,7 @@ def pretrain(
 
 def _train_loop(objective, model, head, opt, pixels, train_u8, labels, gen, total, batch, lr, warmup,
                 grad_clip, temperature, device, progress):
-    from tqdm import tqdm
+    from visae.progress import progress as progress_bar
 
     n = len(train_u8)
     steps_per_epoch = n // batch
@@ -301,9 +300,8 @@ def _train_loop(objective, model, head, opt, pixels, train_u8, labels, gen, tota
     model.train()
     if head is not None:
         head.train()
-    bar = tqdm(total=total * batch, unit="img", unit_scale=True, desc=f"pretrain {objective}",
-               disable=(not sys.stderr.isatty()) if progress is None else not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(total=total * batch, desc=f"pretrain {objective}", unit="images", unit_scale=True,
+                       enabled=progress is not False)
     perm = None
     last = float("nan")
     t0 = time.perf_counter()

@@ -24,6 +24,8 @@ Outputs (stable names, embedded in the Snakemake report):
   - `DIR/latent_freq_<m>.png`, `.pdf`: histograms of log10 latent firing frequency, one panel per SAE
     (from `latents.csv` where given, else from the metrics' `log10_freq_hist`);
   - `DIR/training_<m>.png`, `.pdf`: MSE and L0 against tokens seen, one line per SAE (only with `--logs`);
+  - `DIR/frontier_all.png`, `.pdf`: every model's SAEs on one frontier (colour: model, marker:
+    architecture); a model named `all` is refused;
   - `DIR/provenance.json`.
 Rows are sorted by (model, dataset, layer, sae); tables and figures are byte-identical across reruns
 of the same inputs (PNG/PDF without timestamps; `provenance.json` records the run, so it differs).

@@ -6,9 +6,12 @@ Tables (csv full precision; md and tex rounded; json keyed for `dvc metrics`):
 - `matching`: per pair of SAEs, the fraction of live latents matched at r >= threshold, against the
   permutation null, and for a cross-model pair against each model's seed baseline (matched: r > threshold);
 - `similarity`: per pair of models and layer pair, CKA and mutual kNN against their nulls.
-Figures: `abstraction_<model>`, `invariance_<model>`, `matching_<a>__<b>` (the matched-correlation
-histograms of the pair against both seed baselines) and `exemplars_<a>__<b>` (the most
-model-specific latents' top images with patch heatmaps). Identity comes from the files only.
+Figures: `abstraction_<model>`, `invariance_<model>`, `exemplars_<model>` (per profiled SAE, six
+latents spread over the frequency range, each with its top images and their strongest patch
+framed; read from the latent index the profile names and the index's store's dataset),
+`matching_<a>__<b>` (the matched-correlation histograms of the pair against both seed baselines)
+and `exemplars_<a>__<b>` (the most model-specific latents' top images with patch heatmaps).
+Identity comes from the files only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from visae.atomic import atomic_path
 from visae.errors import VisaeError
 from visae.layout import EXEMPLARS, MATCHES, Identity, figure_name
 from visae.report.collect import read_json
-from visae.report.figures import RC, save_figure  # also selects the Agg backend
+from visae.report.figures import natural_key, save_figure, theme  # also selects the Agg backend
 
 from matplotlib.figure import Figure  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -144,28 +147,45 @@ def write_table(df: pd.DataFrame, out: Path, name: str, key_columns: list[str]) 
 
 # -- figures -----------------------------------------------------------------------------------
 
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, list]:
+SAE_COLOUR, BASE_COLOUR = sns.color_palette("colorblind")[0], "0.65"  # the measured number, its baseline
+MARK = "#ff2d55"  # the argmax patch's frame over an exemplar
+
+
+def _figure(n_panels: int, width: float = 4.4, height: float = 3.4) -> tuple[Figure, list]:
     fig = Figure(figsize=(width * max(1, n_panels), height), layout="constrained")
-    axes = fig.subplots(1, max(1, n_panels), squeeze=False)[0]
+    axes = fig.subplots(1, max(1, n_panels), squeeze=False, sharey=True)[0]
     return fig, list(axes)
 
 
+def _interval(block) -> str:
+    v, lo, hi = _ci(block)
+    return "-" if math.isnan(v) else (f"{v:.2f}" if math.isnan(lo) else f"{v:.2f} [{lo:.2f}, {hi:.2f}]")
+
+
 def abstraction_figure(model: str, profiles: list[dict]) -> Figure:
-    """Per SAE: the share of specific / abstract / mixed latents, beside random latents."""
+    """Per SAE: the share of its latents whose top images are specific / abstract / mixed, beside
+    random "latents" (top images drawn by chance from the same images)."""
     fig, axes = _figure(len(profiles))
     cats = ["specific", "abstract", "mixed"]
     for ax, p in zip(axes, profiles):
         a = p["abstraction"]
         x = np.arange(len(cats))
-        ax.bar(x - 0.2, [a["model"]["fractions"][c] for c in cats], 0.4, label="SAE latents")
-        ax.bar(x + 0.2, [a["chance"]["fractions"][c] for c in cats], 0.4, label="random latents", color="0.7")
+        model_v = [a["model"]["fractions"][c] for c in cats]
+        chance_v = [a["chance"]["fractions"][c] for c in cats]
+        ax.bar(x - 0.2, model_v, 0.4, label="SAE latents", color=SAE_COLOUR)
+        ax.bar(x + 0.2, chance_v, 0.4, label="random latents (baseline)", color=BASE_COLOUR)
+        for xi, v in zip(x, model_v):
+            ax.text(xi - 0.2, v + 0.015, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, cats)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("fraction of latents")
-        ax.set_title(f"{p['identity']['sae']} (purity {a['model']['mean_purity']['value']:.2f} "
-                     f"vs {a['chance']['mean_purity']['value']:.2f})", fontsize=9)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{model}: abstraction of the top images' classes", fontsize=10)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("class pattern of the latent's top images")
+        ax.set_title(f"{p['identity']['sae']}\nmean purity {_interval(a['model']['mean_purity'])} "
+                     f"vs random {_ci(a['chance']['mean_purity'])[0]:.2f}", fontsize=8.5)
+    axes[0].set_ylabel("fraction of the SAE's latents")
+    axes[0].legend(fontsize=7.5, loc="upper left", frameon=True)
+    fig.suptitle(f"{model}: how abstract are the latents? SAE latents against random latents\n"
+                 f"(top images of one class: specific; of one coarse group: abstract; across groups: mixed)",
+                 fontsize=9.5)
     return fig
 
 
@@ -177,20 +197,25 @@ def invariance_figure(model: str, profiles: list[dict]) -> Figure:
         inv = p.get("invariance")
         if not inv:
             ax.text(0.5, 0.5, "invariance not run", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(p["identity"]["sae"], fontsize=8.5)
             continue
         shifts = inv["headline_shifts"]
         vals = [_ci(inv["shifts"][s]["headline"]) for s in shifts]
         x = np.arange(len(shifts))
-        ax.bar(x, [v[0] for v in vals], 0.6, yerr=np.array([[v[0] - v[1], v[2] - v[0]] for v in vals]).T
-               if vals else None, capsize=3)
-        base = _ci(inv["baseline"]["headline"])[0]
-        ax.axhline(base, color="0.3", ls="--", lw=1, label=f"random images ({base:.2f})")
-        ax.set_xticks(x, shifts, rotation=30)
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("still fires (fraction of top images)")
-        ax.set_title(f"{p['identity']['sae']} ({inv['latents']} latents)", fontsize=9)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{model}: invariance under domain shifts", fontsize=10)
+        ax.bar(x, [v[0] for v in vals], 0.6, color=SAE_COLOUR, label="top images, shifted",
+               yerr=np.array([[v[0] - v[1], v[2] - v[0]] for v in vals]).T if vals else None, capsize=3,
+               error_kw={"elinewidth": 1, "ecolor": "0.2"})
+        base, lo, hi = _ci(inv["baseline"]["headline"])
+        ax.axhspan(lo, hi, color=BASE_COLOUR, alpha=0.35, lw=0)
+        ax.axhline(base, color="0.3", ls="--", lw=1, label=f"random images, unshifted (baseline {base:.2f})")
+        ax.set_xticks(x, shifts, rotation=20)
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("domain shift applied to the top images")
+        ax.set_title(f"{p['identity']['sae']} ({inv['latents']} latents, 95% CI)", fontsize=8.5)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("still fires\n(fraction of its top images)")
+    fig.suptitle(f"{model}: does a latent still fire on its top images after a domain shift?\n"
+                 f"(dashed: how often it fires on random unshifted images, the baseline)", fontsize=9.5)
     return fig
 
 
@@ -205,8 +230,12 @@ def _checked(match_path: Path, name: str) -> Path:
     return path
 
 
+def _matches(match_path: Path) -> pd.DataFrame:
+    return pd.read_csv(_checked(match_path, MATCHES))
+
+
 def _matched_r(match_path: Path, side: str = "a") -> np.ndarray:
-    df = pd.read_csv(_checked(match_path, MATCHES))
+    df = _matches(match_path)
     df = df[(df.side == side) & (df.alive.astype(bool))]
     return df.matched_correlation.fillna(0).to_numpy()
 
@@ -218,53 +247,155 @@ def matching_figure(pair: str, sae_panels: list[tuple[str, dict, dict]]) -> Figu
     bins = np.linspace(0, 1, 21)
     colours = sns.color_palette("colorblind", 3)
     for ax, (sae, cross, seeds) in zip(axes, sae_panels):
-        ax.hist(_matched_r(cross["path"]), bins=bins, histtype="step", lw=2, color=colours[0],
-                label=f"{cross['a']} → {cross['b']} ({cross['matched']:.2f})")
+        ax.hist(_matched_r(cross["path"]), bins=bins, histtype="step", lw=2.2, color=colours[0],
+                label=f"{cross['a']} → {cross['b']}: {cross['matched']:.2f}")
         for colour, (model, seed) in zip(colours[1:], seeds.items()):
-            ax.hist(_matched_r(seed["path"]), bins=bins, histtype="step", lw=1.5, ls="--", color=colour,
-                    label=f"{model}, 2nd seed ({seed['matched']:.2f})")
-        ax.axvline(cross["threshold"], color="0.5", lw=0.8)
-        ax.set_xlabel("matched correlation")
-        ax.set_ylabel("latents")
-        ax.set_title(sae, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{pair}: one-to-one latent matching (fraction matched at r > threshold)", fontsize=10)
+            ax.hist(_matched_r(seed["path"]), bins=bins, histtype="step", lw=1.4, ls="--", color=colour,
+                    label=f"{model} → its 2nd seed: {seed['matched']:.2f}")
+        ax.axvline(cross["threshold"], color="0.35", lw=1, ls=":")
+        ax.text(cross["threshold"], 0.02, f" threshold r = {cross['threshold']:g}",
+                transform=ax.get_xaxis_transform(), fontsize=7, va="bottom", color="0.35")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("correlation with its one-to-one partner\n(Pearson r over image-level activations)")
+        ax.set_title(sae, fontsize=8.5)
+        ax.legend(fontsize=7, title="fraction matched (r > threshold)", title_fontsize=7, loc="upper right")
+    axes[0].set_ylabel("alive latents")
+    fig.suptitle(f"{pair.replace('__', ' vs ')}: do the two models' SAEs learn the same latents?\n"
+                 f"matching across the models (solid) against each model's seed baseline (dashed)", fontsize=9.5)
     return fig
+
+
+def heat_overlay(ax, image: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> None:
+    """The image with the latent's per-patch activation over it (scaled to its maximum); patches
+    where it is silent stay untinted, so the image reads as it is."""
+    ax.imshow(image)
+    if heat.max() > 0:
+        shown = np.ma.masked_less_equal(heat / heat.max(), 0)
+        ax.imshow(shown, cmap="magma", vmin=0, vmax=1, alpha=alpha, extent=(0, image.shape[1], image.shape[0], 0),
+                  interpolation="nearest")
+
+
+def _patch_box(ax, patch: int, grid, size, offset: int = 0) -> None:
+    """Frame patch `patch` of a `grid` (rows, cols) laid over an image of `size` (height, width)
+    pixels drawn `offset` pixels from the left."""
+    from matplotlib.patches import Rectangle
+
+    gh, gw = int(grid[0]), int(grid[1])
+    r, c = divmod(int(patch), gw)
+    ph, pw = size[0] / gh, size[1] / gw
+    ax.add_patch(Rectangle((offset + c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, ec=MARK, lw=1.4))
 
 
 def exemplars_figure(pair: str, match_path: Path, summary: dict, latents: int = 4, images: int = 6) -> Figure:
     """The latents most unique to each model (lowest best correlation with the other's), each with
-    its top images and the latent's patch heatmap over them."""
+    its top images and the latent's patch heatmap over them, its best correlation with any latent
+    of the other model beside it."""
     arrays = load_file(str(_checked(match_path, EXEMPLARS)))
+    best = _matches(match_path).set_index(["side", "latent"])["best_correlation"]
     rows = [(side, i) for side in ("a", "b") for i in range(min(latents, len(arrays[f"{side}_latents"])))]
-    fig = Figure(figsize=(1.3 * images, 1.4 * max(1, len(rows)) + 0.4), layout="constrained")
+    fig = Figure(figsize=(1.3 * images, 1.45 * max(1, len(rows)) + 0.5), layout="constrained")
     axes = fig.subplots(max(1, len(rows)), images, squeeze=False)
     for r, (side, i) in enumerate(rows):
         model = summary[f"identity_{side}"]["model"]
+        other = summary[f"identity_{'b' if side == 'a' else 'a'}"]["model"]
         latent = int(arrays[f"{side}_latents"][i])
         for c in range(images):
             ax = axes[r][c]
-            ax.set_axis_off()
             if c >= arrays[f"{side}_images"].shape[1] or arrays[f"{side}_images"][i, c] < 0:
                 continue
             thumb = arrays[f"{side}_thumbnails"][i, c]
             heat = arrays[f"{side}_heatmaps"][i, c]
-            ax.imshow(thumb)
+            heat_overlay(ax, thumb, heat)
             if heat.max() > 0:
-                ax.imshow(heat / heat.max(), cmap="magma", alpha=0.45, extent=(0, thumb.shape[1], thumb.shape[0], 0),
-                          interpolation="nearest")
+                _patch_box(ax, int(np.argmax(heat)), heat.shape, thumb.shape)
             if c == 0:
-                ax.set_title(f"{model} #{latent}", fontsize=7, loc="left")
+                r_best = best.get((side, latent), math.nan)
+                ax.set_title(f"{model} latent {latent}: best r with {other} {r_best:.2f}", fontsize=7, loc="left")
     for ax in axes.flat:
         ax.set_axis_off()
-    fig.suptitle(f"{pair} ({summary['identity_a']['sae']}): latents unique to each model", fontsize=9)
+    fig.suptitle(f"{pair.replace('__', ' vs ')} ({summary['identity_a']['sae']}): the latents most unique to each "
+                 f"model\n"
+                 f"(top images, the latent's activation per patch overlaid, its strongest patch framed)", fontsize=9)
+    return fig
+
+
+def _index_of(profile: dict, path):
+    """The latent index a profile was computed from (`index` in profile.json), checked to be the same SAE."""
+    from visae.analysis.latent_index import LatentIndex
+
+    where = profile.get("index")
+    if not where:
+        raise VisaeError(f"profile.json {path} names no latent index ('index'): rerun `visae profile`")
+    index = LatentIndex.load(where)
+    if index.identity.to_dict() != profile["identity"]:
+        raise VisaeError(f"profile.json {path} is of {Identity.from_file(profile, path).key}, but its index {where} "
+                         f"is of {index.identity.key}: rerun `visae profile`")
+    return index
+
+
+def exemplar_latents(index, n: int, images: int) -> np.ndarray:
+    """`n` latents spread evenly over the frequency ranks of the alive latents with at least
+    `images` top images, most frequent first: the index's range, neither cherry-picked nor only dense."""
+    full = (index.top_images[:, :images] >= 0).sum(1) >= images
+    eligible = np.flatnonzero(index.alive & full)
+    if not len(eligible):
+        return eligible
+    ranked = eligible[np.lexsort((eligible, -index.frequency[eligible]))]
+    picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, min(n, len(ranked)))).astype(int))
+    return ranked[picks]
+
+
+def _thumbnails(index, images: np.ndarray) -> np.ndarray:
+    """Thumbnails of store images from the index's store and its dataset (blank for a store without one)."""
+    from visae.analysis.compare import thumbnails
+    from visae.store import ActivationStore
+
+    store = ActivationStore(index.meta["store"])
+    if store.store_hash != index.identity.store_hash:
+        raise VisaeError(f"store {index.meta['store']} changed since the latent index {index.identity.key} was "
+                         f"built: rerun `visae latents`")
+    return thumbnails(store, images)
+
+
+def model_exemplars_figure(model: str, indexes: list, latents: int = 6, images: int = 6, gap: int = 6) -> Figure:
+    """Per SAE of one model (one block each): a few latents across the frequency range, each row
+    its top images side by side (one image per row: cheap to lay out) with each image's strongest
+    patch framed."""
+    fig = Figure(figsize=(1.25 * images * len(indexes) + 0.4, 1.3 * latents + 0.9), layout="constrained")
+    subs = fig.subfigures(1, len(indexes), squeeze=False)[0]
+    for sub, index in zip(subs, indexes):
+        chosen = exemplar_latents(index, latents, images)
+        axes = sub.subplots(max(1, latents), 1, squeeze=False)[:, 0]
+        for ax in axes:
+            ax.set_axis_off()
+        sub.suptitle(f"{index.identity.sae}: {len(chosen)} latents across the frequency range", fontsize=9)
+        if not len(chosen):
+            axes[0].text(0, 0.5, "no alive latent with enough top images", fontsize=8)
+            continue
+        thumbs = _thumbnails(index, index.top_images[chosen, :images])  # [latents, images, S, S, 3]
+        size = thumbs.shape[2:4]
+        patches = index.meta.get("pooled_tokens") == "patches" and index.meta.get("grid")
+        labels = index.top_labels[chosen, :images]
+        for r, (ax, latent) in enumerate(zip(axes, chosen)):
+            strip = np.full((size[0], images * (size[1] + gap) - gap, 3), 255, dtype=np.uint8)
+            for c in range(images):
+                strip[:, c * (size[1] + gap):c * (size[1] + gap) + size[1]] = thumbs[r, c]
+            ax.imshow(strip, interpolation="nearest")
+            if patches:
+                for c in range(images):
+                    _patch_box(ax, int(index.top_patch[latent, c]), index.meta["grid"], size,
+                               offset=c * (size[1] + gap))
+            counts = np.bincount(labels[r][labels[r] >= 0], minlength=len(index.classes))
+            top = int(np.argmax(counts))
+            ax.set_title(f"latent {int(latent)}: fires on {index.frequency[latent]:.0%} of images; "
+                         f"{counts[top]}/{images} of its top images {index.classes[top]}", fontsize=7, loc="left")
+    fig.suptitle(f"{model}: what the latents respond to: each row one latent's top held-out images, "
+                 f"its strongest patch framed", fontsize=10)
     return fig
 
 
 def write_comparison(profiles, matchings, similarities, tables_out, figures_out) -> list[Path]:
     """Every comparison table and figure; returns the files written."""
-    import matplotlib
-
     tables_out, figures_out = Path(tables_out), Path(figures_out)
     written = write_table(profile_rows(profiles), tables_out, "profiles", ["model", "dataset", "layer", "sae"])
     mdf = matching_rows(matchings)
@@ -274,14 +405,17 @@ def write_comparison(profiles, matchings, similarities, tables_out, figures_out)
                            ["model_a", "model_b", "pool", "layer_a", "layer_b"])
     figures_out.mkdir(parents=True, exist_ok=True)
     loaded = [(_read(p, "profile.json"), p) for p in profiles]
-    with matplotlib.rc_context(RC):
+    indexes = {id(p): _index_of(p, path) for p, path in loaded}  # all checked before any figure is drawn
+    with theme():
         by_model: dict[str, list] = {}
         for p, _ in loaded:
             by_model.setdefault(p["identity"]["model"], []).append(p)
-        for model, items in by_model.items():
-            items = sorted(items, key=lambda p: p["identity"]["sae"])
+        for model, items in sorted(by_model.items()):
+            items = sorted(items, key=lambda p: natural_key(p["identity"]["sae"]))
             written += save_figure(abstraction_figure(model, items), figures_out, figure_name("abstraction", model))
             written += save_figure(invariance_figure(model, items), figures_out, figure_name("invariance", model))
+            written += save_figure(model_exemplars_figure(model, [indexes[id(p)] for p in items]), figures_out,
+                                   figure_name("exemplars", model))
         matches = [(_read(p, "matching.json"), Path(p)) for p in matchings]
         seeds = {(m["identity_a"]["model"], m["identity_a"]["layer"], m["identity_a"]["sae"]): m | {"path": p}
                  for m, p in matches if m["kind"] == "seed baseline"}

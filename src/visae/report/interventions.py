@@ -27,8 +27,8 @@ from visae.errors import VisaeError
 from visae.layout import (INTERVENTION, INTERVENTION_CLASSES, INTERVENTION_DOSE, INTERVENTION_EXAMPLES, TASKS,
                           Layout, layer_dir)
 from visae.report.collect import read_csv, read_json
-from visae.report.comparison import rounded
-from visae.report.figures import RC, by_model, save_figure  # also selects the Agg backend
+from visae.report.comparison import heat_overlay, rounded
+from visae.report.figures import by_model, save_figure, theme  # also selects the Agg backend
 
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
@@ -67,7 +67,7 @@ TASK_SPECS = {
         classes_columns=("class", "class_name", "method", "latent", "n_images", "p_before", "p_after", "delta_prob",
                          "acc_before", "acc_after", "delta_acc", "other_acc_before", "other_acc_after",
                          "other_delta_acc", "flip_rate"),
-        dose_curves=(("delta_prob", "change of the class's probability"),),
+        dose_curves=(("delta_prob", "change of the class's probability\n(after − before the edit)"),),
         dose_scale="suppress_scale",
         example_tensors=COMMON_TENSORS + ("probs_before", "probs_after")),
     "segmentation": Task(
@@ -77,7 +77,8 @@ TASK_SPECS = {
         before=("miou_before", "mIoU before"),
         classes_columns=("class", "class_name", "method", "latent", "f1", "threshold", "n_target_patches",
                          "target_change", "other_change", "miou_after"),
-        dose_curves=(("target_change", "target change rate"), ("other_change", "other change rate")),
+        dose_curves=(("target_change", "target change rate\n(the class's patches that change)"),
+                     ("other_change", "other change rate\n(all other patches that change)")),
         dose_scale="scale",
         example_tensors=COMMON_TENSORS + ("pred_before", "pred_after")),
 }
@@ -248,6 +249,11 @@ def write_task_table(task: str, results: list[Result], out: Path) -> list[Path]:
 
 # -- figures -----------------------------------------------------------------------------------
 
+METHOD_LABELS = {"latent": "chosen latent", "manual": "latent chosen by hand",
+                 "random_latent": "random latent, matched frequency", "random_direction": "random direction",
+                 "probe_direction": "the probe's own direction"}
+
+
 def _style(method: str) -> dict:
     """Colour and weight of a method's line: the chosen latents bold and on top, baselines thin."""
     colours = sns.color_palette("colorblind", len(METHOD_ORDER) + 1)
@@ -263,7 +269,7 @@ def dose_figure(task: str, model: str, results: list[Result]) -> Figure:
     one line per method with a ± std band."""
     spec = TASK_SPECS[task]
     rows = len(spec.dose_curves)
-    fig = Figure(figsize=(4.4 * len(results) + 1.6, 3.0 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(results) + 2.6, 3.0 * rows + 0.7), layout="constrained")
     axes = fig.subplots(rows, len(results), squeeze=False, sharex="col")
     for col, r in enumerate(results):
         for row, (stem, ylabel) in enumerate(spec.dose_curves):
@@ -274,29 +280,22 @@ def dose_figure(task: str, model: str, results: list[Result]) -> Figure:
                     continue
                 x, m, s = (sub[c].to_numpy(dtype=float) for c in ("scale", f"{stem}_mean", f"{stem}_std"))
                 st = _style(method)
-                ax.plot(x, m, marker="o", ms=3, label=method, color=st["color"], lw=st["lw"], zorder=st["zorder"],
+                ax.plot(x, m, marker="o", ms=3, label=METHOD_LABELS.get(method, method), color=st["color"], lw=st["lw"], zorder=st["zorder"],
                         alpha=st["alpha"], ls=st.get("ls", "-"))
                 ax.fill_between(x, m - np.nan_to_num(s), m + np.nan_to_num(s), color=st["color"], alpha=st["band"],
                                 lw=0, zorder=st["zorder"] - 1)
-            ax.axvline(float(r.summary[spec.dose_scale]), color="0.5", lw=0.8, ls="-.")
+            ax.axvline(float(r.summary[spec.dose_scale]), color="0.5", lw=0.9, ls="-.",
+                       label="the table's scale")
             ax.axhline(0.0, color="0.3", lw=0.6)
             ax.set_ylabel(ylabel)
             if row == 0:
                 ax.set_title(r.label, fontsize=9)
             if row == rows - 1:
-                ax.set_xlabel("scale (× the latent's maximum activation)")
+                ax.set_xlabel("scale\n(the latent set to scale × its maximum activation)")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-    fig.suptitle(f"{model}: {task}, dose-response\n(mean ± std over classes; dash-dot: the table's scale)",
+    fig.suptitle(f"{model}: {task}, the chosen latent's edit against its baselines\n(mean ± std over classes)",
                  fontsize=10)
     return fig
-
-
-def _overlay(ax, image: np.ndarray, heat: np.ndarray) -> None:
-    """The image with the latent's per-patch activation over it (scaled to its maximum)."""
-    ax.imshow(image)
-    if heat.max() > 0:
-        ax.imshow(heat / heat.max(), cmap="magma", alpha=0.5, extent=(0, image.shape[1], image.shape[0], 0),
-                  interpolation="nearest")
 
 
 def _read_examples(path: Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -312,7 +311,7 @@ def _classification_panel(sub, arrays: dict, classes: list[str], title: str, top
         before, after = arrays["probs_before"][i].astype(float), arrays["probs_after"][i].astype(float)
         axes[i][0].imshow(image)
         axes[i][0].set_title(f"{classes[int(arrays['class'][i])]}", fontsize=7, loc="left")
-        _overlay(axes[i][1], image, heat)
+        heat_overlay(axes[i][1], image, heat)
         axes[i][1].set_title(f"latent #{int(arrays['latent'][i])}", fontsize=7, loc="left")
         order = np.argsort(-before, kind="stable")[:top]
         y = np.arange(len(order))
@@ -332,14 +331,21 @@ def _classification_panel(sub, arrays: dict, classes: list[str], title: str, top
     sub.suptitle(title, fontsize=8)
 
 
+def class_colours(classes: list[str]) -> list:
+    """One distinct colour per class, the background dark grey (so that garments stand out)."""
+    objects = [c for c in classes if c.lower() != "background"]
+    palette = iter(sns.color_palette("tab10" if len(objects) <= 10 else "husl", len(objects)))
+    return [(0.22, 0.22, 0.22) if c.lower() == "background" else next(palette) for c in classes]
+
+
 def _segmentation_panel(sub, arrays: dict, classes: list[str], title: str) -> None:
     n = len(arrays["class"])
     axes = sub.subplots(n, 4, squeeze=False)
-    cmap = ListedColormap(sns.color_palette("husl", len(classes)))
+    cmap = ListedColormap(class_colours(classes))
     shown = set()
     for i in range(n):
         image = arrays["image"][i]
-        _overlay(axes[i][1], image, arrays["heatmap"][i])
+        heat_overlay(axes[i][1], image, arrays["heatmap"][i])
         axes[i][0].imshow(image)
         for col, key in ((2, "pred_before"), (3, "pred_after")):
             pred = arrays[key][i]
@@ -373,8 +379,6 @@ def example_figure(task: str, model: str, results: list[Result]) -> Figure:
 
 def write_interventions(paths, tables_out, figures_out) -> list[Path]:
     """Every task's table and figures; returns the files written."""
-    import matplotlib
-
     by_task = load_results(paths)
     tables_out, figures_out = Path(tables_out), Path(figures_out)
     tables_out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +386,7 @@ def write_interventions(paths, tables_out, figures_out) -> list[Path]:
     written: list[Path] = []
     for task, results in by_task.items():
         written += write_task_table(task, results, tables_out)
-    with matplotlib.rc_context(RC):
+    with theme():
         for task, results in by_task.items():
             for model, group in by_model(results, lambda r: r.summary["model"]).items():
                 for kind, draw in (("dose", dose_figure), ("example", example_figure)):

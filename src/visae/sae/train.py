@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -291,10 +290,9 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
 
     every = None if not checkpoint_every else max(1, int(checkpoint_every) // batch)
     total = max(m.steps for m in members) * batch
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=min(total, global_step * batch), unit="tok", unit_scale=True,
-               desc="train", disable=(not sys.stderr.isatty()) if progress is None else not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    from visae.progress import progress as progress_bar
+    bar = progress_bar(total=total, initial=min(total, global_step * batch), desc="train", unit="tokens",
+                       unit_scale=True, enabled=progress is not False)
     reported = {m.name for m in members if m.status == "failed"}
     try:
         running = [m for m in members if m.status == "running"]
@@ -326,6 +324,8 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                     return {m.name: m.status for m in members}
         save_state()
     finally:
+        if any(m.status == "failed" for m in members):
+            bar.leave = False  # the error names what finished: no summary line before it
         bar.close()
         for m in members:
             if m.log is not None:
