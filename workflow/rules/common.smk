@@ -6,7 +6,7 @@ import shlex
 from itertools import combinations
 from snakemake.exceptions import WorkflowError
 
-from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
+from visae.layout import (ALL_MODEL_FIGURES, ALL_MODELS, COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
                           MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, SAEBENCH_FIGURES, TABLE_FORMATS, TASKS,
                           Layout, layer_dir, seed_twin)
 from visae.sae.config import AT_MOST_WIDTH, COMMON_DEFAULTS, TRAIN_DEFAULTS, is_imported
@@ -321,7 +321,9 @@ def sae_logs():
 
 
 def figure_outputs(ext):
-    return [RESULTS.figure(kind, model, ext) for model in config["models"] for kind in FIGURE_KINDS]
+    """Per model its figures, then the figures over every model (frontier_all)."""
+    return ([RESULTS.figure(kind, model, ext) for model in config["models"] for kind in FIGURE_KINDS]
+            + [RESULTS.figure(kind, ALL_MODELS, ext) for kind in ALL_MODEL_FIGURES])
 
 
 def report_outputs():

@@ -136,6 +136,7 @@ rule compare_report:
         profiles=profile_outputs(),
         matchings=comparison_outputs() + comparison_outputs(seed_baseline=True),
         similarities=similarity_outputs(),
+        indexes=[RESULTS.latent_index_marker(m, COMPARE_DATASET, l, s) for m, l in compare_stores() for s in COMPARED],
     output:
         # one caption per table, in COMPARISON_TABLES' order (params.figures counts them)
         report(RESULTS.comparison_table("profiles", "md"), caption="../report/compare_profiles.rst",
@@ -146,7 +147,10 @@ rule compare_report:
                category="2 Comparison", subcategory="Tables", labels={"table": "Table 2c: similarity"}),
         [report(RESULTS.comparison_figure(kind, model, "png"), caption=f"../report/{kind}.rst",
                 category="2 Comparison", subcategory=model, labels={"model": model, "figure": kind})
-         for model in config["models"] for kind in MODEL_COMPARISON_FIGURES],
+         for model in config["models"] for kind in MODEL_COMPARISON_FIGURES if kind != "exemplars"],
+        [report(RESULTS.comparison_figure("exemplars", model, "png"), caption="../report/exemplars_model.rst",
+                category="2 Comparison", subcategory=model, labels={"model": model, "figure": "exemplars"})
+         for model in config["models"]],
         [report(RESULTS.comparison_figure(kind, f"{a}__{b}", "png"), caption=f"../report/{kind}.rst",
                 category="2 Comparison", subcategory=f"{a} vs {b}", labels={"pair": f"{a} vs {b}", "figure": kind})
          for a, b in model_pairs() for kind in PAIR_COMPARISON_FIGURES],

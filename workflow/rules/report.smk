@@ -39,6 +39,10 @@ rule figures:
             for model in config["models"]
             for kind in FIGURE_KINDS
         ],
+        [
+            report(RESULTS.figure("frontier", ALL_MODELS, "png"), caption="../report/frontier_all.rst", category="1 SAEs",
+                   subcategory="all models", labels={"model": "all models", "figure": "frontier"})
+        ],
         figure_outputs("pdf"),
     params:
         logs=sae_logs(),

@@ -76,17 +76,29 @@ def cmd_report_interventions(args) -> int:
 
 # Report parts with their own module: each defines `add_arguments(parser)` and `run(args) -> int`.
 PARTS = {
-    "saebench": ("visae.report.saebench", "per store: saebench/tables/<model>__<dataset>__<layer>.*, metrics.json, "
-                                          + "saebench_<m> figures"),
+    "saebench": ("visae.report.saebench", "per store: saebench/tables/<model>__<dataset>__<layer>.*, "
+                                          + "metrics/saebench.json, saebench_<m> figures"),
     "browser": ("visae.report.browser", "the static latent browser (results/browser/index.html, from file://)"),
     "readme": ("visae.report.summary", "results/README.md: what was run, the headline numbers, links to everything"),
 }
 
 
-def _part(module: str):
+def _part(name: str):
     import importlib
 
-    return importlib.import_module(module)
+    return importlib.import_module(PARTS[name][0])
+
+
+def cmd_report_saebench(args) -> int:
+    return _part("saebench").run(args)
+
+
+def cmd_report_browser(args) -> int:
+    return _part("browser").run(args)
+
+
+def cmd_report_readme(args) -> int:
+    return _part("readme").run(args)
 
 
 def add_cli(subparsers) -> None:
@@ -97,7 +109,8 @@ def add_cli(subparsers) -> None:
                    help="metrics.json files written by `visae evaluate`")
     t.add_argument("--out", required=True, help="output folder")
     t.set_defaults(func=cmd_report_tables)
-    f = sub.add_parser("figures", help="per model: frontier_<m>, latent_freq_<m>, training_<m> (.png and .pdf)")
+    f = sub.add_parser("figures", help="per model: frontier_<m>, latent_freq_<m>, training_<m>; frontier_all "
+                                       "(.png and .pdf)")
     f.add_argument("--metrics", nargs="+", required=True, metavar="METRICS_JSON",
                    help="metrics.json files written by `visae evaluate`")
     f.add_argument("--latents", nargs="*", default=None, metavar="LATENTS_CSV",
@@ -107,7 +120,7 @@ def add_cli(subparsers) -> None:
     f.add_argument("--out", required=True, help="output folder")
     f.set_defaults(func=cmd_report_figures)
     c = sub.add_parser("compare", help="profiles / matching / similarity tables; abstraction_<m>, invariance_<m>, "
-                                       "matching_<a>__<b>, exemplars_<a>__<b> figures")
+                                       "exemplars_<m>, matching_<a>__<b>, exemplars_<a>__<b> figures")
     c.add_argument("--profiles", nargs="*", default=[], metavar="PROFILE_JSON", help="`visae profile` outputs")
     c.add_argument("--matchings", nargs="*", default=[], metavar="MATCHING_JSON", help="`visae compare` outputs")
     c.add_argument("--similarities", nargs="*", default=[], metavar="SIMILARITY_JSON",
@@ -122,7 +135,7 @@ def add_cli(subparsers) -> None:
     i.add_argument("--tables", required=True, help="output folder of the tables")
     i.add_argument("--figures", required=True, help="output folder of the figures")
     i.set_defaults(func=cmd_report_interventions)
-    for name, (module, help_line) in PARTS.items():
+    for name, (_, help_line) in PARTS.items():
         part = sub.add_parser(name, help=help_line)
-        _part(module).add_arguments(part)
-        part.set_defaults(func=lambda args, module=module: _part(module).run(args))
+        _part(name).add_arguments(part)
+        part.set_defaults(func=globals()[f"cmd_report_{name}"])
