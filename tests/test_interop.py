@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,10 @@ from visae.sae import config as C
 from visae.sae.modules import build_sae, estimate_normalisation
 
 FASHION_MNIST_DEB = Path("/usr/share/datasets/fashion-mnist")
+# sae-lens and saev live in a venv of their own layered over .venv (`make setup`, see the Makefile):
+# their packages join this process's path last, so nothing they bring shadows visae's own pins.
+for site in sorted((Path(__file__).resolve().parents[1] / ".venv-interop").glob("lib/python*/site-packages")):
+    sys.path.append(str(site))
 MODEL = {"source": "timm", "arch": "vit_tiny_patch16_224", "image_size": 28, "init_seed": 7,
          "model_kwargs": {"patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}}
 D, WIDTH, IMAGES = 32, 128, 40  # CLS + 7x7 patches per image: 2,000 tokens
@@ -86,7 +91,7 @@ ARCHS = [("relu", {}, "standard"), ("topk", {"k": 8}, "topk"), ("batchtopk", {"k
 
 @pytest.mark.parametrize("arch, hparams, lens_arch", ARCHS)
 def test_export_runs_in_saelens_with_the_same_codes_and_reconstructions(tmp_path, acts, arch, hparams, lens_arch):
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed")
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (`make setup` puts it in .venv-interop)")
     sae = visae_sae(arch, acts, **hparams)
     assert main(["sae", "export", "--sae", str(save_visae(sae, tmp_path / "v", arch)), "--out", str(tmp_path / "l")]) == 0
     cfg = json.loads((tmp_path / "l" / "cfg.json").read_text())
@@ -142,7 +147,7 @@ def _saelens_sae(sae_lens, kind: str):
 @pytest.mark.parametrize("kind, arch", [("standard", "relu"), ("standard-no-bdec", "relu"),
                                         ("topk-rescaled", "topk"), ("jumprelu", "jumprelu")])
 def test_saelens_saes_import_with_their_codes_and_reconstructions(tmp_path, store, acts, kind, arch):
-    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed")
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is not installed (`make setup` puts it in .venv-interop)")
     lens = _saelens_sae(sae_lens, kind)
     lens.save_model(tmp_path / "l")
     argv = ["sae", "import", "--format", "saelens", "--path", str(tmp_path / "l"), "--out", str(tmp_path / "v"),
@@ -182,7 +187,7 @@ def _saev_shards(root: Path, store) -> Path:
 def test_a_saev_checkpoint_reproduces_saev(tmp_path, store):
     """saev 0.1.0 (the paper's format) trains a few steps on its own normalised patches and dumps;
     the import, normalising with saev's recipe on the store, gives saev's codes and reconstructions."""
-    pytest.importorskip("saev.activations", reason="saev is not installed")
+    pytest.importorskip("saev.activations", reason="saev is not installed (`make setup` puts it in .venv-interop)")
     import saev.activations
     import saev.config
     import saev.nn
