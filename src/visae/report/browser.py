@@ -283,7 +283,11 @@ def saebench_rows(metrics: dict) -> list[dict]:
     baselines = {k for k in metrics if k.endswith("_random") or k.startswith("sparse_probing_floor_")
                  or k == "sparse_probing_ceiling"}
     rows = []
-    for k in sorted(metrics, key=lambda k: (_metric_order(k), k)):
+    def k_of(name):  # sparse_probing_k5 before sparse_probing_k20
+        m = re.fullmatch(r"sparse_probing_k(\d+)", name)
+        return int(m.group(1)) if m else 0
+
+    for k in sorted(metrics, key=lambda k: (_metric_order(k), k_of(k), k)):
         if k in baselines:
             continue
         row = {"name": k, "value": _num(metrics[k])}
