@@ -31,7 +31,6 @@ changed its encoder under that schema number).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -49,6 +48,7 @@ from visae.provenance import git_state, provenance
 from visae.sae import checkpoint as ckpt
 from visae.sae.config import IMPORT_FORMATS, validate_grid
 from visae.sae.split import SPLIT_METHOD, split_record
+from visae.store.format import sha256_file
 
 SAELENS_CFG, SAELENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 SAELENS_FORMAT = "6.54.12"  # the SAELens release whose format export writes and the tests load with
@@ -59,14 +59,6 @@ NORMALISATIONS = ("auto", "saev", "none")
 
 def _float64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # -- export ----------------------------------------------------------------------------------
