@@ -187,10 +187,13 @@ def test_paper_config_plans_the_whole_dag(project):
     # 2 models x ImageNet, the 9-SAE grid trained in one pass per store and the compared SAE's second
     # seed in a pass of its own, 20 evaluations; the comparison: 2 SAEs indexed per model, a profile per model, the
     # cross-model matching and one seed baseline per model, CKA / mutual kNN for the pair; the
-    # interventions: CLIP's CUB probe and DINOv2's ADE20K probe, one edited SAE each
-    assert counts == {"extract": 2, "train": 4, "evaluate": 20, "latent_index": 4, "profile": 2, "compare": 3,
+    # interventions: CLIP's CUB probe and DINOv2's ADE20K probe, one edited SAE each; the SAEBench:
+    # every grid SAE on each store (their indexes too: 9 + the second seed per model); the browser,
+    # the README
+    assert counts == {"extract": 2, "train": 4, "evaluate": 20, "latent_index": 20, "profile": 2, "compare": 3,
                       "similarity": 1, "compare_report": 1, "tables": 1, "figures": 1, "probe": 2, "intervene": 2,
-                      "intervene_report": 1, "all": 1}
+                      "intervene_report": 1, "saebench": 18, "saebench_report": 1, "browser": 1, "readme": 1,
+                      "all": 1}
 
 
 def test_paper_run_without_data_names_the_missing_input(tmp_path, project):
@@ -226,16 +229,36 @@ def test_adding_a_model_plans_only_its_jobs(project, tmp_path):
     assert per_model and all(wc["model"] == "vit-random" for _, wc in per_model)
     # its own: three passes (the compared topk-16's second seed has its own), three evaluations, the
     # compared SAE's index and its second seed's, one profile; the classification probe and its
-    # intervention (the test config segments one named model only)
+    # intervention (the test config segments one named model only); the benched topk-16's SAEBench
     assert sorted(rule for rule, wc in per_model) == ["evaluate"] * 3 + ["extract", "intervene", "latent_index",
                                                                           "latent_index", "probe", "profile",
-                                                                          "train", "train", "train"]
+                                                                          "saebench", "train", "train", "train"]
     # the cross-model jobs: its pairs with each model, its seed baseline, and the reports
     pairs = [(rule, wc) for rule, wc in jobs if "model_a" in wc]
     assert sorted(rule for rule, _ in pairs) == ["compare"] * 3 + ["similarity"] * 2
     assert all("vit-random" in (wc["model_a"], wc["model_b"]) for _, wc in pairs)
-    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "compare_report", "figures", "intervene_report",
-                                                           "tables"]
+    assert sorted(rule for rule, wc in jobs if not wc) == ["all", "browser", "compare_report", "figures",
+                                                           "intervene_report", "readme", "saebench_report", "tables"]
+
+
+def test_an_imported_sae_is_planned_like_a_trained_one(project, tmp_path):
+    """An `import:` entry (here SAELens folders exported from the run's topk-16) is imported, not
+    trained, then evaluated and tabled like the others."""
+    results = Layout(project / "results")
+    config = tiny_config()
+    paths = {}
+    for model in config["models"]:
+        out = tmp_path / model
+        run(project, "visae", "sae", "export", "--sae", results.sae(model, DATASET, LAYER, "topk-16", "topk-16"),
+            "--out", str(out))
+        paths[model] = str(out)
+    config["saes"]["lens"] = {"import": "saelens", "path": paths}
+    path = project / "config" / "imported.yaml"
+    path.write_text(yaml.safe_dump(config))
+    jobs = planned_jobs(run(project, "snakemake", "-n", "--configfile", str(path)))
+    lens = sorted((rule, wc["model"]) for rule, wc in jobs if "lens" in (wc.get("sae"), wc.get("pass_")))
+    assert lens == sorted((rule, m) for m in config["models"] for rule in ("evaluate", "import_sae"))
+    assert not [wc for rule, wc in jobs if rule == "train" and wc.get("pass_") == "lens"]
 
 
 def test_changing_one_sae_replans_only_that_sae(project):
