@@ -19,7 +19,7 @@ STORE_HASH = "ab" * 32
 
 
 def fake_bench(root: Path, model: str, sae: str, architecture: str, l0: float, *, dataset: str = "fmnist-test",
-               layer: int = 2, twin: bool = True, seed: int = 0) -> Path:
+               layer: int = 2, twin: bool = True, seed: int = 0, spread: bool = True) -> Path:
     """A saebench.json as `visae saebench` writes it, with plausible numbers (a function of l0)."""
     r = math.log2(l0) / 6 + 0.01 * seed
     metrics = {"l0": l0}
@@ -29,6 +29,8 @@ def fake_bench(root: Path, model: str, sae: str, architecture: str, l0: float, *
     metrics |= {"sparse_probing_ceiling": 0.93, "tpp": 0.2 + 0.1 * r, "tpp_random": 0.01, "absorption": 0.3 - 0.1 * r,
                 "absorption_random": 0.5, "shrinkage": 0.9 + 0.05 * r,
                 "stability": 0.6 + 0.1 * r if twin else None, "stability_random": 0.05 if twin else None}
+    if spread:  # TPP's std over classes (optional: files from before it was written lack it)
+        metrics |= {"tpp_std": 0.05 + 0.01 * r, "tpp_random_std": 0.02}
     identity = {"model": model, "dataset": dataset, "layer": layer, "sae": sae, "store_hash": STORE_HASH}
     out = root / Layout().saebench(model, dataset, layer, sae)
     out.mkdir(parents=True)
@@ -68,8 +70,8 @@ def test_tables_metrics_file_and_figures(benches, tmp_path, capsys):
     assert metric_cols == ["l0", "sparse_probing_k1", "sparse_probing_floor_k1", "sparse_probing_k2",
                            "sparse_probing_floor_k2", "sparse_probing_k5", "sparse_probing_floor_k5",
                            "sparse_probing_k20", "sparse_probing_floor_k20", "sparse_probing_ceiling", "tpp",
-                           "tpp_random", "absorption", "absorption_random", "shrinkage", "stability",
-                           "stability_random"]
+                           "tpp_std", "tpp_random", "tpp_random_std", "absorption", "absorption_random", "shrinkage",
+                           "stability", "stability_random"]
     written = json.loads(benches[0].read_text())["metrics"]
     row = df[df.sae == "topk-16"].iloc[0]
     assert all(row[k] == pytest.approx(v) for k, v in written.items())  # full precision
@@ -77,7 +79,9 @@ def test_tables_metrics_file_and_figures(benches, tmp_path, capsys):
     md = (tables / "vit-a__fmnist-test__layer_2.md").read_text().splitlines()
     header = [h.strip() for h in md[0].strip("|").split("|")]
     assert header[:5] == ["SAE", "architecture", "width", "L0", "probing k=1"] and header[5] == "floor k=1"
-    assert header[-2:] == ["stability", "stability random"] and "TPP random" in header
+    assert header[-2:] == ["stability", "stability random"]
+    at = header.index("TPP")
+    assert header[at:at + 4] == ["TPP", "TPP std", "TPP random", "TPP random std"]  # the spread beside TPP
     assert f"{written['tpp']:.3f}" in md[4]  # topk-16's row, rounded
     tex = (tables / "vit-a__fmnist-test__layer_2.tex").read_text()
     assert "\\toprule" in tex and "probing k=20" in tex
@@ -93,6 +97,21 @@ def test_tables_metrics_file_and_figures(benches, tmp_path, capsys):
     assert {p.name for p in figures.iterdir()} == {f"saebench_{m}.{e}" for m in ("vit-a", "vit-b")
                                                    for e in ("png", "pdf")} | {"provenance.json"}
     assert (figures / "saebench_vit-a.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_tables_of_stores_no_longer_benched_are_deleted_and_the_spread_is_optional(benches, tmp_path):
+    from visae.report.saebench import load_benches, write_tables
+
+    tables = tmp_path / "tables"
+    write_tables(load_benches(benches), tables)
+    (tables / "notes.md").write_text("mine\n")  # not a table's name: kept
+    old = fake_bench(tmp_path / "old", "vit-a", "topk-16", "topk", 16.0, spread=False)  # written before tpp_std
+    write_tables(load_benches([old]), tables)
+    assert {p.name for p in tables.iterdir()} == {f"vit-a__fmnist-test__layer_2.{e}"
+                                                  for e in ("md", "csv", "tex", "json")} | {"notes.md"}
+    df = pd.read_csv(tables / "vit-a__fmnist-test__layer_2.csv")
+    assert df.sae.tolist() == ["topk-16"] and "tpp_std" not in df and "tpp_random_std" not in df
+    assert list(df.columns[df.columns.get_loc("tpp"):][:3]) == ["tpp", "tpp_random", "absorption"]
 
 
 def test_the_figure_draws_each_metric_beside_its_baseline(benches):

@@ -1,6 +1,7 @@
 """`visae saebench` on a planted store and a hand-built SAE whose latents are known: a class-specific
-latent, a parent latent that a child latent absorbs on one fine class, background latents that
-say nothing about the class, and dead ones."""
+latent, a parent latent that a child latent absorbs on one fine class (silent there, or, in a
+second SAE, firing weakly on every image), background latents that say nothing about the class,
+and dead ones."""
 
 from __future__ import annotations
 
@@ -74,13 +75,15 @@ def write_store(out) -> None:
         writer.write_shard(s, {"acts": to_storage(torch.from_numpy(x[a:b]), "float32"), "labels": labels[a:b]})
 
 
-def planted_sae():
+def planted_sae(parent_bias: float = -THRESHOLD, width: int = WIDTH):
     """ReLU, mu = 0, scale = 1: each alive latent reads its atom (f = x . a - 0.1) and writes it back;
-    the parent is silenced by class 1's own atom, the child reads that atom and writes parent + own."""
+    the parent is silenced by class 1's own atom, the child reads that atom and writes parent + own.
+    A positive `parent_bias` makes the parent dense: it fires that much on every token without
+    the parent atom, so on some patch of every image."""
     A = atoms()
-    sae = build_sae("relu", D, WIDTH, seed=0)
-    w_enc, w_dec = np.zeros((D, WIDTH), np.float32), np.zeros((WIDTH, D), np.float32)
-    b_enc = np.full(WIDTH, -1.0, np.float32)  # dead unless set below
+    sae = build_sae("relu", D, width, seed=0)
+    w_enc, w_dec = np.zeros((D, width), np.float32), np.zeros((width, D), np.float32)
+    b_enc = np.full(width, -1.0, np.float32)  # dead unless set below
     for j in range(N_GENERIC):
         w_enc[:, j], w_dec[j] = A[j], A[j]
     for c, latent in OWN.items():
@@ -88,7 +91,8 @@ def planted_sae():
     w_enc[:, PARENT], w_dec[PARENT] = A[P] - 3 * A[Q[1]], A[P]
     w_enc[:, CHILD], w_dec[CHILD] = np.sqrt(2) * A[Q[1]], (A[P] + A[Q[1]]) / np.sqrt(2)
     b_enc[:56] = -THRESHOLD
-    dead = np.random.default_rng(2).standard_normal((WIDTH - 56, D))
+    b_enc[PARENT] = parent_bias
+    dead = np.random.default_rng(2).standard_normal((width - 56, D))
     w_dec[56:] = dead / np.linalg.norm(dead, axis=1, keepdims=True)
     with torch.no_grad():
         sae.W_enc.copy_(torch.from_numpy(w_enc))
@@ -97,17 +101,25 @@ def planted_sae():
     return sae
 
 
-def save_sae(sae, out, name: str) -> None:
+def save_sae(sae, out, name: str, store_hash: str, layer: int = 0) -> None:
     ckpt.save(sae, out, {"name": name, "complete": True, "split": split_record(IMAGES, 0.5, 0),
-                         "source": {"model": "planted", "layer": 0, "token_kind": "patches"}})
+                         "identity": {"model": "planted", "dataset": "planted", "layer": layer, "sae": name,
+                                      "store_hash": store_hash},
+                         "source": {"model": "planted", "layer": 0, "token_kind": "patches",
+                                    "store_hash": store_hash}})
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """(root, store, SAE, index, the run's output folder) with --twin the SAE itself."""
+    """(root, the run's output folder) with --twin the SAE itself; root holds the store, the SAE,
+    its index and twins that are not its second seed."""
     root = tmp_path_factory.mktemp("saebench")
     write_store(root / "store")
-    save_sae(planted_sae(), root / "sae", "planted")
+    store_hash = ActivationStore(root / "store").store_hash
+    save_sae(planted_sae(), root / "sae", "planted", store_hash)
+    save_sae(planted_sae(), root / "other-store", "planted.seed1", "0" * 64)
+    save_sae(planted_sae(), root / "other-layer", "planted.seed1", store_hash, layer=1)
+    save_sae(planted_sae(width=2 * WIDTH), root / "other-width", "planted.seed1", store_hash)
     assert main(["latents", "--store", str(root / "store"), "--sae", str(root / "sae"), "--out",
                  str(root / "index")]) == 0
     out = root / "bench"
@@ -123,8 +135,9 @@ def test_the_run_writes_its_files_with_the_schema(planted):
     assert result["identity"]["sae"] == "planted" and result["identity"]["model"] == "planted"
     assert result["architecture"] == "relu" and result["width"] == WIDTH
     keys = {"l0", "sparse_probing_k1", "sparse_probing_k2", "sparse_probing_k5", "sparse_probing_ceiling",
-            "sparse_probing_floor_k1", "sparse_probing_floor_k2", "sparse_probing_floor_k5", "tpp", "tpp_random",
-            "absorption", "absorption_random", "shrinkage", "stability", "stability_random"}
+            "sparse_probing_floor_k1", "sparse_probing_floor_k2", "sparse_probing_floor_k5", "tpp", "tpp_std",
+            "tpp_random", "tpp_random_std", "absorption", "absorption_random", "shrinkage", "stability",
+            "stability_random"}
     assert set(result["metrics"]) == keys
     assert all(isinstance(v, float) for v in result["metrics"].values())
     for part in ("sparse_probing", "tpp", "absorption", "shrinkage", "stability", "params", "provenance"):
@@ -133,9 +146,14 @@ def test_the_run_writes_its_files_with_the_schema(planted):
     assert result["images"]["covered"] == IMAGES // 2
     probing = pd.read_csv(out / "sparse_probing.csv")
     assert {"class", "class_name", "k", "method", "accuracy", "latents", "sae", "store_hash"} <= set(probing)
-    assert set(probing.method) == {"sae", "random", "ceiling"} and len(probing) == 5 * (1 + 3 * 2)
-    assert {"class", "method", "tpp", "drop", "drop_others"} <= set(pd.read_csv(out / "tpp.csv"))
-    assert {"group", "class_name", "method", "rate", "absorbed"} <= set(pd.read_csv(out / "absorption.csv"))
+    assert set(probing.method) == {"sae", "random", "ceiling", "ceiling_mean_pooled"}
+    assert len(probing) == 5 * (2 + 3 * 2)
+    tpp = pd.read_csv(out / "tpp.csv")
+    assert {"class", "method", "tpp", "drop", "drop_others"} <= set(tpp)
+    for method, key in (("sae", "tpp_std"), ("random", "tpp_random_std")):  # the spread over classes
+        assert result["metrics"][key] == pytest.approx(np.std(tpp[tpp.method == method].tpp), abs=1e-5)
+    assert {"group", "class_name", "method", "rate", "absorbed", "main_missed"} <= set(
+        pd.read_csv(out / "absorption.csv"))
 
 
 def test_a_class_specific_latent_probes_near_the_ceiling_and_random_latents_near_chance(planted):
@@ -177,7 +195,73 @@ def test_the_absorbed_fine_class_is_counted(planted):
     whole = rows[(rows.method == "sae") & (rows.level == "group")].iloc[0]
     assert whole.absorbed == sae.loc["shoe-b"].absorbed
     assert result["metrics"]["absorption"] == pytest.approx(whole.rate, rel=1e-5)
-    assert result["metrics"]["absorption_random"] > result["metrics"]["absorption"]
+    # random main latents say nothing about footwear: their probe misses shoe-a and shoe-c too, where
+    # the parent latent carries the direction, so the baseline counts absorption the SAE does not have
+    rand = rows[rows.method == "random"].set_index("class_name")
+    assert rand.loc["shoe-a"].absorbed + rand.loc["shoe-c"].absorbed > 5
+    assert result["metrics"]["absorption_random"] > 0.1
+
+
+def test_the_ceiling_probes_the_model_pooled_as_the_sae_features_are(planted):
+    """The headline ceiling: max over the patches, as the index pools the SAE; mean-pooled beside it."""
+    from visae.analysis.latent_index import LatentIndex
+    from visae.analysis.saebench import balanced_accuracy, fit_probe, stratified_split
+
+    root, out = planted
+    result = json.loads((out / "saebench.json").read_text())
+    rows = pd.read_csv(out / "sparse_probing.csv")
+    ceiling, mean_pooled = (rows[rows.method == m].set_index("class").accuracy
+                            for m in ("ceiling", "ceiling_mean_pooled"))
+    assert result["metrics"]["sparse_probing_ceiling"] == pytest.approx(ceiling.mean(), rel=1e-5)
+    assert result["sparse_probing"]["ceiling_mean_pooled"]["value"] == pytest.approx(mean_pooled.mean(), rel=1e-5)
+    assert "max-pooled" in result["sparse_probing"]["ceiling_features"]
+    assert "mean-pooled" in result["tpp"]["probes"]
+    index = LatentIndex.load(root / "index")
+    x = ActivationStore(root / "store").take(index.images).double().amax(1).numpy()  # [n, d]: max over patches
+    train, test = stratified_split(index.labels, 0.5, 0)
+    w, b = fit_probe(x[train], index.labels[train] == 3, 0)
+    assert ceiling[3] == pytest.approx(float(balanced_accuracy(x[test] @ w + b, index.labels[test] == 3)[0]),
+                                       abs=1e-6)
+
+
+def test_a_dense_main_latent_that_misses_the_absorbed_class_still_counts(planted):
+    """The parent fires weakly on every image (so it is never silent at image level) and strongly on
+    shoe-a and shoe-c; on shoe-b its probe says no and the child carries the parent direction."""
+    root, _ = planted
+    save_sae(planted_sae(parent_bias=0.2), root / "dense", "dense", ActivationStore(root / "store").store_hash)
+    assert main(["latents", "--store", str(root / "store"), "--sae", str(root / "dense"), "--out",
+                 str(root / "dense-index")]) == 0
+    from visae.analysis.latent_index import LatentIndex
+
+    index = LatentIndex.load(root / "dense-index")
+    assert index.frequency[PARENT] == 1.0  # dense: the old image-level 'silent' rule never fires
+    out = root / "dense-bench"
+    assert main(["saebench", "--index", str(root / "dense-index"), "--hierarchy", json.dumps(HIERARCHY), "--k", "1",
+                 "--tpp-latents", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "saebench.json").read_text())
+    (group,) = result["absorption"]["groups"]
+    assert group["main_latents"] == [PARENT]
+    rows = pd.read_csv(out / "absorption.csv")
+    sae = rows[rows.method == "sae"].set_index("class_name")
+    assert sae.loc["shoe-b"].true_positives > 10
+    assert sae.loc["shoe-b"].main_missed == sae.loc["shoe-b"].true_positives and sae.loc["shoe-b"].rate > 0.9
+    assert sae.loc["shoe-a"].rate == 0 and sae.loc["shoe-c"].rate == 0
+    whole = rows[(rows.method == "sae") & (rows.level == "group")].iloc[0]
+    assert result["metrics"]["absorption"] == pytest.approx(whole.rate, rel=1e-5)
+    assert 0.2 < whole.rate < 0.5  # shoe-b's share of the footwear hits
+
+
+def test_a_group_of_every_class_is_left_out_in_a_note(planted):
+    root, _ = planted
+    out = root / "all"
+    assert main(["saebench", "--index", str(root / "index"), "--hierarchy", json.dumps({"groups": {"all": CLASSES}}),
+                 "--k", "1", "--tpp-latents", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "saebench.json").read_text())
+    assert result["metrics"]["absorption"] is None and result["metrics"]["absorption_random"] is None
+    assert result["absorption"]["groups"] == []
+    assert "group 'all' holds every class" in result["absorption"]["note"]
+    assert result["absorption"]["groups_left_out"] == [result["absorption"]["note"].split("; ")[0]]
+    assert len(pd.read_csv(out / "absorption.csv")) == 0
 
 
 def test_shrinkage_and_l0_match_a_dense_computation(planted):
@@ -244,7 +328,11 @@ def test_without_twin_or_hierarchy_those_fields_are_null_and_the_rest_repeats(pl
     (["--index", "{root}/nowhere"], "no finished latent index"),
     (["--index", "{root}/index", "--k", "0"], "--k must be a positive integer"),
     (["--index", "{root}/index", "--k", "40"], "alive latents"),
+    (["--index", "{root}/index", "--max-classes", "1"], "--max-classes must be an integer >= 2"),
     (["--index", "{root}/index", "--twin", "{root}/nowhere"], "not an SAE checkpoint"),
+    (["--index", "{root}/index", "--twin", "{root}/other-store"], "has store_hash " + "0" * 64),
+    (["--index", "{root}/index", "--twin", "{root}/other-layer"], "has layer 1 (this SAE: 0)"),
+    (["--index", "{root}/index", "--twin", "{root}/other-width"], f"has width {2 * WIDTH} (this SAE: {WIDTH})"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_marker(planted, tmp_path, capsys, args, message):
     root, _ = planted

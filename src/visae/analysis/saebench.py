@@ -6,9 +6,11 @@ images), split once into probe-train and probe-test (stratified by class, seeded
 - sparse probing (Gao et al. 2024; Gurnee et al. 2023): per class, one vs rest, a logistic
   regression on the k latents whose mean image-level activation (the index's: max over patches)
   differs most between the class and the rest on probe-train; balanced accuracy on probe-test.
-  Ceiling: the same probe on the model's activations mean-pooled over the same tokens (as SAEBench
-  mean-pools); floor: k random alive latents of matched image frequency;
-- TPP (targeted probe perturbation): per class a probe on the pooled activations; ablating the
+  Ceiling: the same probe on the model's activations pooled as the SAE features are (max over the
+  same tokens; the mean-pooled one, as SAEBench pools, is kept beside it); floor: k random alive
+  latents of matched image frequency;
+- TPP (targeted probe perturbation): per class a probe on the mean-pooled activations (ablation is
+  exactly linear there); ablating the
   latents most tied to class i (their decoder contributions removed from every token, the
   reconstruction error kept) should hurt probe i and spare the others; baseline: as many random
   frequency-matched latents;
@@ -19,7 +21,7 @@ images), split once into probe-train and probe-test (stratified by class, seeded
   one-to-one above a cosine threshold; baseline: a random decoder of the same shape.
 
 One streaming pass encodes the tokens (`batch_size` at a time, never [images, tokens, latents]) and
-keeps the pooled activations [n, d] and the mean-pooled codes as a sparse [n, h] matrix (the same
+keeps the mean- and max-pooled activations [n, d] and the mean-pooled codes as a sparse [n, h] matrix (the same
 non-zeros as the index's). Ablation is linear once pooled: mean_t(x - Σ_J f_j(x) r_j) =
 mean_t(x) - Σ_J mean_t(f_j) r_j, with r_j the decoder row in the model's space (W_dec[j] · scale,
 as visae.models.edit.LatentEdit edits). Writes sparse_probing.csv, tpp.csv, absorption.csv, then
@@ -37,13 +39,17 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from visae.args import device as device_arg, json_object, nonneg_int, open_fraction, positive_int, unit_fraction
+from visae.args import (_ranged, device as device_arg, json_object, nonneg_int, open_fraction, positive_int,
+                        unit_fraction)
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import SAEBENCH, SAEBENCH_ABSORPTION, SAEBENCH_PROBING, SAEBENCH_TPP
 
 FORMAT = "visae-saebench/1"
+at_least_two = _ranged(int, "an integer >= 2", lambda v: v >= 2, "at_least_two")  # --max-classes, as the schema
 DEFAULT_K = (1, 2, 5, 20)
+DEFAULT_TPP_LATENTS = 10  # the config schema's saebench.tpp_latents default
+VALIDATION_FRACTION = 0.2  # share of probe-train that chooses absorption's k (never probe-test)
 N_MATCHED = 10  # a random latent is drawn among the 10 alive latents nearest in image frequency
 PROBE_C = 1.0  # inverse L2 strength of every logistic regression (sklearn's default), on standardised inputs
 PROBE_MAX_ITER = 1000
@@ -57,13 +63,24 @@ STABILITY_TOP_K = 32  # candidates per latent when the cosine matrix is too larg
 STABILITY_BLOCK = 1024
 # seed streams, so no two draws share random numbers
 SPLIT_TAG, FLOOR_TAG, TPP_TAG, ABSORPTION_TAG, DECODER_TAG, CLASSES_TAG = 0x5B1, 0x5B2, 0x5B3, 0x5B4, 0x5B5, 0x5B6
+VALIDATION_TAG = 0x5B7
 
 ADAPTATION = ("Chanin et al.'s first-letter task becomes the class hierarchy: each coarse group with at least "
-              "two fine classes is the parent feature (a probe on the model's pooled activations, group vs "
-              "rest), its fine classes play the words, and an image is a token; an image of the group that the "
-              "parent probe gets right is absorbed when none of the group's main latents fires anywhere on it "
-              "and the firing latent of largest projection on the probe direction has decoder cosine >= "
-              f"{ABSORPTION_COS} with it and carries >= {ABSORPTION_SHARE} of the image's projection")
+              "two fine classes and some other class beside it is the parent feature (a logistic probe on the "
+              "model's mean-pooled activations, group vs rest, fit on probe-train), its fine classes play the "
+              "words, and an image plays a token. Main latents: k-sparse probing on the group label over the "
+              "index's image-level activations (max over patches), latents ranked by mean difference and k "
+              f"grown from 1 while F1 rises by more than {F1_JUMP}, both on a seeded {VALIDATION_FRACTION:g} "
+              "validation slice of probe-train (fit on the rest); the k-sparse probe on the chosen latents is "
+              "then refit on all of probe-train. 'The main latents do not fire' (SAEBench: every main latent's "
+              "activation < 1e-8 on the token) becomes 'the main latents miss the image': their k-sparse probe "
+              "predicts not-the-group (logit <= 0) on a probe-test image of the group that the parent probe "
+              "gets right, since image-level main latents are dense (a latent firing weakly on some patch of "
+              "every image is never silent). Such an image is absorbed when the latent of largest projection "
+              "on the parent probe's unit direction u (its mean-pooled code times (W_dec[j] scale) . u) is not "
+              f"a main latent, has decoder cosine >= {ABSORPTION_COS} with u, and carries >= "
+              f"{ABSORPTION_SHARE} of the image's projection (mean-pooled x - decode(0)) . u > 0 (SAEBench's "
+              "full-absorption test)")
 
 
 @dataclass
@@ -71,6 +88,7 @@ class Encoded:
     """What one pass over the covered images' tokens keeps."""
 
     pooled: np.ndarray  # float64 [n, d] the model's activations, mean over the pooled tokens
+    pooled_max: np.ndarray  # float64 [n, d] the same, max over the pooled tokens (as the index pools the SAE)
     codes: sp.csr_matrix  # float32 [n, h] the SAE's codes, mean over the pooled tokens
     tokens: int
     shrinkage_sum: float  # Σ ||x̂|| / ||x|| in the model's space
@@ -81,13 +99,14 @@ class Encoded:
 
 
 def encode_pass(store, sae, images: np.ndarray, tokens: np.ndarray, batch_tokens: int, device: str) -> Encoded:
-    """Encode the images' tokens `batch_tokens` at a time: pooled activations, mean-pooled codes
-    (sparse), shrinkage and L0 sums. Decoding is sparse (only the firing latents' rows)."""
+    """Encode the images' tokens `batch_tokens` at a time: mean- and max-pooled activations,
+    mean-pooled codes (sparse), shrinkage and L0 sums. Decoding is sparse (only the firing latents' rows)."""
     import torch
 
     n, p, h, d = len(images), len(tokens), sae.width, sae.d_model
     step = max(1, batch_tokens // max(p, 1))
     pooled = np.zeros((n, d), dtype=np.float64)
+    pooled_max = np.zeros((n, d), dtype=np.float64)
     data, indices, indptr = [], [], [np.zeros(1, dtype=np.int64)]
     nnz, shrink, shrink_c, l0, zero, n_centred = 0, 0.0, 0.0, 0.0, 0, 0
     w_dec = sae.W_dec.detach()
@@ -109,7 +128,9 @@ def encode_pass(store, sae, images: np.ndarray, tokens: np.ndarray, batch_tokens
             n_centred += int(okc.sum())
             shrink_c += float(((xhat.double() - sae.mu.double()).norm(dim=1)[okc] / centred[okc]).sum())
             l0 += float((f > 0).sum())
-            pooled[lo:lo + len(chunk)] = x.double().reshape(len(chunk), p, d).mean(1).cpu().numpy()
+            per_image = x.double().reshape(len(chunk), p, d)
+            pooled[lo:lo + len(chunk)] = per_image.mean(1).cpu().numpy()
+            pooled_max[lo:lo + len(chunk)] = per_image.amax(1).cpu().numpy()
             mean_f = f.reshape(len(chunk), p, h).mean(1).cpu()
             rows, cols = mean_f.nonzero(as_tuple=True)
             counts = np.bincount(rows.numpy(), minlength=len(chunk))
@@ -120,15 +141,16 @@ def encode_pass(store, sae, images: np.ndarray, tokens: np.ndarray, batch_tokens
     codes = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
                            np.concatenate(indices) if indices else np.zeros(0, np.int32),
                            np.concatenate(indptr)), shape=(n, h))
-    return Encoded(pooled, codes, n * p, shrink, shrink_c, l0, zero, n_centred)
+    return Encoded(pooled, pooled_max, codes, n * p, shrink, shrink_c, l0, zero, n_centred)
 
 
 # -- probes -----------------------------------------------------------------------------------
 
-def stratified_split(labels: np.ndarray, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(labels: np.ndarray, train_fraction: float, seed: int,
+                     tag: int = SPLIT_TAG) -> tuple[np.ndarray, np.ndarray]:
     """(probe-train, probe-test) row positions, ascending: per class a seeded share of
     round(train_fraction x its size) trains, at least one image on each side when it has two."""
-    rng = np.random.default_rng([seed, SPLIT_TAG])
+    rng = np.random.default_rng([seed, tag])
     train = []
     for c in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == c))
@@ -220,18 +242,21 @@ def _value(stat: dict | None) -> float | None:
 
 # -- the metrics ------------------------------------------------------------------------------
 
-def sparse_probing(acts, pooled, labels, train, test, classes, names, ks, alive_ids, frequency, seed):
-    """Rows (class, k, method, accuracy, latents) and, per class, its ceiling probe (w, b)."""
+def sparse_probing(acts, pooled, pooled_max, labels, train, test, classes, names, ks, alive_ids, frequency, seed):
+    """Rows (class, k, method, accuracy, latents) and, per class, its mean-pooled ceiling probe (w, b)
+    (TPP's). Method "ceiling" probes the max-pooled activations, as the SAE features are pooled;
+    "ceiling_mean_pooled" the mean-pooled ones (SAEBench's pooling)."""
     rows, probes = [], {}
     a_train, a_test = acts[train], acts[test]
     sums = group_sums(a_train, labels[train], len(names))
     total, counts = sums.sum(1), np.bincount(labels[train], minlength=len(names))
     for c in classes:
         y_train, y_test = labels[train] == c, labels[test] == c
-        w, b = fit_probe(pooled[train], y_train, seed)
+        for method, x in (("ceiling", pooled_max), ("ceiling_mean_pooled", pooled)):
+            w, b = fit_probe(x[train], y_train, seed)
+            rows.append({"class": c, "class_name": names[c], "k": None, "method": method,
+                         "accuracy": float(balanced_accuracy(x[test] @ w + b, y_test)[0]), "latents": ""})
         probes[c] = (w, b)
-        rows.append({"class": c, "class_name": names[c], "k": None, "method": "ceiling",
-                     "accuracy": float(balanced_accuracy(pooled[test] @ w + b, y_test)[0]), "latents": ""})
         diff = mean_difference(sums, total, counts, c)
         for k in ks:
             chosen = top_alive(diff, alive_ids, k)
@@ -278,21 +303,44 @@ def tpp(acts, codes, rows_model, pooled, labels, train, test, classes, names, pr
     return out
 
 
+def main_latents(a_fit, y_fit, a_val, y_val, diff, alive_ids, max_k, seed):
+    """SAEBench's feature-splitting rule: the first k latents by `diff` (chosen on the fit rows),
+    k grown from 1 while the k-sparse probe's F1 on the validation rows rises by more than F1_JUMP.
+    (main latents, F1 per k tried)."""
+    main, best, f1s = np.zeros(0, np.int64), -np.inf, []
+    for k in range(1, max_k + 1):
+        chosen = top_alive(diff, alive_ids, k)
+        w_k, b_k = fit_probe(a_fit[:, chosen].toarray(), y_fit, seed)
+        f1 = f1_score(a_val[:, chosen].toarray() @ w_k + b_k, y_val)
+        f1s.append(f1)
+        if f1 <= best + F1_JUMP:
+            break
+        best, main = f1, chosen
+    return main, f1s
+
+
 def absorption(acts, codes, rows_model, origin, pooled, labels, train, test, tree, names, alive_ids, frequency,
                seed):
-    """Per coarse group of >= 2 fine classes: main latents by k-sparse probing, then the share of
-    the parent probe's true positives that are absorbed; rows per group and per fine class."""
+    """Per coarse group of >= 2 fine classes (and some class outside it): main latents by k-sparse
+    probing (k chosen on a validation slice of probe-train), then the share of the parent probe's
+    true positives on probe-test that are absorbed (see ADAPTATION); rows per group and per fine
+    class, the groups' entries, and a line per group left out."""
     coarse = tree.coarse_of[labels]
-    a_train, a_test = acts[train], acts[test]
-    sums = group_sums(a_train, coarse[train], len(tree.coarse_names))
-    total, counts = sums.sum(1), np.bincount(coarse[train], minlength=len(tree.coarse_names))
-    codes_test = codes[test]
+    at_fit, at_val = stratified_split(labels[train], 1 - VALIDATION_FRACTION, seed, VALIDATION_TAG)
+    fit, val = train[at_fit], train[at_val]
+    a_fit, a_val, a_train, a_test = acts[fit], acts[val], acts[train], acts[test]
+    sums = group_sums(a_fit, coarse[fit], len(tree.coarse_names))
+    total, counts = sums.sum(1), np.bincount(coarse[fit], minlength=len(tree.coarse_names))
+    codes_test = codes[test].tocsr()
     max_k = min(ABSORPTION_MAX_K, len(alive_ids) // 2)
-    rows, groups = [], []
+    rows, groups, skipped = [], [], []
     for g, group in enumerate(tree.coarse_names):
         members = [c for c in np.flatnonzero(tree.coarse_of == g) if (labels == c).any()]
         y_train, y_test = coarse[train] == g, coarse[test] == g
         if len(members) < 2 or not y_test.any() or not y_train.any():
+            continue
+        if y_train.all() or y_test.all():
+            skipped.append(f"group {group!r} holds every class with images: no rest to probe it against, left out")
             continue
         w, b = fit_probe(pooled[train], y_train, seed)
         u = w / max(np.linalg.norm(w), 1e-12)
@@ -300,44 +348,39 @@ def absorption(acts, codes, rows_model, origin, pooled, labels, train, test, tre
         projection = (pooled[test] - origin) @ u  # along the probe, from the SAE's zero-code reconstruction
         latent_proj = rows_model @ u  # [h]: a unit of latent j moves the pooled activations this far along u
         cosine = latent_proj / np.maximum(np.linalg.norm(rows_model, axis=1), 1e-12)
-        diff = mean_difference(sums, total, counts, g)
-        main, best, f1s = np.zeros(0, np.int64), -np.inf, []
-        for k in range(1, max_k + 1):
-            chosen = top_alive(diff, alive_ids, k)
-            w_k, b_k = fit_probe(a_train[:, chosen].toarray(), y_train, seed)
-            f1 = f1_score(a_test[:, chosen].toarray() @ w_k + b_k, y_test)
-            f1s.append(f1)
-            if f1 > best + F1_JUMP:
-                best, main = f1, chosen
-            else:
-                break
+        main, f1s = main_latents(a_fit, coarse[fit] == g, a_val, coarse[val] == g, mean_difference(
+            sums, total, counts, g), alive_ids, max_k, seed)
         rng = np.random.default_rng([seed, ABSORPTION_TAG, g])
         random_main = matched_random(main, frequency, alive_ids, rng)
         entry = {"group": group, "classes": [names[c] for c in members], "main_latents": main.tolist(),
                  "random_main_latents": random_main.tolist(), "f1_by_k": f1s, "parent_probe_true_positives":
                  int(right.sum()), "parent_probe_accuracy": float(balanced_accuracy(pooled[test] @ w + b, y_test)[0])}
         for method, latents in (("sae", main), ("random", random_main)):
-            silent = right & (np.asarray(codes_test[:, latents].sum(1)).ravel() <= 0)
+            w_k, b_k = fit_probe(a_train[:, latents].toarray(), y_train, seed)  # refit on all of probe-train
+            logits = a_test[:, latents].toarray() @ w_k + b_k
+            missed = right & (logits <= 0)
             absorbed = np.zeros(len(test), dtype=bool)
-            at = np.flatnonzero(silent)
+            at = np.flatnonzero(missed)
             if len(at):
                 proj = (codes_test[at] @ sp.diags(latent_proj)).tocsr()  # each firing latent's projection
                 top_value = proj.max(axis=1).toarray().ravel()
                 top = np.asarray(proj.argmax(axis=1)).ravel()
-                absorbed[at] = ((top_value > 0) & (cosine[top] >= ABSORPTION_COS) & (projection[at] > 0)
-                                & (top_value >= ABSORPTION_SHARE * projection[at]))
+                absorbed[at] = ((top_value > 0) & ~np.isin(top, latents) & (cosine[top] >= ABSORPTION_COS)
+                                & (projection[at] > 0) & (top_value >= ABSORPTION_SHARE * projection[at]))
+            entry["main_probe_accuracy" if method == "sae" else "random_probe_accuracy"] = float(
+                balanced_accuracy(logits, y_test)[0])
             levels = [("group", None, np.ones(len(test), bool))] + [("class", c, labels[test] == c) for c in members]
             for level, cls, mask in levels:
                 n_tp = int((right & mask).sum())
                 rate = float((absorbed & mask).sum() / n_tp) if n_tp else None
                 rows.append({"group": group, "level": level, "class": cls,
                              "class_name": "" if cls is None else names[cls], "method": method,
-                             "true_positives": n_tp, "main_silent": int((silent & mask).sum()),
+                             "true_positives": n_tp, "main_missed": int((missed & mask).sum()),
                              "absorbed": int((absorbed & mask).sum()), "rate": rate, "main_latents": _ids(latents)})
                 if level == "group":
                     entry["rate" if method == "sae" else "rate_random"] = rate
         groups.append(entry)
-    return rows, groups
+    return rows, groups, skipped
 
 
 def decoder_cosines(a: np.ndarray, b: np.ndarray, device: str = "cpu"):
@@ -418,19 +461,36 @@ def open_sources(index):
     return ctx.store, ctx.sae, tokens, kind
 
 
-def load_twin(twin, d_model: int):
+def trained_on(sae) -> dict:
+    """What an SAE was trained on, from its config.json: the store's hash (its identity, else its
+    source), the layer, and its width."""
+    cfg = sae.config
+    identity, source = cfg.get("identity") or {}, cfg.get("source") or {}
+    return {"store_hash": identity.get("store_hash", source.get("store_hash")),
+            "layer": identity.get("layer", source.get("layer")), "width": int(sae.width)}
+
+
+def load_twin(twin, sae):
+    """The second seed of `sae` (the index's SAE), refused unless trained on the same store and
+    layer at the same width and d_model."""
     from visae.analysis.on_store import check_finished
     from visae.sae import checkpoint as ckpt
 
-    sae = ckpt.load(twin)
-    check_finished(Path(twin), sae.config)
-    if sae.d_model != d_model:
-        raise VisaeError(f"twin SAE {twin} has d_model {sae.d_model}, this SAE {d_model}: a twin is another seed "
-                         f"of the same SAE on the same layer")
-    return sae
+    twin_sae = ckpt.load(twin)
+    check_finished(Path(twin), twin_sae.config)
+    ours, theirs = trained_on(sae), trained_on(twin_sae)
+    if twin_sae.d_model != sae.d_model:
+        ours, theirs = {"d_model": sae.d_model}, {"d_model": twin_sae.d_model}
+    differ = [k for k in ours if ours[k] != theirs[k]]
+    if differ:
+        what = ", ".join(f"{k} {theirs[k]} (this SAE: {ours[k]})" for k in differ)
+        raise VisaeError(f"twin SAE {twin} has {what}: a twin is another seed of the same SAE on the same store "
+                         f"and layer")
+    return twin_sae
 
 
-def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFAULT_K, tpp_latents: int = 20,
+def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFAULT_K,
+                 tpp_latents: int = DEFAULT_TPP_LATENTS,
                  stability_threshold: float = 0.7, train_fraction: float = 0.5, max_classes: int | None = None,
                  seed: int = 0, batch_size: int = 4096, device: str = "cpu"):
     """(saebench.json's content without provenance, sparse_probing rows, tpp rows, absorption rows)."""
@@ -439,11 +499,8 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
     from visae.analysis.latent_index import LatentIndex
     from visae.analysis.profile import build_hierarchy
 
-    ks = sorted({int(k) for k in ks})
-    if not ks or ks[0] < 1:
-        raise VisaeError(f"--k must be positive integers, got {ks}")
+    ks = sorted({int(k) for k in ks})  # positive: the CLI's positive_int
     index = LatentIndex.load(index_dir)
-    twin_sae = None if twin is None else load_twin(twin, int(index.meta["d_model"]))
     names, labels = index.classes, index.labels
     tree = build_hierarchy(names, hierarchy)
     alive_ids = np.flatnonzero(index.alive)
@@ -462,6 +519,7 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
         classes = np.sort(np.random.default_rng([seed, CLASSES_TAG]).choice(classes, max_classes, replace=False))
 
     store, sae, tokens, kind = open_sources(index)
+    twin_sae = None if twin is None else load_twin(twin, sae)
     sae = sae.to(device)
     enc = encode_pass(store, sae, index.images, tokens, batch_size, device)
     w_dec = sae.W_dec.detach().double().cpu().numpy()
@@ -471,17 +529,18 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
     acts, codes = index.acts.tocsr(), enc.codes
     frequency = index.frequency.astype(np.float64)
 
-    probing_rows, probes = sparse_probing(acts, enc.pooled, labels, train, test, classes, names, ks, alive_ids,
-                                          frequency, seed)
+    probing_rows, probes = sparse_probing(acts, enc.pooled, enc.pooled_max, labels, train, test, classes, names,
+                                          ks, alive_ids, frequency, seed)
     tpp_rows = tpp(acts, codes, rows_model, enc.pooled, labels, train, test, classes, names, probes, tpp_latents,
                    alive_ids, frequency, seed)
-    absorption_rows, groups = absorption(acts, codes, rows_model, origin, enc.pooled, labels, train, test, tree,
-                                         names, alive_ids, frequency, seed)
+    absorption_rows, groups, skipped = absorption(acts, codes, rows_model, origin, enc.pooled, labels, train, test,
+                                                  tree, names, alive_ids, frequency, seed)
 
     probing = pd.DataFrame(probing_rows)
     by = {(m, k): probing[(probing.method == m) & (probing.k == k)].accuracy.to_numpy() for m in ("sae", "random")
           for k in ks}
     ceiling = interval(probing[probing.method == "ceiling"].accuracy, seed)
+    ceiling_mean = interval(probing[probing.method == "ceiling_mean_pooled"].accuracy, seed)
     per_k = {str(k): {"sae": interval(by["sae", k], seed), "random": interval(by["random", k], seed)} for k in ks}
     tpp_frame = pd.DataFrame(tpp_rows)
     tpp_stats = {m: interval(tpp_frame[tpp_frame.method == m].tpp, seed) for m in ("sae", "random")}
@@ -502,7 +561,8 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
     metrics |= {f"sparse_probing_k{k}": _value(per_k[str(k)]["sae"]) for k in ks}
     metrics["sparse_probing_ceiling"] = _value(ceiling)
     metrics |= {f"sparse_probing_floor_k{k}": _value(per_k[str(k)]["random"]) for k in ks}
-    metrics |= {"tpp": _value(tpp_stats["sae"]), "tpp_random": _value(tpp_stats["random"]),
+    metrics |= {"tpp": _value(tpp_stats["sae"]), "tpp_std": tpp_std["sae"],
+                "tpp_random": _value(tpp_stats["random"]), "tpp_random_std": tpp_std["random"],
                 "absorption": absorption_mean, "absorption_random": absorption_random, "shrinkage": shrinkage,
                 "stability": stab["twin"]["share"] if stab else None,
                 "stability_random": stab["random"]["share"] if stab else None}
@@ -515,10 +575,12 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
                             f"rest tests them", "alive_latents": len(alive_ids), "pooled_tokens": kind,
                    "classes_evaluated": [names[c] for c in classes]},
         "sparse_probing": {
-            "ks": ks, "per_k": per_k, "ceiling": ceiling,
+            "ks": ks, "per_k": per_k, "ceiling": ceiling, "ceiling_mean_pooled": ceiling_mean,
             "sae_features": "the latent index's image-level activations (max over the pooled tokens)",
-            "ceiling_features": f"the model's activations at the layer, mean-pooled over the same {kind} tokens "
-                                f"(SAEBench mean-pools)",
+            "ceiling_features": f"the model's activations at the layer, max-pooled (per dimension) over the same "
+                                f"{kind} tokens, as the SAE features are pooled: metrics.sparse_probing_ceiling",
+            "ceiling_mean_pooled_features": f"the model's activations mean-pooled over the same {kind} tokens "
+                                            "(SAEBench's pooling; these probes are TPP's), detail only",
             "selection": "per class, the k alive latents of largest mean image-level activation on the class minus "
                          "on the rest, on probe-train",
             "probe": f"sklearn LogisticRegression, class_weight=balanced, C={PROBE_C}, lbfgs, on standardised "
@@ -529,13 +591,15 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
         },
         "tpp": {
             "latents": tpp_latents, "sae": tpp_stats["sae"], "random": tpp_stats["random"], "std": tpp_std,
-            "probes": "the sparse-probing ceiling probes (one vs rest on pooled activations, probe-train)",
+            "probes": "the mean-pooled sparse-probing ceiling probes (one vs rest on the mean-pooled activations, "
+                      "probe-train): mean-pooling keeps the ablation exactly linear, max-pooling would not",
             "selection": "per class i, the alive latents of largest mean image-level activation on class i minus "
                          "the mean over the other classes' means, on probe-train",
             "ablation": "x' = x - sum_j f_j(x) W_dec[j] scale on every pooled token of the probe-test images (the "
                         "reconstruction error kept), then mean-pooled",
             "score": "tpp_i = drop of probe i's balanced accuracy - mean drop of the other probes; tpp = mean "
-                     "over classes",
+                     "over classes; std: its standard deviation over classes (ddof 0; metrics.tpp_std, "
+                     "tpp_random_std)",
             "baseline": f"as many random alive latents, each among the {N_MATCHED} nearest in image frequency",
         },
         "absorption": {
@@ -546,15 +610,23 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
                           "source": "SAEBench sae_bench/evals/absorption (max_k_value, f1_jump_threshold, "
                                     "ABSORPTION_PROBE_COS_THRESHOLD, ABSORPTION_PROBE_PROJECTION_PROPORTION_"
                                     "THRESHOLD: its full-absorption score)"},
-            "main_latents": "k-sparse probing on the group label (latents by mean difference on probe-train); k "
-                            "grows from 1 while the probe's F1 on probe-test rises by more than f1_jump "
-                            "(SAEBench's feature-splitting rule)",
-            "projection": "(pooled x - decode(0)) . u for the parent probe's unit direction u in the model's "
-                          "space; a latent's share: its mean-pooled code x (W_dec[j] scale) . u",
+            "main_latents": f"k-sparse probing on the group label over image-level activations: latents by mean "
+                            f"difference on {1 - VALIDATION_FRACTION:g} of probe-train, k grown from 1 while the "
+                            f"probe's F1 on the other {VALIDATION_FRACTION:g} (a seeded validation slice, per "
+                            "class) rises by more than f1_jump (SAEBench's feature-splitting rule); probe-test is "
+                            "never used to choose",
+            "miss": "the k-sparse probe on the main latents, refit on all of probe-train, predicts not-the-group "
+                    "(logit <= 0) on an image the parent probe gets right (SAEBench: every main latent silent)",
+            "projection": "(mean-pooled x - decode(0)) . u for the parent probe's unit direction u in the model's "
+                          "space; a latent's share: its mean-pooled code x (W_dec[j] scale) . u; the absorber is "
+                          "the latent of largest share and must not be a main latent",
             "rate": "absorbed / the parent probe's true positives on probe-test; absorption = mean over groups",
             "baseline": "the same count with the main latents replaced by random alive latents of matched image "
                       "frequency (what the criterion gives when the main latents say nothing about the group)",
-            "note": None if groups else "no coarse group has two or more fine classes (give --hierarchy)",
+            "note": "; ".join(skipped + ([] if groups else [
+                "no coarse group with two or more fine classes and a class outside it is left"
+                + (" (give --hierarchy)" if tree.kind == "flat" else "")])) or None,
+            "groups_left_out": skipped,
         },
         "shrinkage": {"value": shrinkage, "l0": metrics["l0"], "tokens": enc.tokens,
                       "centred": enc.shrinkage_centred_sum / max(enc.centred_tokens, 1),
@@ -569,7 +641,7 @@ def run_saebench(index_dir, *, twin=None, hierarchy: dict | None = None, ks=DEFA
                    "hierarchy": hierarchy or None},
     }
     absorption_frame = pd.DataFrame(absorption_rows, columns=["group", "level", "class", "class_name", "method",
-                                                               "true_positives", "main_silent", "absorbed", "rate",
+                                                               "true_positives", "main_missed", "absorbed", "rate",
                                                                "main_latents"])
     return result, probing, tpp_frame, absorption_frame
 
@@ -629,11 +701,12 @@ def add_cli(subparsers) -> None:
                    help='{"groups": {group: [class, ...]}} or {"wordnet": DIR, "coarse_depth": N} (the config\'s '
                         'compare.hierarchy); without it no group has two classes and absorption is null')
     p.add_argument("--k", type=positive_int, nargs="+", default=list(DEFAULT_K), help="sparse-probing k values")
-    p.add_argument("--tpp-latents", type=positive_int, default=20, help="latents ablated per class for TPP")
+    p.add_argument("--tpp-latents", type=positive_int, default=DEFAULT_TPP_LATENTS,
+                   help="latents ablated per class for TPP")
     p.add_argument("--stability-threshold", type=unit_fraction, default=0.7,
                    help="decoder cosine above which a matched pair counts as shared")
     p.add_argument("--train-fraction", type=open_fraction, default=0.5, help="share of each class that trains probes")
-    p.add_argument("--max-classes", type=positive_int, default=None,
+    p.add_argument("--max-classes", type=at_least_two, default=None,
                    help="score at most this many classes (a seeded sample); default all")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--batch-size", type=positive_int, default=4096, help="tokens encoded at a time")

@@ -4,9 +4,10 @@ Reads the `saebench.json` files `visae saebench` writes (format visae-saebench/1
 architecture, entry, width and a flat `metrics` block, every value a number or null) and writes:
 - per store (model, dataset, layer), `<tables>/<model>__<dataset>__layer_<L>.{md,csv,tex,json}`:
   one row per SAE with every metric, each beside its baseline (k-sparse probing beside its floor,
-  then the ceiling; TPP beside random latents'; absorption beside random latents'; stability
-  beside random SAEs'); csv and json at full precision under the metric keys, md and tex rounded
-  under a reader's names;
+  then the ceiling; TPP and its spread over classes beside random latents'; absorption beside
+  random latents'; stability beside random SAEs'); csv and json at full precision under the metric
+  keys, md and tex rounded under a reader's names; a store's tables that no file given is of any
+  more (a store no longer benched) are deleted;
 - `--metrics-file` (DVC's): {"model/dataset/layer_L/sae": {metric: value}}, nulls left out;
 - per model, `<figures>/saebench_<model>.{png,pdf}`: one panel per metric against L0, a colour per
   architecture, the baselines dashed in the same colour (the probing ceiling dotted);
@@ -33,8 +34,11 @@ KEYS = ("format", "identity", "architecture", "entry", "width", "metrics", "spar
         "shrinkage", "stability", "params", "provenance")
 PAIRED = (("tpp", "tpp_random"), ("absorption", "absorption_random"), ("stability", "stability_random"))
 METRICS = ("l0", "sparse_probing_ceiling", *(k for pair in PAIRED for k in pair), "shrinkage")  # besides the k ones
+OPTIONAL = ("tpp_std", "tpp_random_std")  # TPP's spread over classes: shown when a file has it
 PROBING = re.compile(r"sparse_probing_k(\d+)$")
-LABELS = {"l0": "L0", "sparse_probing_ceiling": "probing ceiling", "tpp": "TPP", "tpp_random": "TPP random",
+TABLE = re.compile(r"[A-Za-z0-9._-]+__[^/]+__[^/]+\.(md|csv|tex|json)")  # Layout.saebench_table's names
+LABELS = {"l0": "L0", "sparse_probing_ceiling": "probing ceiling", "tpp": "TPP", "tpp_std": "TPP std",
+          "tpp_random": "TPP random", "tpp_random_std": "TPP random std",
           "absorption": "absorption", "absorption_random": "absorption random", "shrinkage": "shrinkage",
           "stability": "stability", "stability_random": "stability random"}
 # what each figure panel's y axis says (the metric's meaning and units)
@@ -68,13 +72,15 @@ def probing_ks(metrics: dict) -> list[int]:
     return sorted(int(m.group(1)) for m in map(PROBING.match, metrics) if m)
 
 
-def metric_order(metrics: dict) -> list[str]:
+def metric_order(metrics) -> list[str]:
     """Every metric key, each baseline right after its metric: L0; per k the probe, its floor; the
-    ceiling; TPP, absorption, stability with their random baselines; shrinkage; then any others."""
+    ceiling; TPP (its std over classes where given), absorption, stability with their random
+    baselines; shrinkage; then any others."""
     order = ["l0"]
     for k in probing_ks(metrics):
         order += [f"sparse_probing_k{k}", f"sparse_probing_floor_k{k}"]
-    order += ["sparse_probing_ceiling", *PAIRED[0], *PAIRED[1], "shrinkage", *PAIRED[2]]
+    tpp = [k for k in ("tpp", "tpp_std", "tpp_random", "tpp_random_std") if k not in OPTIONAL or k in metrics]
+    order += ["sparse_probing_ceiling", *tpp, *PAIRED[1], "shrinkage", *PAIRED[2]]
     return order + sorted(set(metrics) - set(order))
 
 
@@ -146,12 +152,11 @@ def store_frame(benches: list[Bench]):
     """One row per SAE: identity, architecture, width, then every metric in `metric_order`."""
     import pandas as pd
 
-    order = metric_order(benches[0].metrics)
-    extra = sorted({k for b in benches for k in b.metrics} - set(order))
+    order = metric_order({k for b in benches for k in b.metrics})
     records = [{**b.identity.to_dict(), "architecture": b.architecture, "width": b.width,
-                **{k: b.metrics.get(k) for k in order + extra}} for b in benches]
+                **{k: b.metrics.get(k) for k in order}} for b in benches]
     df = pd.DataFrame.from_records(records)
-    for k in order + extra:
+    for k in order:
         df[k] = df[k].astype("float64")
     return df
 
@@ -175,6 +180,8 @@ def _texts(df) -> dict[str, str]:
 
 
 def write_tables(stores: dict[tuple, list[Bench]], out: Path) -> list[Path]:
+    """Each store's tables; then any table of the naming pattern this run did not write is deleted
+    (a store no longer benched must not linger beside the current ones)."""
     from visae.atomic import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
@@ -186,6 +193,10 @@ def write_tables(stores: dict[tuple, list[Bench]], out: Path) -> list[Path]:
             with atomic_path(path) as tmp:
                 tmp.write_text(text, encoding="utf-8")
             paths.append(path)
+    names = {p.name for p in paths}
+    for stale in out.iterdir():
+        if stale.is_file() and TABLE.fullmatch(stale.name) and stale.name not in names:
+            stale.unlink()
     return paths
 
 
