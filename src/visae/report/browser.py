@@ -280,7 +280,7 @@ def saebench_rows(metrics: dict) -> list[dict]:
     """Each SAEBench metric beside its baseline (`<m>_random`, a probe's floor and ceiling)."""
     import re
 
-    baselines = {k for k in metrics if k.endswith("_random") or k.startswith("sparse_probing_floor_")
+    baselines = {k for k in metrics if k.endswith(("_random", "_std")) or k.startswith("sparse_probing_floor_")
                  or k == "sparse_probing_ceiling"}
     rows = []
     def k_of(name):  # sparse_probing_k5 before sparse_probing_k20
@@ -299,6 +299,8 @@ def saebench_rows(metrics: dict) -> list[dict]:
         elif f"{k}_random" in metrics:
             row["baseline"] = _num(metrics[f"{k}_random"])
             row["baseline_label"] = "random"
+        if metrics.get(f"{k}_std") is not None:  # the spread over classes (TPP)
+            row["std"] = _num(metrics[f"{k}_std"])
         rows.append(row)
     return rows
 

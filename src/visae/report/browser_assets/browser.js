@@ -148,7 +148,8 @@ window.VISAE = (() => {
     const pair = (rows, title) => el("div", { class: "card" }, el("h3", {}, title),
       el("table", { class: "pairs" }, el("thead", {}, el("tr", {}, el("th", {}, ""), el("th", {}, "this SAE"), el("th", {}, "baseline"))),
         el("tbody", {}, rows.map((r) => el("tr", {}, el("td", {}, r.name),
-          el("td", { class: "num" }, typeof r.value === "object" && r.value !== null ? ci(r.value) : fmt(r.value)),
+          el("td", { class: "num" }, (typeof r.value === "object" && r.value !== null ? ci(r.value) : fmt(r.value))
+            + (r.std !== undefined && r.std !== null ? ` ± ${fmt(r.std)}` : "")),
           el("td", { class: "num" }, r.baseline === undefined || r.baseline === null ? "–"
             : `${typeof r.baseline === "object" ? ci(r.baseline) : fmt(r.baseline)} (${r.baseline_label || "baseline"})`
               + (r.ceiling !== undefined && r.ceiling !== null ? `; ceiling ${fmt(r.ceiling)}` : "")))))));
