@@ -24,13 +24,22 @@ def test_a_bar_in_a_log_writes_whole_lines_with_its_rate(monkeypatch):
     assert len(lines) == len(set(lines)) <= 6  # the start, 4 updates, no repeated summary
 
 
-def test_a_short_run_in_a_log_prints_one_summary_line(monkeypatch):
+def test_a_short_run_in_a_log_is_silent_and_a_long_one_ends_with_one_summary_line(monkeypatch):
     monkeypatch.delenv("VISAE_PROGRESS", raising=False)
     log = io.StringIO()
     for _ in counted([[0] * 10] * 30, total=300, desc="extract", unit="images", file=log):
         pass
-    (line,) = log.getvalue().splitlines()  # nothing during the first LOG_INTERVAL seconds
-    assert line.startswith("extract: 100% 300/300 images [") and "images/s" in line
+    assert log.getvalue() == ""  # shorter than LOG_INTERVAL: a quick step says nothing
+    clock = iter(range(0, 1000, 7))  # a run of ~200 s on a fake clock: lines every 20 s, then the summary
+    bar = progress(total=300, desc="extract", unit="images", file=log)
+    bar._time = lambda: float(next(clock))
+    bar.start_t = bar.last_print_t = bar._time()
+    for _ in range(30):
+        bar.update(10)
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert 1 < len(lines) <= 12 and len(lines) == len(set(lines))
+    assert lines[-1].startswith("extract: 100% 300/300 images [") and "images/s" in lines[-1]
 
 
 def test_an_unfinished_or_failed_bar_leaves_no_line(monkeypatch):

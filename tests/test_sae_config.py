@@ -22,7 +22,9 @@ def schema():
 
 
 def test_schema_saes_section_equals_the_dataclasses():
-    entry, imported = schema()["properties"]["saes"]["additionalProperties"]["oneOf"]
+    branches = schema()["properties"]["saes"]["additionalProperties"]
+    assert branches["if"] == {"type": "object", "required": ["import"]}  # `import:` picks the branch
+    entry, imported = branches["else"], branches["then"]
     props = dict(entry["properties"])
     assert props.pop("pass")["type"] == "string"  # the one workflow-only key
     assert props == C.schema_properties()  # keys, types, enums, ranges; defaults in the descriptions
@@ -118,7 +120,7 @@ def test_prefixes_are_fractions_of_the_width_everywhere():
     assert build_sae("matryoshka", 16, 64, k=4).prefix_sizes == [8, 16, 32, 64]
     with pytest.raises(ValueError, match=r"fractions of the width in \(0, 1\], got \[16, 32\]"):
         build_sae("matryoshka", 16, 64, k=4, prefixes=[16, 32])
-    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["oneOf"][0]
+    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["else"]
     jsonschema.validate({"architecture": "matryoshka", "k": 4, "prefixes": [0.25, 1]}, entry_schema)
     for bad in ([16, 64], []):
         with pytest.raises(jsonschema.ValidationError):
@@ -126,7 +128,7 @@ def test_prefixes_are_fractions_of_the_width_everywhere():
 
 
 def test_schema_requires_each_architectures_keys():
-    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["oneOf"][0]
+    entry_schema = schema()["properties"]["saes"]["additionalProperties"]["else"]
     jsonschema.validate({"architecture": "relu", "l1": 1e-3}, entry_schema)
     with pytest.raises(jsonschema.ValidationError, match="'l1' is a required property"):
         jsonschema.validate({"architecture": "relu"}, entry_schema)

@@ -3,8 +3,8 @@
 On a terminal it is tqdm's usual bar. When stderr is not a terminal (a Snakemake job writes it into
 its log file, pytest captures it) the bar must not fill the log: it prints one plain line (no
 carriage returns) at most every `LOG_INTERVAL` seconds, nothing in its first `LOG_INTERVAL`
-seconds, and a last summary line only when it finished; a run that fails leaves the error as the
-log's last line. `VISAE_PROGRESS=0` turns every bar off. Bars never touch stdout, where commands
+seconds, and a last summary line only when it finished and ran that long (a quick step stays
+silent); a run that fails leaves the error as the log's last line. `VISAE_PROGRESS=0` turns every bar off. Bars never touch stdout, where commands
 print what tests and rules parse.
 """
 
@@ -43,7 +43,8 @@ class LogBar(tqdm):
         if self.disable:
             return
         finished = self.total is None or self.n >= self.total
-        if finished and self.leave is not False and sys.exc_info()[0] is None and \
+        long_enough = self._time() - self.start_t >= self.delay
+        if finished and long_enough and self.leave is not False and sys.exc_info()[0] is None and \
                 getattr(self, "_last_n", None) != self.n:
             self._ema_dt = lambda: None  # the summary's rate: over the whole run
             with self._lock:

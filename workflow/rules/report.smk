@@ -77,7 +77,7 @@ rule readme:
     output:
         report(RESULTS.readme(), caption="../report/readme.rst", category="5 Summary", labels={"page": "README"}),
     params:
-        results=RESULTS.root,
+        results=lambda wc, output: os.path.dirname(output[0]) or ".",  # the results folder holds README.md
     log:
         RESULTS.log("report", "readme"),
     benchmark:
@@ -100,7 +100,7 @@ rule browser:
     params:
         indexes=lambda wc, input: [os.path.dirname(path) for path in input.indexes],
         dataset=entry_json("datasets", COMPARE_DATASET),
-        out=RESULTS.browser(),
+        out=lambda wc, output: os.path.dirname(output[0]),  # browser(): index.html marks it done
         env=lambda wc, threads: threads_env(threads),
     log:
         RESULTS.log("report", "browser"),

@@ -55,9 +55,9 @@ rule saebench_report:
         ] if BENCHED else [],
         [path for path in saebench_report_outputs() if not path.endswith((".md", ".png"))],
     params:
-        tables=RESULTS.saebench_tables_dir(),
-        figures=RESULTS.saebench_figures_dir(),
-        metrics=RESULTS.saebench_metrics(),
+        tables=lambda wc, output: os.path.dirname(output[0]),  # saebench_tables_dir()
+        figures=lambda wc, output: os.path.dirname(output[len(stores())]),  # saebench_figures_dir()
+        metrics=lambda wc, output: RESULTS.saebench_metrics(),  # one of the outputs
     log:
         RESULTS.log("report", "saebench"),
     benchmark:
