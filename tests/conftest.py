@@ -100,3 +100,16 @@ def pretrain_checkpoint():
         return directory / "model.safetensors"
 
     return write
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    """A copy of the project (as a fresh clone, with the workflow's test config) that has run the
+    full DAG once: the workflow tests read and change it, the SLURM test compares against it."""
+    from test_workflow import copy_project, run, tiny_config
+
+    if not (FASHION_MNIST_DEB / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is absent: apt-get install -y dataset-fashion-mnist")
+    root = copy_project(tmp_path_factory.mktemp("project"), tiny_config())
+    run(root, "snakemake", "--cores", "2")
+    return root

@@ -1,7 +1,8 @@
 """`visae report browser` on a small real tree: two tiny ViTs on 64 Fashion-MNIST images, a TopK SAE
 and its second seed on each, their latent indexes, the cross-model and seed comparisons, a profile;
 a hand-written intervention and SAEBench file (their readers only take identity and a few columns).
-The emitted data are checked against the indexes, and the built browser in headless Chromium."""
+The emitted data are checked against the indexes; the DAG's browser is checked in headless Chromium
+by tests/test_workflow.py (tests/chromium.py)."""
 
 from __future__ import annotations
 
@@ -287,16 +288,6 @@ def _relabelled(dst: Path) -> Path:
     raw[8:] = bytes(reversed(raw[8:]))
     (dst / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw), mtime=0))
     return dst
-
-
-def test_the_browser_in_chromium(tree, tmp_path):
-    from chromium import check_browser
-
-    checked = check_browser(tree.out, tmp_path / "browser.png")
-    assert checked["sae"].startswith("tiny-") and checked["match"]["sae"] != checked["sae"]
-    assert checked["images"] == TOP and all(n > 0 for n in checked["lit_patches"][:1])
-    for shot in checked["screenshots"].values():
-        assert Path(shot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_store_without_images_gets_placeholders(synth_sae, tmp_path):

@@ -175,7 +175,7 @@ def outputs(root: Path) -> dict:
     return digests
 
 
-def project(path: Path) -> Path:
+def fresh_copy(path: Path) -> Path:
     path.mkdir()
     return copy_project(path, tiny_config())
 
@@ -189,17 +189,16 @@ def scheduler_records() -> list[dict]:
 
 
 @pytest.mark.slow
-def test_workflow_on_a_slurm_cluster_matches_a_local_run(cluster, tmp_path):
-    local = project(tmp_path / "local")
+def test_workflow_on_a_slurm_cluster_matches_a_local_run(cluster, project, tmp_path):
+    """The same config on SLURM writes the same bytes as the local run of the whole DAG (`project`)."""
+    on_slurm = fresh_copy(tmp_path / "slurm")
     # the jobs to submit, named as the executor plugin comments them: rule_<rule>_wildcards_<values>
     expected = Counter(
         f"rule_{rule}" + (f"_wildcards_{'_'.join(wc.values())}" if wc else "")
-        for rule, wc in planned_jobs(run(local, "snakemake", "-n", TARGET)) if rule != TARGET
+        for rule, wc in planned_jobs(run(on_slurm, "snakemake", "-n", TARGET)) if rule != TARGET
     )
     assert sum(expected.values()) == 1 + 2 * len(tiny_config()["models"])  # fetch, pretrain, extract
-    run(local, "snakemake", "--cores", "2", TARGET)
 
-    on_slurm = project(tmp_path / "slurm")
     t0 = time.monotonic()
     proc = run(on_slurm, "snakemake", "--executor", "slurm", "--profile", "profiles/slurm-local", "-j", "4",
                TARGET)
@@ -214,4 +213,4 @@ def test_workflow_on_a_slurm_cluster_matches_a_local_run(cluster, tmp_path):
     assert {(r["state"], r["node"]) for r in records} == {("COMPLETED", host)}
     assert len({r["name"] for r in records}) == 1  # one workflow run: its id is every job's name
 
-    assert outputs(on_slurm) == outputs(local)
+    assert outputs(on_slurm) == outputs(project)

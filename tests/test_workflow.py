@@ -65,12 +65,8 @@ def planned_jobs(proc: subprocess.CompletedProcess) -> list[tuple[str, dict]]:
     return jobs
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A copy of the project that has run the full DAG once."""
-    root = copy_project(tmp_path_factory.mktemp("project"), tiny_config())
-    run(root, "snakemake", "--cores", "2")
-    return root
+# `project` (tests/conftest.py): a copy of the project that has run the full DAG once, shared with
+# tests/test_slurm.py (its local reference run).
 
 
 def test_full_dag_writes_tables_figures_and_provenance(project):
