@@ -41,6 +41,28 @@ INDEX_FORMAT = "visae-latent-index/1"
 SAMPLE_SEED = 0x1A7E  # the seeded sample of held-out images when max_images caps them
 
 
+class SparseRows:
+    """A CSR matrix built chunk by chunk: each chunk's dense [rows, cols] block keeps only its
+    non-zeros (or the entries `mask` marks), so memory follows the non-zeros, not rows x cols."""
+
+    def __init__(self):
+        self.data, self.indices, self.indptr, self.nnz = [], [], [np.zeros(1, dtype=np.int64)], 0
+
+    def append(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        rows, cols = (values != 0 if mask is None else mask).nonzero(as_tuple=True)
+        counts = np.bincount(rows.numpy(), minlength=len(values))
+        self.data.append(values[rows, cols].numpy().astype(np.float32))
+        self.indices.append(cols.numpy().astype(np.int32))
+        self.indptr.append(self.nnz + np.cumsum(counts))
+        self.nnz += int(counts.sum())
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(data float32, indices int32, indptr int64), as scipy's csr_matrix takes them."""
+        return (np.concatenate(self.data) if self.data else np.zeros(0, np.float32),
+                np.concatenate(self.indices) if self.indices else np.zeros(0, np.int32),
+                np.concatenate(self.indptr).astype(np.int64))
+
+
 @dataclass
 class LatentIndex:
     """One SAE's latent index (see the module docstring); arrays indexed by latent, then by rank."""
@@ -142,8 +164,7 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
     class_count = torch.zeros((h, n_classes), dtype=torch.float64)
     class_sum = torch.zeros((h, n_classes), dtype=torch.float64)
     fires = torch.zeros(h, dtype=torch.float64)
-    data, indices, indptr = [], [], [np.zeros(1, dtype=np.int64)]
-    nnz = 0
+    acts = SparseRows()
     step = max(1, chunk_floats // max(1, p * h))
     for lo in counted(range(0, n, step), total=n, desc=f"latents {ctx.config.get('name')}", unit="images",
                       size=lambda lo: min(step, n - lo)):
@@ -165,12 +186,7 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
         cand_p = torch.cat([top_p, patch.T], dim=1)
         order = torch.sort(cand_v, dim=1, descending=True, stable=True).indices[:, :n_top]
         top_v, top_i, top_p = cand_v.gather(1, order), cand_i.gather(1, order), cand_p.gather(1, order)
-        rows, cols = on.nonzero(as_tuple=True)
-        counts = np.bincount(rows.numpy(), minlength=len(chunk))
-        data.append(value[rows, cols].numpy().astype(np.float32))
-        indices.append(cols.numpy().astype(np.int32))
-        indptr.append(nnz + np.cumsum(counts))
-        nnz += int(counts.sum())
+        acts.append(value, on)
     pad = top_v < 0
     top_i[pad], top_p[pad] = -1, -1
     top_v = top_v.clamp_min(0)
@@ -179,9 +195,7 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
     per_class = torch.from_numpy(np.bincount(labels, minlength=n_classes)).double().clamp_min(1)
     arrays = {
         "images": images, "labels": labels,
-        "acts_data": np.concatenate(data) if data else np.zeros(0, np.float32),
-        "acts_indices": np.concatenate(indices) if indices else np.zeros(0, np.int32),
-        "acts_indptr": np.concatenate(indptr).astype(np.int64),
+        **dict(zip(("acts_data", "acts_indices", "acts_indptr"), acts.arrays())),
         "max_activation": top_v[:, 0].numpy().copy() if n_top else np.zeros(h, np.float32),
         "frequency": (fires / max(n, 1)).float().numpy(),
         "top_images": top_i.numpy(), "top_values": top_v.numpy(), "top_patch": top_p.numpy(),
@@ -200,7 +214,7 @@ def build_index(store_path, sae_path, *, top_n: int = 16, max_images: int | None
         "sample": None if n == len(ctx.held) else {"max_images": max_images, "seed": SAMPLE_SEED},
         "image_set": image_set(store), "source_mismatch": ctx.mismatch,
         "summary": {"alive_fraction": float((freq > 0).mean()), "median_image_frequency": float(np.median(freq)),
-                    "nonzeros": nnz, "density": nnz / max(1, n * h)},
+                    "nonzeros": acts.nnz, "density": acts.nnz / max(1, n * h)},
     }
     return meta, arrays
 

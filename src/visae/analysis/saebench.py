@@ -41,6 +41,7 @@ import scipy.sparse as sp
 
 from visae.args import (_ranged, device as device_arg, json_object, nonneg_int, open_fraction, positive_int,
                         unit_fraction)
+from visae.analysis.latent_index import SparseRows
 from visae.atomic import atomic_path, clean_stale_temps, write_json
 from visae.errors import VisaeError
 from visae.layout import SAEBENCH, SAEBENCH_ABSORPTION, SAEBENCH_PROBING, SAEBENCH_TPP
@@ -107,8 +108,8 @@ def encode_pass(store, sae, images: np.ndarray, tokens: np.ndarray, batch_tokens
     step = max(1, batch_tokens // max(p, 1))
     pooled = np.zeros((n, d), dtype=np.float64)
     pooled_max = np.zeros((n, d), dtype=np.float64)
-    data, indices, indptr = [], [], [np.zeros(1, dtype=np.int64)]
-    nnz, shrink, shrink_c, l0, zero, n_centred = 0, 0.0, 0.0, 0.0, 0, 0
+    mean_codes = SparseRows()
+    shrink, shrink_c, l0, zero, n_centred = 0.0, 0.0, 0.0, 0, 0
     w_dec = sae.W_dec.detach()
     with torch.no_grad():
         for lo in range(0, n, step):
@@ -131,16 +132,8 @@ def encode_pass(store, sae, images: np.ndarray, tokens: np.ndarray, batch_tokens
             per_image = x.double().reshape(len(chunk), p, d)
             pooled[lo:lo + len(chunk)] = per_image.mean(1).cpu().numpy()
             pooled_max[lo:lo + len(chunk)] = per_image.amax(1).cpu().numpy()
-            mean_f = f.reshape(len(chunk), p, h).mean(1).cpu()
-            rows, cols = mean_f.nonzero(as_tuple=True)
-            counts = np.bincount(rows.numpy(), minlength=len(chunk))
-            data.append(mean_f[rows, cols].numpy().astype(np.float32))
-            indices.append(cols.numpy().astype(np.int32))
-            indptr.append(nnz + np.cumsum(counts))
-            nnz += int(counts.sum())
-    codes = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, np.float32),
-                           np.concatenate(indices) if indices else np.zeros(0, np.int32),
-                           np.concatenate(indptr)), shape=(n, h))
+            mean_codes.append(f.reshape(len(chunk), p, h).mean(1).cpu())
+    codes = sp.csr_matrix(mean_codes.arrays(), shape=(n, h))
     return Encoded(pooled, pooled_max, codes, n * p, shrink, shrink_c, l0, zero, n_centred)
 
 

@@ -15,7 +15,7 @@ be ~100,000 files and megabytes of markup for no gain; the data are split so tha
 loads one chunk of 64 latents and the few sprite sheets its images sit on.
 
 browser/
-  index.html, sae.html, latent.html, browser.js, browser.css   the pages (index.html written last)
+  index.html, sae.html, latent.html, browser.js, browser.css   the pages (one shell, page.html; index.html last)
   data/manifest.js                                 every SAE: identity, summaries, comparisons
   data/<sae key>/table.js                          the latent table (one column array per field)
   data/<sae key>/latents_<c>.js                    64 latents: top images, heatmaps, histogram...
@@ -70,7 +70,10 @@ SHEET_PX = 512  # a sprite sheet's side at most: a latent page loads <= top shee
 CLASS_BARS = 20  # per-class rates shown per latent: all classes up to this many, else the top ones
 HIST_BINS = 20
 JPEG_QUALITY = 90
-ASSETS = ("browser.js", "browser.css", "sae.html", "latent.html", "index.html")  # index.html last
+ASSETS = ("browser.js", "browser.css")  # copied as they are
+PAGE = "page.html"  # the one HTML shell of every page; browser.js renders the page its body names
+PAGES = {"sae.html": ("visae · sae", "sae"), "latent.html": ("visae · latent", "latent"),
+         "index.html": ("visae · latent browser", "index")}  # (title, page); index.html last
 CHOSEN = ("latent", "manual")  # an intervention's chosen latents; every other method is a baseline
 INTERVENTION_KEYS = ("class", "class_name", "method", "latent")
 
@@ -814,11 +817,14 @@ def write_browser(args) -> dict:
                                                    "datasets")},
                   "top": args.top, "thumb": args.thumb, "image_format": args.image_format}
         write_json(tmp / RUN_MARKER, provenance(config, seeds={}, started=started))
-        for name in ASSETS:  # index.html last: it marks the browser done
+        for name in (*ASSETS, PAGE):
             if not (_assets() / name).is_file():
                 raise VisaeError(f"visae's install lacks its browser page {name} (visae/report/browser_assets): "
                                  f"reinstall visae")
-            data = (_assets() / name).read_bytes()
+        files = {name: (_assets() / name).read_bytes() for name in ASSETS}
+        shell = (_assets() / PAGE).read_text(encoding="utf-8")
+        files |= {name: shell.format(title=title, page=page).encode() for name, (title, page) in PAGES.items()}
+        for name, data in files.items():  # index.html last: it marks the browser done
             (tmp / name).write_bytes(data)
             sizes[name] = len(data)
         os.chmod(tmp, 0o777 & ~_umask())
