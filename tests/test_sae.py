@@ -138,9 +138,11 @@ def test_batchtopk_exact_l0_and_threshold():
     assert 0 < (f != 0).sum(1).float().mean() <= 15  # a fixed threshold, no per-batch top-k
 
 
-def test_auxk_only_touches_dead_latents():
+@pytest.mark.parametrize("sync_free", [None, True], ids=["cpu-path", "device-path"])
+def test_auxk_only_touches_dead_latents(sync_free):
     x = _data(n=256)
     sae = TopKSAE(16, 64, k=4, k_aux=8, dead_tokens=100)
+    sae.sync_free = sync_free
     dead = torch.zeros(64, dtype=torch.bool)
     dead[::3] = True
     sae.tokens_since_fired[dead] = 1000

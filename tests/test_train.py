@@ -17,6 +17,7 @@ import yaml
 from visae.cli import main
 from visae.errors import VisaeError
 from visae.sae import load
+from visae.sae.train import train_grid
 from visae.tools.synth import synth_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +252,114 @@ def test_a_shared_out_folder_keeps_files_that_are_not_visaes(tmp_path, store):
     assert main(args + ["--grid", str(_grid(tmp_path, ALL[:1])), "--restart-stale"]) == 0
     assert not (out / "topk" / "config.json").exists()
     assert all(p.read_text() == '{"not": "visae"}' for p in theirs[:2])
+
+
+# -- the device paths (CUDA), exercised on CPU ---------------------------------------------
+# `SAE.sync_free = True` makes a CPU step take the paths a CUDA step takes: no host read, no
+# data-dependent shape (the TopK sparse backward in torch ops, AuxK without reading the dead
+# count, BatchTopK's threshold on the device).
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "bincount"}
+
+
+class _HostReads:
+    """Records every op that makes the host wait for the device's data (`.item()`, bool(),
+    boolean-mask indexing, bincount's size)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.overloadpacket.__name__ in HOST_READS:
+                    seen.append(func.overloadpacket.__name__)
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("sync_free", [True, None], ids=["device-path", "cpu-path"])
+def test_a_device_step_never_reads_the_device(tmp_path, store, monkeypatch, precision, sync_free):
+    """Every architecture's step, AuxK on (past dead_tokens), queues its work without a host
+    read; the CPU path does read (which is why the device path exists: the check can fail)."""
+    from visae.sae.config import validate_grid
+    from visae.sae.modules import SAE
+    from visae.sae.train import Member
+    from visae.store import ActivationStore
+
+    monkeypatch.setattr(SAE, "sync_free", sync_free)
+    grid = validate_grid([{**e, "batch_size": 32, **({"dead_tokens": 32} if "k" in e else {})} for e in ALL], 16)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+    reads = {}
+    for entry in grid:
+        member = Member(entry, 16, "cpu", tmp_path, precision)
+        member.open_log(0, ActivationStore(store).identity(entry["name"]))
+        with _HostReads() as seen:
+            for _ in range(3):
+                member.train_step(x)
+        reads[entry["name"]] = seen.seen
+        assert member.flush() is False and member.step == 3
+    if sync_free:
+        assert reads == {e["name"]: [] for e in grid}
+    else:
+        assert reads["topk"] and reads["btk"]  # dead-latent counts, the threshold's update count
+
+
+def test_the_device_path_trains_like_the_cpu_path(tmp_path, store, monkeypatch):
+    """150 steps of the five architectures (AuxK active after 512 tokens) on the device path
+    give the CPU path's weights to within float rounding."""
+    from visae.sae.modules import SAE
+
+    grid = [dict(e, dead_tokens=512) if "k" in e else e for e in ALL]
+    runs = {}
+    for tag, flag in (("cpu", None), ("device", True)):
+        monkeypatch.setattr(SAE, "sync_free", flag)
+        train_grid(store, grid, tmp_path / tag, tokens=64 * 150, progress=False)
+        runs[tag] = {e["name"]: load(tmp_path / tag / e["name"]).state_dict() for e in grid}
+    for name, ref in runs["cpu"].items():
+        for key, value in ref.items():
+            other = runs["device"][name][key]
+            if value.is_floating_point():
+                assert float((value - other).norm()) <= 1e-4 * float(value.norm()) + 1e-6, (name, key)
+            else:
+                assert torch.equal(value, other), (name, key)
+
+
+def test_a_nan_found_on_the_device_leaves_the_last_good_weights(tmp_path, store):
+    """The failing step and the steps queued after it (until the metrics are read) are all
+    skipped: the checkpoint holds exactly the weights after the last good step, and the log
+    stops there."""
+    bad = dict(ALL[2], name="bad", lr=1e30, lr_warmup=0)  # step 0 is fine; its weights make step 1 NaN
+    with pytest.raises(VisaeError, match="SAE 'bad' stopped: .* at step 1 "):
+        train_grid(store, [bad, ALL[0]], tmp_path / "grid", tokens=64 * 40, progress=False)
+    train_grid(store, [bad], tmp_path / "one", tokens=64, progress=False)  # exactly one step
+    got, want = load(tmp_path / "grid" / "bad" / "checkpoint"), load(tmp_path / "one" / "bad")
+    for key, value in want.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
+    assert [row["step"] for row in _log(tmp_path / "grid" / "bad")] == ["1"]
+    assert len(_log(tmp_path / "grid" / "relu")) == 40
+
+
+def test_bf16_precision_is_applied_and_recorded(tmp_path, store, capsys):
+    """--precision bf16 (autocast) trains to about fp32's loss with other weights; the choice is
+    in config.json; a precision that does not exist is one clear line."""
+    grid = _grid(tmp_path, ALL[:2])
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        assert main(["train", "--store", str(store), "--grid", str(grid), "--out", str(out), "--tokens", str(64 * 60),
+                     "--precision", precision]) == 0
+        for name in ("relu", "topk"):
+            assert json.loads((out / name / "config.json").read_text())["precision"] == precision
+        finals[precision] = {n: float(_log(out / n)[-1]["mse"]) for n in ("relu", "topk")}
+    for name, mse in finals["fp32"].items():
+        assert finals["bf16"][name] == pytest.approx(mse, rel=0.2)
+        assert not torch.equal(load(tmp_path / "fp32" / name).W_enc, load(tmp_path / "bf16" / name).W_enc)
+    with pytest.raises(VisaeError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        train_grid(store, ALL[:1], tmp_path / "x", tokens=64, precision="fp16")

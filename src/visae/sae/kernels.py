@@ -1,9 +1,11 @@
-"""Fast CPU kernels of the SAE training steps: the reused workspaces (buffers shared by the SAEs
-of one step shape), the two-level row top-k and the sparse decode. The modules call them;
-numerics live here, so the SAE classes read as their recipe."""
+"""Fast kernels of the SAE training steps: on CPU the reused workspaces (buffers shared by the
+SAEs of one step shape), the two-level row top-k and the sparse decode; on other devices (CUDA)
+the TopK step's sparse backward in torch ops that never wait for the device. The modules call
+them; numerics live here, so the SAE classes read as their recipe."""
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -118,4 +120,76 @@ def _row_topk_buffers(B: int, h: int, k: int, dtype: torch.dtype) -> tuple | Non
 def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x̂_n = Σ_j vals[:, j] · W_dec[idx[:, j]] + b_dec without forming the dense [B, h] code;
     embedding_bag's backward scatters into only the k rows per token."""
-    return F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum") + sae.b_dec
+    weights = vals.to(sae.W_dec.dtype)  # bf16 under autocast; embedding_bag wants the table's dtype
+    return F.embedding_bag(idx, sae.W_dec, per_sample_weights=weights, mode="sum") + sae.b_dec
+
+
+def topk_grads_on_device(sae, xn: torch.Tensor):
+    """A TopK step (MSE + AuxK) with its gradients in `.grad`, as torch ops alone: no host read,
+    no data-dependent shape, so a CUDA step is queued without waiting. Returns (loss, metrics).
+
+    Only the encoder product [xc, 1] [W_enc; b_enc] and the top-k selection touch all h latents
+    (under autocast that product runs in bf16, the rest in fp32). The decode is a gather
+    (embedding_bag), and each sparse term (the k kept codes; the k_aux dead latents of AuxK)
+    back-propagates through `_sparse_term_backward` in O(B·k·d). AuxK is computed once a latent
+    can be dead and is multiplied by "any latent dead", so the step never asks the device."""
+    B, d = xn.shape
+    h, k = sae.width, sae.k
+    xa = torch.cat([xn - sae.b_dec, xn.new_ones(B, 1)], 1)  # [xc, 1]
+    with torch.no_grad():
+        pre = torch.mm(xa, torch.cat([sae.W_enc, sae.b_enc[None]], 0))  # [B, h]; bf16 under autocast
+    with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
+        vals, idx = pre.topk(k, dim=1, sorted=False)
+        vals = torch.relu(vals.float())
+        err = F.embedding_bag(idx, sae.W_dec, per_sample_weights=vals, mode="sum").add_(sae.b_dec).sub_(xn)
+        mse = err.pow(2).mean()  # err = x̂ − x
+        g_x = err * (2.0 / (B * d))  # dL/dx̂
+        grad_dec = torch.zeros_like(sae.W_dec)
+        grad_enc = xn.new_zeros(h, d + 1)  # [dL/dW_encᵀ, dL/db_enc]
+        _sparse_term_backward(sae.W_dec, idx, vals, g_x, xa, grad_dec, grad_enc)
+        aux = mse.new_zeros(())
+        if sae.aux_alpha and sae.may_have_dead():
+            dead = sae.dead_mask()
+            a_vals, a_idx = pre.masked_fill(~dead, float("-inf")).topk(min(sae.k_aux, h), dim=1, sorted=False)
+            a_vals = torch.relu(a_vals.float())
+            e = -err  # the residual x − x̂, a constant of this loss
+            r = F.embedding_bag(a_idx, sae.W_dec, per_sample_weights=a_vals, mode="sum").sub_(e)
+            weight = sae.aux_alpha * dead.any() / (e - e.mean(0)).pow(2).mean().clamp_min(1e-12)
+            aux = weight * r.pow(2).mean()
+            _sparse_term_backward(sae.W_dec, a_idx, a_vals, r * (weight * 2.0 / (B * d)), xa, grad_dec, grad_enc)
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        sae.W_enc.grad.copy_(grad_enc[:, :d].t())
+        sae.b_enc.grad.copy_(grad_enc[:, d])
+        sae.W_dec.grad.copy_(grad_dec)
+        # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
+        torch.sum(g_x, 0, out=sae.b_dec.grad)
+        sae.b_dec.grad.sub_(sae.W_enc @ sae.b_enc.grad)
+    fired = torch.zeros(h, dtype=torch.int32, device=xn.device).scatter_reduce_(
+        0, idx.reshape(-1), (vals > 0).reshape(-1).int(), "amax") > 0
+    return mse + aux, {"mse": mse, "aux": aux, "l0": (vals > 0).sum() / B, "fired": fired,
+                       "dead": sae.dead_mask().float().mean()}
+
+
+def _sparse_term_backward(W_dec, idx, vals, g, xa, grad_dec, grad_enc) -> None:
+    """Back-propagate a reconstruction Σ_j vals[b, j] · W_dec[idx[b, j]] (vals = ReLU of the
+    pre-activations at idx) given its upstream gradient g [B, d]: adds Sᵀ g to grad_dec [h, d]
+    and Gᵀ [xc, 1] to grad_enc [h, d + 1], S being the codes as CSR [B, h] and G its gradient
+    (g W_decᵀ sampled on S's pattern by sampled_addmm, masked by ReLU). Sᵀ and Gᵀ share one CSR
+    [h, B] pattern: the entries sorted by latent (a stable argsort), each latent's row start
+    found by searchsorted (no bincount, whose size would need a host read)."""
+    B, k = idx.shape
+    h = W_dec.shape[0]
+    flat, v = idx.reshape(-1), vals.reshape(-1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        S = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=idx.device), flat, v, size=(B, h))
+        gv = torch.sparse.sampled_addmm(S, g, W_dec.t(), beta=0.0).values() * (v > 0)
+        order = torch.argsort(flat, stable=True)
+        crow = torch.searchsorted(flat[order], torch.arange(h + 1, device=idx.device))
+        rows = torch.div(order, k, rounding_mode="floor")
+        St = torch.sparse_csr_tensor(crow, rows, v[order], size=(h, B))
+        Gt = torch.sparse_csr_tensor(crow, rows, gv[order], size=(h, B))
+        grad_dec.add_(St @ g)
+        grad_enc.add_(Gt @ xa)

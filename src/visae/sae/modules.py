@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visae.sae.config import ARCH_KEYS, INITS
-from visae.sae.kernels import _relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace
+from visae.sae.kernels import (_relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace,
+                               topk_grads_on_device)
 
 # The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
 # - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
@@ -147,11 +148,27 @@ class SAE(nn.Module):
         g.addcmul_(w, coef, value=-1)
 
     @torch.no_grad()
-    def normalise_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    def normalise_decoder(self, applied: torch.Tensor | None = None) -> None:
+        """Unit decoder rows. `applied` (a bool tensor, on the device): False when the optimiser
+        skipped this step (a non-finite gradient, found on the device without a host sync), and
+        then the rows are left exactly as they were."""
+        norm = self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if applied is not None:
+            norm = torch.where(applied, norm, torch.ones_like(norm))
+        self.W_dec.div_(norm)
 
-    def after_step(self, metrics: dict, batch_size: int) -> None:
-        """Bookkeeping after an optimiser step (dead-latent counters, thresholds)."""
+    def after_step(self, metrics: dict, batch_size: int, applied: torch.Tensor | None = None) -> None:
+        """Bookkeeping after an optimiser step (dead-latent counters, thresholds); none of it
+        happens where `applied` is False (see `normalise_decoder`)."""
+
+    def device_path(self, x: torch.Tensor) -> bool:
+        """Whether a step takes the paths that never wait for the device (no `.item()`, no
+        data-dependent shapes): on every device but the CPU, where a host read is free and the
+        CPU kernels use it. `sync_free` (True/False) forces the choice: the tests run the
+        device paths on CPU."""
+        return self.sync_free if self.sync_free is not None else x.device.type != "cpu"
+
+    sync_free: bool | None = None
 
     @staticmethod
     def mse(xhat: torch.Tensor, xn: torch.Tensor) -> torch.Tensor:
@@ -251,6 +268,17 @@ class _AuxKMixin:
         self.aux_alpha = float(aux_alpha)
         self.dead_tokens = int(dead_tokens)
         self.register_buffer("tokens_since_fired", torch.zeros(self.width, dtype=torch.int64))
+        # Tokens stepped on so far, counted on the host by a trainer that sets it (visae train):
+        # no latent can be dead before `dead_tokens` of them, so until then the AuxK loss costs
+        # nothing and reads nothing from the device. None: not counted, any latent may be dead.
+        self.tokens_trained: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.tokens_trained = None
+
+    def may_have_dead(self) -> bool:
+        return self.tokens_trained is None or self.tokens_trained >= self.dead_tokens
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_tokens
@@ -258,29 +286,50 @@ class _AuxKMixin:
     def aux_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """α · MSE(decode_dead(top-k_aux of dead pre-activations), e) / Var(e) for the residual e;
         zero when none are dead. The residual is detached: this loss only moves the dead latents."""
-        dead = self.dead_mask()
-        n_dead = int(dead.sum())
-        if n_dead == 0 or self.aux_alpha == 0:
+        if self.aux_alpha == 0 or not self.may_have_dead():
             return pre.new_zeros(())
-        k = min(self.k_aux, n_dead)
+        dead = self.dead_mask()
+        if self.device_path(pre):
+            # No host read of the dead count: the top k_aux of the masked row (entries past the
+            # dead ones are -inf, ReLU'd to 0, so they add nothing), and the loss is zeroed
+            # where none are dead.
+            k, any_dead = min(self.k_aux, self.width), dead.any()
+        else:
+            n_dead = int(dead.sum())
+            if n_dead == 0:
+                return pre.new_zeros(())
+            k, any_dead = min(self.k_aux, n_dead), None
         masked = pre.masked_fill(~dead, float("-inf"))
         vals, idx = masked.topk(k, dim=1, sorted=False)
-        vals = torch.relu(vals)
+        vals = torch.relu(vals).to(self.W_dec.dtype)
         recon = F.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum")
-        e = residual.detach()
+        e = residual.detach().to(recon.dtype)
         # clamped: a batch whose residual does not vary (one token, a constant e) gives 0, not NaN
-        return self.aux_alpha * (recon - e).pow(2).mean() / (e - e.mean(0)).pow(2).mean().clamp_min(1e-12)
+        loss = self.aux_alpha * (recon - e).pow(2).mean() / (e - e.mean(0)).pow(2).mean().clamp_min(1e-12)
+        return loss if any_dead is None else loss * any_dead
 
-    def after_step(self, metrics, batch_size):
+    def after_step(self, metrics, batch_size, applied=None):
         fired = metrics.get("fired")
-        if fired is not None:
+        if self.tokens_trained is not None:
+            self.tokens_trained += batch_size
+        if fired is None:
+            return
+        if applied is None:
             self.tokens_since_fired.add_(batch_size).masked_fill_(fired, 0)
+        else:
+            self.tokens_since_fired.add_(applied.long() * batch_size).masked_fill_(fired & applied, 0)
 
 
 def _fired(idx: torch.Tensor, vals: torch.Tensor, width: int) -> torch.Tensor:
-    fired = torch.zeros(width, dtype=torch.bool, device=idx.device)
-    fired[idx[vals > 0]] = True
-    return fired
+    """[width] bool: latents with a positive kept value in the batch. A scatter of the [B, k]
+    entries (no boolean indexing, whose output shape would need a host read)."""
+    hits = torch.zeros(width, dtype=torch.int32, device=idx.device)
+    return hits.scatter_reduce_(0, idx.reshape(-1), (vals > 0).reshape(-1).int(), "amax") > 0
+
+
+def _min_positive(vals: torch.Tensor) -> torch.Tensor:
+    """The smallest positive entry, or +inf where none is positive: without a host read."""
+    return torch.where(vals > 0, vals, torch.full_like(vals, float("inf"))).min()
 
 
 class TopKSAE(_AuxKMixin, SAE):
@@ -325,10 +374,14 @@ class TopKSAE(_AuxKMixin, SAE):
         grouped by latent: a stable radix argsort of the latent ids, in numpy). The [B, k]
         bookkeeping runs in numpy, single-threaded: on a busy machine every OpenMP region of a
         small op costs a scheduling quantum. Buffers are reused across steps (shared with ReLU
-        SAEs of the same shape). Dead latents (AuxK), other devices, autocast: autograd."""
+        SAEs of the same shape). Dead latents (AuxK), autocast: autograd. Other devices (CUDA):
+        the same sparse backward in torch ops alone, AuxK included (`topk_grads_on_device`)."""
         if (type(self) is not TopKSAE or not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype
-                or xn.dim() != 2 or xn.device.type != "cpu" or self.W_enc.device.type != "cpu"
-                or torch.is_autocast_enabled("cpu") or bool(self.dead_mask().any())):
+                or xn.dim() != 2 or xn.device != self.W_enc.device):
+            return super().compute_grads(xn, sparsity_coeff)
+        if self.device_path(xn):
+            return topk_grads_on_device(self, xn)
+        if torch.is_autocast_enabled("cpu") or bool(self.dead_mask().any()):
             return super().compute_grads(xn, sparsity_coeff)
         with torch.no_grad():
             B, d = xn.shape
@@ -438,21 +491,27 @@ class BatchTopKSAE(TopKSAE):
         xhat = self.decode_norm(f)
         mse = self.mse(xhat, xn)
         aux = self.aux_loss(pre, xn - xhat)
-        pos = vals.detach()
-        pos = pos[pos > 0]
         return mse + aux, {"mse": mse.detach(), "aux": aux.detach(),
                            "l0": (f > 0).sum(1).float().mean().detach(),
                            "fired": (f.detach() > 0).any(0), "dead": self.dead_mask().float().mean(),
-                           "min_kept": pos.min() if pos.numel() else None}
+                           "min_kept": _min_positive(vals.detach())}
 
-    def after_step(self, metrics, batch_size):
-        super().after_step(metrics, batch_size)
+    def after_step(self, metrics, batch_size, applied=None):
+        super().after_step(metrics, batch_size, applied)
         m = metrics.get("min_kept")
-        if m is not None:
+        if m is None:
+            return
+        update = torch.isfinite(m)  # +inf: the batch kept no positive value
+        if applied is not None:
+            update &= applied
+        if self.device_path(m):
+            t = self.threshold_updates.to(torch.float64)
+            beta = torch.clamp(t / (t + 50), max=self.threshold_momentum).float()
+        else:
             t = int(self.threshold_updates)
             beta = min(self.threshold_momentum, t / (t + 50))
-            self.threshold.mul_(beta).add_((1 - beta) * m)
-            self.threshold_updates.add_(1)
+        self.threshold.copy_(torch.where(update, self.threshold * beta + (1 - beta) * m, self.threshold))
+        self.threshold_updates.add_(update.long())
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -522,9 +581,9 @@ class JumpReLUSAE(SAE):
         return loss, {"mse": mse.detach(), "l0": l0.detach(), "fired": (f.detach() > 0).any(0)}
 
     @torch.no_grad()
-    def normalise_decoder(self):
-        super().normalise_decoder()
-        self.theta.clamp_(min=0.0)
+    def normalise_decoder(self, applied=None):
+        super().normalise_decoder(applied)
+        self.theta.clamp_(min=0.0)  # a skipped step left θ as it was, already >= 0
 
 
 class MatryoshkaSAE(BatchTopKSAE):
@@ -573,9 +632,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             f = torch.zeros_like(pre).scatter(1, idx, vals)
         else:
             f, vals = self.batch_select(pre)
-            pos = vals.detach()
-            pos = pos[pos > 0]
-            min_kept = pos.min() if pos.numel() else None
+            min_kept = _min_positive(vals.detach())
         recons = self.prefix_reconstructions(f)
         mses = [self.mse(r, xn) for r in recons]
         mse_sum = torch.stack(mses).sum()

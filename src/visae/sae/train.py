@@ -38,6 +38,7 @@ from visae.sae.split import split_images, split_record
 NORM_TOKENS, NORM_SEED = 2 ** 19, 42  # the normalisation sample, as saev draws it
 LOG_COLUMNS = ["step", "tokens", "loss", "mse", "l0", "lr", "l1_coeff", "aux", "dead"]
 STATE = Path(".train") / "state.safetensors"
+FLUSH_EVERY = 64  # steps between reads of the metrics from the device (log rows, NaN checks)
 
 
 def entry_seed(entry: dict) -> int:
@@ -60,9 +61,15 @@ def load_grid(path: str | Path) -> list:
 
 # -- one SAE under training ----------------------------------------------------------------
 class Member:
-    """One SAE of the grid: module, Adam, schedule, status and its CSV log."""
+    """One SAE of the grid: module, Adam, schedule, status and its CSV log.
 
-    def __init__(self, entry: dict, d_model: int, device: str, out: Path):
+    A step never waits for the device: its metrics stay on the device (`pending`) until `flush`
+    reads them all at once, every FLUSH_EVERY steps and before each checkpoint. A non-finite
+    loss or gradient sets the SAE's sticky `found_inf` on the device; fused Adam then skips the
+    update (weights and state), and so do the decoder renormalisation and the bookkeeping, so
+    the weights stay the last good ones until `flush` sees the flag and stops the SAE."""
+
+    def __init__(self, entry: dict, d_model: int, device: str, out: Path, precision: str = "fp32"):
         self.entry, self.name = entry, entry["name"]
         self.arch = entry["architecture"]
         self.dir = out / self.name
@@ -71,9 +78,16 @@ class Member:
                              **{k: entry.get(k) for k in ARCH_KEYS[self.arch]}).to(device)
         self.sparsity = entry.get(SPARSITY_KEY.get(self.arch, ""), 0.0) or 0.0
         self.opt = make_adam(self.sae.parameters(), lr=entry["lr"], betas=entry["adam_betas"])
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.skips_on_device = bool(self.opt.defaults.get("fused"))
+        if self.skips_on_device:
+            self.opt.found_inf = self.found_inf  # read by fused Adam: a set flag skips the update
+        self.bf16 = precision == "bf16"
         self.steps = max(1, entry["tokens"] // entry["batch_size"])
         self.step, self.tokens, self.status, self.failure = 0, 0, "running", None
         self.last = {}
+        self.count_tokens()
+        self.pending: list = []  # (step, tokens before it, lr, λ, its metrics on the device), not yet written
         self.log = None
 
     def open_log(self, offset: int, identity: Identity) -> None:
@@ -92,39 +106,63 @@ class Member:
             self.log.flush()
 
     def train_step(self, xn: torch.Tensor) -> None:
-        """One step; a non-finite loss stops this SAE before its weights are touched."""
+        """One step, queued on the device without waiting for it (see the class docstring)."""
         lr = lr_at(self.step, self.entry["lr"], self.entry["lr_warmup"])
         lam = sparsity_at(self.step, self.sparsity, self.entry["l1_warmup"])
         self.sae.train()
         self.opt.zero_grad(set_to_none=False)
-        loss, m = self.sae.compute_grads(xn, lam)
-        loss_v = float(loss)
-        grads_ok = all(bool(torch.isfinite(p.grad).all()) for p in self.sae.parameters() if p.grad is not None) \
-            if math.isfinite(loss_v) else False
-        if not grads_ok:
-            what = f"loss is {loss_v}" if not math.isfinite(loss_v) else "a gradient is not finite"
-            self.status = "failed"
-            self.failure = (f"{what} at step {self.step} (lr {lr:g}, {SPARSITY_KEY.get(self.arch, 'k')} "
-                            f"{self.sparsity if self.arch in SPARSITY_KEY else self.entry.get('k')})")
+        with torch.autocast(xn.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, m = self.sae.compute_grads(xn, lam)
+        loss = loss.detach().float()
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        # one fused pass: sets found_inf if the loss or any gradient is not finite (× 1: unchanged)
+        torch._amp_foreach_non_finite_check_and_unscale_([loss.reshape(1), *grads], self.found_inf,
+                                                         torch.ones((), device=loss.device))
+        zero = loss.new_zeros(())
+        self.pending.append((self.step, self.tokens, lr, lam, torch.stack(
+            [loss, m["mse"].float(), m["l0"].float(), m.get("aux", zero).float(), m.get("dead", zero).float(),
+             self.found_inf])))
+        if not self.skips_on_device and self.flush():  # an optimiser that cannot skip: ask now
             return
+        applied = self.found_inf == 0
         self.sae.remove_parallel_grad()
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        self.sae.normalise_decoder()
-        self.sae.after_step(m, xn.shape[0])
+        self.sae.normalise_decoder(applied)
+        self.sae.after_step(m, xn.shape[0], applied)
         self.step += 1
         self.tokens += xn.shape[0]
-        row = {"step": self.step, "tokens": self.tokens, "loss": loss_v, "mse": float(m["mse"]),
-               "l0": float(m["l0"]), "lr": lr, "l1_coeff": lam,
-               "aux": float(m["aux"]) if "aux" in m else 0.0, "dead": float(m["dead"]) if "dead" in m else 0.0}
-        self.last = row
-        self.log.write((self.log_prefix + ",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
-                                                   for c in LOG_COLUMNS) + "\n").encode())
         if self.step >= self.steps:
             self.status = "done"
 
+    def flush(self) -> bool:
+        """Write the pending steps' log rows (one read from the device); True if the SAE failed:
+        then its rows stop before the first bad step, whose loss and settings name the failure."""
+        if not self.pending:
+            return self.status == "failed"
+        rows = torch.stack([r for *_, r in self.pending]).cpu().tolist()
+        batch = self.entry["batch_size"]
+        lines = []
+        for (step, tokens, lr, lam, _), (loss, mse, l0, aux, dead, bad) in zip(self.pending, rows):
+            if bad:
+                what = f"loss is {loss}" if not math.isfinite(loss) else "a gradient is not finite"
+                self.status = "failed"
+                self.failure = (f"{what} at step {step} (lr {lr:g}, {SPARSITY_KEY.get(self.arch, 'k')} "
+                                f"{self.sparsity if self.arch in SPARSITY_KEY else self.entry.get('k')})")
+                self.step, self.tokens = step, tokens
+                break
+            row = {"step": step + 1, "tokens": tokens + batch, "loss": loss, "mse": mse,
+                   "l0": l0, "lr": lr, "l1_coeff": lam, "aux": aux, "dead": dead}
+            self.last = row
+            lines.append(self.log_prefix + ",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
+                                                    for c in LOG_COLUMNS) + "\n")
+        self.log.write("".join(lines).encode())
+        self.pending = []
+        return self.status == "failed"
+
     def state(self) -> dict:
+        assert not self.pending, "flush() before state()"
         self.log.flush()
         return {"model": ckpt.state_to_cpu(self.sae.state_dict()), "optim": self.opt.state_dict(),
                 "step": self.step, "tokens": self.tokens, "status": self.status, "failure": self.failure,
@@ -135,6 +173,12 @@ class Member:
         self.opt.load_state_dict(state["optim"])
         self.step, self.tokens = state["step"], state["tokens"]
         self.status, self.failure, self.last = state["status"], state["failure"], state["last"]
+        self.count_tokens()
+
+    def count_tokens(self) -> None:
+        """Let an AuxK SAE count its tokens on the host (it skips AuxK before any can be dead)."""
+        if hasattr(self.sae, "tokens_trained"):
+            self.sae.tokens_trained = self.tokens
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -148,7 +192,7 @@ def _sae_config(m: Member, store, run: dict, complete: bool) -> dict:
             "source": {"model": info.model, "layer": info.layer, "dataset": info.dataset,
                        "store": str(store.root), "store_hash": store.store_hash,
                        "token_kind": run["token_kind"], "d_model": store.d_model},
-            "split": run["split"], "normalisation_sample": run["normalisation_sample"],
+            "split": run["split"], "normalisation_sample": run["normalisation_sample"], "precision": run["precision"],
             "data_seed": run["data_seed"], "code": {"visae": _version(), **git_state()},
             "last": m.last}
 
@@ -205,6 +249,18 @@ def load_state(path: Path) -> dict:
     return _unpack(tree, tensors)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> bf16 on CUDA (its tensor cores), fp32 elsewhere (a CPU runs bf16 matmuls slower)."""
+    if precision not in PRECISIONS:
+        raise VisaeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if str(device).startswith("cuda") else "fp32"
+    return precision
+
+
 def unmark_outputs(out: Path) -> None:
     """Remove the done markers of an earlier run in `out` (provenance.json first, then every SAE's
     config.json), so that a fresh start killed midway never leaves old results that look finished.
@@ -223,9 +279,10 @@ def unmark_outputs(out: Path) -> None:
 def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_every: int | None = None,
                device: str = "cpu", heldout: float = 0.1, data_seed: int = 0, split_seed: int = 0,
                token_kind: str | None = None, norm_tokens: int = NORM_TOKENS, progress: bool | None = None,
-               stop_after_steps: int | None = None, restart_stale: bool = False) -> dict:
+               stop_after_steps: int | None = None, restart_stale: bool = False, precision: str = "auto") -> dict:
     """Train every SAE of `grid` on the store; returns {name: status}. Raises VisaeError after the
-    run if any SAE failed (the others are finished and saved)."""
+    run if any SAE failed (the others are finished and saved). `precision`: the step's matmuls in
+    "bf16" (autocast; fp32 weights and Adam state) or "fp32"; "auto" is bf16 on CUDA, fp32 elsewhere."""
     from visae.store import ActivationStore, TokenLoader
 
     started = time.time()
@@ -238,6 +295,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     if tokens is not None:
         for e in entries:
             e["tokens"] = int(tokens)
+    precision = resolve_precision(precision, device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)  # a killed run's half-written state, checkpoints and configs
@@ -249,9 +307,9 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     run = {"store_hash": store.store_hash, "grid": entries, "heldout": heldout, "data_seed": data_seed,
            "token_kind": token_kind, "split": split_record(store.n_images, heldout, split_seed),
            "normalisation_sample": {"tokens": n_norm, "seed": NORM_SEED, "drawn": "uniformly from the training split"},
-           "checkpoint_every": checkpoint_every}
+           "checkpoint_every": checkpoint_every, "precision": precision}
     run_hash = config_hash(run)
-    members = [Member(e, store.d_model, device, out) for e in entries]
+    members = [Member(e, store.d_model, device, out, precision) for e in entries]
 
     state_path = out / STATE
     state = None
@@ -294,6 +352,19 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     bar = progress_bar(total=total, initial=min(total, global_step * batch), desc="train", unit="tokens",
                        unit_scale=True, enabled=progress is not False)
     reported = {m.name for m in members if m.status == "failed"}
+
+    def flush(running: list) -> list:
+        """Read every pending step from the device; save a newly failed SAE's last good weights;
+        return the SAEs still running."""
+        for m in running:
+            if m.flush() and m.name not in reported:
+                reported.add(m.name)
+                ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
+        bar.set_postfix_str(" | ".join(
+            f"{m.name}: loss {m.last.get('loss', float('nan')):.4g} L0 {m.last.get('l0', 0):.1f}"
+            for m in running[:3]), refresh=False)
+        return [m for m in running if m.status == "running"]
+
     try:
         running = [m for m in members if m.status == "running"]
         if running:
@@ -307,21 +378,18 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                     m.train_step(norm_cache[key])
                 global_step += 1
                 bar.update(batch)
-                if global_step % 5 == 0 or len(running) == 1:
-                    bar.set_postfix_str(" | ".join(
-                        f"{m.name}: loss {m.last.get('loss', float('nan')):.4g} L0 {m.last.get('l0', 0):.1f}"
-                        for m in running[:3]), refresh=False)
-                for m in running:
-                    if m.status == "failed" and m.name not in reported:
-                        reported.add(m.name)
-                        ckpt.save(m.sae, m.dir / "checkpoint", _sae_config(m, store, run, complete=False))
-                running = [m for m in running if m.status == "running"]
+                checkpoint = bool(every) and global_step % every == 0
+                stop = stop_after_steps is not None and global_step >= stop_after_steps
+                if (global_step % FLUSH_EVERY == 0 or checkpoint or stop
+                        or any(m.status != "running" for m in running)):
+                    running = flush(running)
                 if not running:
                     break
-                if every and global_step % every == 0:
+                if checkpoint:
                     save_state()
-                if stop_after_steps is not None and global_step >= stop_after_steps:
+                if stop:
                     return {m.name: m.status for m in members}
+            flush(running)
         save_state()
     finally:
         if any(m.status == "failed" for m in members):
@@ -360,7 +428,7 @@ def cmd_train(args) -> int:
     statuses = train_grid(args.store, grid, args.out, tokens=args.tokens, checkpoint_every=args.checkpoint_every,
                           device=args.device, heldout=args.heldout, data_seed=args.seed, split_seed=args.split_seed,
                           token_kind=None if args.token_kind == "all" else args.token_kind,
-                          restart_stale=args.restart_stale)
+                          restart_stale=args.restart_stale, precision=args.precision)
     print(f"trained {len(statuses)} SAE(s) into {args.out}")
     return 0
 
@@ -375,6 +443,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--tokens", type=positive_int, default=None, help="override every entry's training tokens")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
     p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="matmuls in bf16 (autocast, fp32 weights and Adam state) or fp32; auto: bf16 on CUDA")
     p.add_argument("--heldout", type=open_fraction, default=0.1, help="fraction of images kept out of training")
     p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
     p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the train / held-out split of the images")
