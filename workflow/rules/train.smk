@@ -29,6 +29,7 @@ rule train:
         split_seed=config["train"]["split_seed"],
         token_kind=config["train"]["token_kind"],
         device=config["train"]["device"],
+        precision=config["train"]["precision"],
     log:
         RESULTS.log("train", "{model}", "{dataset}", "{layer}", "{pass_}"),
     benchmark:
@@ -41,7 +42,7 @@ rule train:
         logged(
             "{params.env} visae train --store {params.store:q} --grid-json {params.grid:q}"
             " --out {params.out:q} --heldout {params.heldout} --seed {params.seed} --split-seed {params.split_seed}"
-            " --token-kind {params.token_kind} --device {params.device} --restart-stale"
+            " --token-kind {params.token_kind} --device {params.device} --precision {params.precision} --restart-stale"
             " {params.checkpoint}"
         )
 

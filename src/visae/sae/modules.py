@@ -212,7 +212,7 @@ class ReLUSAE(SAE):
             B, d = xn.shape
             ws = _relu_workspace(B, d, self.width, xn.device, xn.dtype)
             xa, ga, F, G = ws["xa"], ws["ga"], ws["F"], ws["G"]
-            xc = torch.sub(xn, self.b_dec, out=xa[:, :d])
+            torch.sub(xn, self.b_dec, out=xa[:, :d])  # xc = x − b_dec, beside its column of ones
             ws["We"][:d].copy_(self.W_enc)
             ws["We"][d].copy_(self.b_enc)
             torch.mm(xa, ws["We"], out=F).relu_()  # f [B, h]

@@ -249,11 +249,12 @@ def load_state(path: Path) -> dict:
     return _unpack(tree, tensors)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """"auto" -> bf16 on CUDA (its tensor cores), fp32 elsewhere (a CPU runs bf16 matmuls slower)."""
+    """"auto" -> bf16 on CUDA (its tensor cores), fp32 elsewhere (a CPU runs bf16 matmuls slower).
+    tf32 (fp32 matmuls on TF32 tensor cores, what saev ran) is fp32 off CUDA."""
     if precision not in PRECISIONS:
         raise VisaeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
@@ -282,7 +283,8 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
                stop_after_steps: int | None = None, restart_stale: bool = False, precision: str = "auto") -> dict:
     """Train every SAE of `grid` on the store; returns {name: status}. Raises VisaeError after the
     run if any SAE failed (the others are finished and saved). `precision`: the step's matmuls in
-    "bf16" (autocast; fp32 weights and Adam state) or "fp32"; "auto" is bf16 on CUDA, fp32 elsewhere."""
+    "bf16" (autocast; fp32 weights and Adam state), "tf32" (CUDA) or "fp32"; "auto" is bf16 on
+    CUDA, fp32 elsewhere."""
     from visae.store import ActivationStore, TokenLoader
 
     started = time.time()
@@ -365,7 +367,10 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
             for m in running[:3]), refresh=False)
         return [m for m in running if m.status == "running"]
 
+    matmul_before = torch.get_float32_matmul_precision()  # a global setting: restored below
     try:
+        if precision == "tf32" and str(device).startswith("cuda"):
+            torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
         running = [m for m in members if m.status == "running"]
         if running:
             norm_cache: dict = {}
@@ -392,6 +397,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
             flush(running)
         save_state()
     finally:
+        torch.set_float32_matmul_precision(matmul_before)
         if any(m.status == "failed" for m in members):
             bar.leave = False  # the error names what finished: no summary line before it
         bar.close()
@@ -444,7 +450,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
     p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="matmuls in bf16 (autocast, fp32 weights and Adam state) or fp32; auto: bf16 on CUDA")
+                   help="matmuls in bf16 (autocast, fp32 weights and Adam state), tf32 (CUDA) or fp32; auto: bf16 on CUDA")
     p.add_argument("--heldout", type=open_fraction, default=0.1, help="fraction of images kept out of training")
     p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")
     p.add_argument("--split-seed", type=nonneg_int, default=0, help="seed of the train / held-out split of the images")
