@@ -124,6 +124,38 @@ def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return F.embedding_bag(idx, sae.W_dec, per_sample_weights=weights, mode="sum") + sae.b_dec
 
 
+def relu_grads_on_device(sae, xn: torch.Tensor, sparsity_coeff: float):
+    """A ReLU-L1 step with its gradients in `.grad`, as torch ops alone (no host read): the CPU
+    step's five products (see ReLUSAE.compute_grads; autograd would form dL/dx as a sixth) in
+    bf16 when autocast is on, fp32 otherwise; residual, losses and gradients kept in fp32."""
+    B, d = xn.shape
+    low = torch.bfloat16 if torch.is_autocast_enabled(xn.device.type) else xn.dtype
+    with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
+        xa = torch.cat([xn - sae.b_dec, xn.new_ones(B, 1)], 1)  # [xc, 1]
+        xa_low = xa.to(low)
+        f = torch.mm(xa_low, torch.cat([sae.W_enc, sae.b_enc[None]], 0).to(low)).relu_()  # [B, h]
+        err = torch.mm(f, sae.W_dec.to(low)).float().add_(sae.b_dec).sub_(xn)  # x̂ − x
+        mse = err.pow(2).mean()
+        g_x = err * (2.0 / (B * d))  # dL/dx̂
+        ga = torch.cat([g_x, g_x.new_ones(B, 1)], 1).to(low)  # [dL/dx̂, 1]
+        g_dec = torch.mm(f.t(), ga).float()  # [dL/dW_dec, Σ_b f]
+        l1 = g_dec[:, d].sum() / B
+        wd = torch.cat([sae.W_dec, sae.W_dec.new_full((sae.width, 1), sparsity_coeff / B)], 1).to(low)
+        g_pre = torch.mm(ga, wd.t()).mul_(f > 0)  # dL/df = dL/dx̂ W_decᵀ + λ/B, through the ReLU
+        g_enc = torch.mm(xa_low.t(), g_pre).float()  # [dL/dW_enc; dL/db_enc]
+        for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
+            if p.grad is None:
+                p.grad = torch.empty_like(p)
+        sae.W_enc.grad.copy_(g_enc[:d])
+        sae.b_enc.grad.copy_(g_enc[d])
+        sae.W_dec.grad.copy_(g_dec[:, :d])
+        # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
+        torch.sum(g_x, 0, out=sae.b_dec.grad)
+        sae.b_dec.grad.sub_(sae.W_enc @ sae.b_enc.grad)
+        l0 = (f > 0).sum() / B
+    return mse + sparsity_coeff * l1, {"mse": mse, "l1": l1, "l0": l0, "fired": g_dec[:, d] > 0}
+
+
 def topk_grads_on_device(sae, xn: torch.Tensor):
     """A TopK step (MSE + AuxK) with its gradients in `.grad`, as torch ops alone: no host read,
     no data-dependent shape, so a CUDA step is queued without waiting. Returns (loss, metrics).

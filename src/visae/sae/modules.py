@@ -29,7 +29,7 @@ from torch import nn
 
 from visae.sae.config import ARCH_KEYS, INITS
 from visae.sae.kernels import (_relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace,
-                               topk_grads_on_device)
+                               relu_grads_on_device, topk_grads_on_device)
 
 # The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
 # - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
@@ -204,9 +204,15 @@ class ReLUSAE(SAE):
         [xc, 1] @ [W_enc; b_enc] is the encoder with its bias; [g_x, 1] @ [W_dec, λ/B]ᵀ is dL/df
         with the L1 gradient already added; fᵀ [g_x, 1] gives dL/dW_dec and Σ_b f (L1 and
         `fired`); [xc, 1]ᵀ g_pre gives dL/dW_enc and dL/db_enc. dL/db_dec goes through the
-        encoder as a vector-matrix product. Under autocast (bf16 on CUDA) autograd does the step."""
+        encoder as a vector-matrix product. On other devices (CUDA) the same five products in
+        torch ops alone, in bf16 under autocast (`relu_grads_on_device`); on CPU under autocast,
+        autograd."""
         if (not torch.is_grad_enabled() or xn.dtype != self.W_enc.dtype or xn.dim() != 2
-                or xn.device != self.W_enc.device or torch.is_autocast_enabled(xn.device.type)):
+                or xn.device != self.W_enc.device):
+            return super().compute_grads(xn, sparsity_coeff)
+        if self.device_path(xn):
+            return relu_grads_on_device(self, xn, sparsity_coeff)
+        if torch.is_autocast_enabled(xn.device.type):
             return super().compute_grads(xn, sparsity_coeff)
         with torch.no_grad():
             B, d = xn.shape
