@@ -55,6 +55,13 @@ def test_extract(tmp_path, capsys, fashion_mnist_dir, monkeypatch):
     assert r["ratios"]["extract_vs_forward"] == r["extract_images_per_s"] / r["forward_images_per_s"]
 
 
+def test_extract_precision_is_checked(tmp_path, capsys):
+    assert cli.main(["bench", "extract", "--precision", "bf32", "--out", str(tmp_path / "bench")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision invalid choice: 'bf32'" in err[0], err
+    assert not (tmp_path / "bench").exists()
+
+
 @pytest.mark.parametrize("given", [False, True], ids=["synthetic", "existing-store"])
 def test_loader(tmp_path, capsys, given):
     argv = ["loader", "--batch-size", "16", "--d-model", "8", "--dtype", "float32"]

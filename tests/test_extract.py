@@ -225,6 +225,15 @@ def test_fp16_overflow_is_refused_and_leaves_no_store(tmp_path, cifar10_dir, mon
     assert msg.endswith("beyond float16's ±65,504: extract with dtype bf16 or fp32 "
                         "(--dtype, or dtype: under extract: in the config)") and "\n" not in msg
     assert not (tmp_path / "a").exists()
+    # in an fp16 forward pass the same block overflows inside the model (NaN from there on),
+    # whatever the store's dtype
+    plan = plan_extract(SMALL, spec, [1, 2], batch_size=2, max_images=2, dtype="bf16", backbone=bb)
+    with pytest.raises(VisaeError) as err:
+        run_extract(plan, tmp_path / "c", precision="fp16", progress=False, num_workers=0)
+    assert str(err.value) == ("layer 2 of vit_tiny_patch16_224 has NaN activations: the fp16 forward pass overflowed "
+                              "float16's ±65,504; extract with precision bf16 or fp32 "
+                              "(--precision, or precision: under extract: in the config)")
+    assert not (tmp_path / "c").exists()
 
     # the patch embedding scaled up instead: the grey images fit, the photos overflow, so the
     # first shard is finished before the second fails, and it goes too (it can never be completed)
@@ -353,17 +362,17 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def test_bf16_autocast_is_close_to_fp32_and_recorded(tmp_path, cifar10_dir):
+def test_autocast_is_close_to_fp32_and_recorded(tmp_path, cifar10_dir):
     spec = {"format": "imagefolder", "root": str(cifar10_dir)}
     # 10 images in shards of 4 (the last one short), batches of 3: host buffers are reused
     plan = plan_extract(SMALL, spec, [1, -1], dtype="fp32", batch_size=3, max_images=10, shard_images=4)
     stores = {p: run_extract(plan, tmp_path / p, precision=p, progress=False, num_workers=0)
-              for p in ("fp32", "bf16", "auto")}
+              for p in ("fp32", "bf16", "fp16", "auto")}
     dataset = open_dataset(spec)
     pixels = torch.stack([plan.backbone.transform(dataset[i].image) for i in range(10)])
     expected = plan.backbone.record(pixels, [1, 3])
     for i, layer in enumerate([1, 3]):
-        fp32, bf16, auto = (ActivationStore(stores[p][i]) for p in ("fp32", "bf16", "auto"))
+        fp32, bf16, fp16, auto = (ActivationStore(stores[p][i]) for p in ("fp32", "bf16", "fp16", "auto"))
         assert torch.equal(fp32.images(0, 10), expected[layer][:, plan.token_idx])  # the model's own outputs
         # on CPU auto is fp32: the same files as before the option, and no precision recorded
         for name in sorted(q.name for q in stores["fp32"][i].glob("*.npy")):
@@ -375,6 +384,9 @@ def test_bf16_autocast_is_close_to_fp32_and_recorded(tmp_path, cifar10_dir):
         err = _rel_err(bf16.images(0, 10), fp32.images(0, 10))
         assert 1e-4 < err < 0.02, err
         assert verify_store(stores["bf16"][i]) == []
+        # fp16 autocast works on CPU too: 11 significant bits (2^-11 = 0.0005; 0.0004 measured)
+        assert fp16.info.job["precision"] == "fp16"
+        assert 1e-5 < _rel_err(fp16.images(0, 10), fp32.images(0, 10)) < 0.003
 
 
 def test_resume_at_another_precision_is_refused(tmp_path, capsys, cifar10_dir):
@@ -448,10 +460,24 @@ def test_cuda_fp32_matches_cpu_without_a_host_sync_per_batch(tmp_path, cifar10_d
 @CUDA
 def test_cuda_bf16_by_default(tmp_path, cifar10_dir):
     spec = {"format": "imagefolder", "root": str(cifar10_dir)}
-    plan = plan_extract(SMALL, spec, [1, -1], dtype="fp32", batch_size=4, max_images=8, shard_images=4)
+    plan = plan_extract(SMALL, spec, [1, -1], batch_size=4, max_images=8, shard_images=4)  # fp16 stores
     cpu = run_extract(plan, tmp_path / "cpu", device="cpu", progress=False, num_workers=0)
     gpu = run_extract(plan, tmp_path / "gpu", device="cuda", progress=False)  # auto: bf16 on CUDA
     for c, g in zip(cpu, gpu):
         a, b = ActivationStore(g), ActivationStore(c)
         assert a.info.job == b.info.job | {"precision": "bf16"} and verify_store(g) == []
-        assert 1e-4 < _rel_err(a.images(0, 8), b.images(0, 8)) < 0.02  # as on CPU (test above)
+        # the bound of test_autocast_is_close_to_fp32_and_recorded, on CPU
+        assert 1e-4 < _rel_err(a.images(0, 8), b.images(0, 8)) < 0.02
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_fp16_range_is_checked_once_a_shard(tmp_path, cifar10_dir):
+    bb = load_backbone(SMALL)
+    with torch.no_grad():
+        bb.model.blocks[2].mlp.fc2.weight.mul_(1e7)
+    spec = _grey_then_real(tmp_path, cifar10_dir)
+    plan = plan_extract(SMALL, spec, [1, 2], batch_size=2, max_images=4, shard_images=4, backbone=bb)
+    with pytest.raises(VisaeError, match="^layer 2 of vit_tiny_patch16_224 has activations up to [0-9.e+]+, beyond float16.s"):
+        run_extract(plan, tmp_path / "a", device="cuda", precision="fp32", progress=False)
+    assert not (tmp_path / "a").exists()

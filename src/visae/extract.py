@@ -304,6 +304,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     bar = progress_bar(total=plan.n_images, initial=start_image, desc="extract", unit="images", enabled=progress)
     token_idx = torch.from_numpy(plan.token_idx).to(model_device)  # on the device: indexing copies no index
     store_dtype = STORE_DTYPES[plan.dtype][1]
+    check_range = plan.dtype == "float16" or precision == "fp16"  # float16 in the store or the forward pass
     try:
         shard, filled, buffers, peaks = first, 0, None, {}
         for pixels, labels, plabels, error in loader:
@@ -318,8 +319,8 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
             n = len(labels)
             # Converted on the device and copied without waiting: the host waits once a shard.
             for layer in plan.layers:
-                kept = acts[layer][:, token_idx]
-                if plan.dtype == "float16":  # the largest |activation| so far, kept on the device
+                kept = acts[layer].index_select(1, token_idx)
+                if check_range:  # the largest |activation| so far, kept on the device
                     peak = kept.abs().amax()
                     peaks[layer] = peak if layer not in peaks else torch.maximum(peaks[layer], peak)
                 buffers[layer]["acts"][filled:filled + n].copy_(kept.to(store_dtype), non_blocking=True)
@@ -334,7 +335,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                     torch.cuda.synchronize(model_device)  # the shard's copies have landed
                 for layer, requested in zip(plan.layers, plan.requested):
                     if layer in peaks:
-                        _check_fp16_range(float(peaks[layer]), requested, backbone.name)
+                        _check_fp16_range(float(peaks[layer]), requested, backbone.name, plan.dtype, precision)
                 jobs.put((shard, buffers))
                 shard, filled, buffers, peaks = shard + 1, 0, None, {}
     finally:
@@ -363,11 +364,21 @@ def _store_hash(writer: StoreWriter) -> str:
     return ActivationStore(writer.root).store_hash
 
 
-def _check_fp16_range(peak: float, layer: int, model_name: str) -> None:
+def _check_fp16_range(peak: float, layer: int, model_name: str, dtype: str, precision: str) -> None:
+    """`peak`: a layer's largest |activation| in a shard, against float16's range where the store
+    (dtype) or the forward pass (precision) is float16. An fp16 forward pass that overflows gives
+    NaN from there on."""
+    fixes = []
+    if dtype == "float16":
+        fixes.append("dtype bf16 or fp32 (--dtype, or dtype: under extract: in the config)")
+    if precision == "fp16":
+        fixes.append("precision bf16 or fp32 (--precision, or precision: under extract: in the config)")
     if peak > FP16_MAX:
         raise Fp16Overflow(f"layer {layer} of {model_name} has activations up to {peak:.4g}, beyond float16's "
-                           f"±65,504: extract with dtype bf16 or fp32 "
-                           f"(--dtype, or dtype: under extract: in the config)")
+                           f"±65,504: extract with {' and '.join(fixes)}")
+    if precision == "fp16" and peak != peak:
+        raise Fp16Overflow(f"layer {layer} of {model_name} has NaN activations: the fp16 forward pass overflowed "
+                           f"float16's ±65,504; extract with {fixes[-1]}")
 
 
 def _remove_empty(writers, out: Path, unfinishable: bool = False) -> None:
