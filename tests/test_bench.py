@@ -10,6 +10,7 @@ from pathlib import Path
 from statistics import median_high
 
 import pytest
+import torch
 
 from visae import cli
 from visae.tools import bench
@@ -35,16 +36,30 @@ def run_bench(argv: list[str], out: Path, capsys) -> dict:
     return written
 
 
-def test_extract(tmp_path, capsys, fashion_mnist_dir):
+def test_extract(tmp_path, capsys, fashion_mnist_dir, monkeypatch):
+    from visae.models.backbone import Backbone
+    autocast = []  # each forward pass's autocast dtype (None: none), the reference's and the extraction's
+    record = Backbone.record
+    monkeypatch.setattr(Backbone, "record", lambda self, px, layers: autocast.append(
+        torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None) or record(self, px, layers))
     r = run_bench(["extract", "--model", "timm:vit_tiny_patch16_224", "--image-size", "32", "--dataset",
                    f"fashion-mnist:{fashion_mnist_dir}", "--layers", "-2", "--images", "8", "--batch-size", "4",
-                   "--workers", "0", "--device", "cpu"], tmp_path / "bench", capsys)
+                   "--workers", "0", "--device", "cpu", "--precision", "bf16"], tmp_path / "bench", capsys)
     p = r["params"]
     assert (p["images"], p["batch_size"], p["layers"], p["image_size"]) == (8, 4, [10], [32, 32])
+    assert (p["precision"], p["workers"]) == ("bf16", 0)
+    assert autocast == [torch.bfloat16] * 8  # warm-up, before, extraction, after: 2 batches each
     assert r["goals"] == {"extract_vs_forward": 0.8}
     runs = r["forward_images_per_s_runs"]
     assert len(runs) == 2 and r["forward_images_per_s"] == (runs[0] + runs[1]) / 2
     assert r["ratios"]["extract_vs_forward"] == r["extract_images_per_s"] / r["forward_images_per_s"]
+
+
+def test_extract_precision_is_checked(tmp_path, capsys):
+    assert cli.main(["bench", "extract", "--precision", "bf32", "--out", str(tmp_path / "bench")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--precision invalid choice: 'bf32'" in err[0], err
+    assert not (tmp_path / "bench").exists()
 
 
 @pytest.mark.parametrize("given", [False, True], ids=["synthetic", "existing-store"])

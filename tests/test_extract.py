@@ -165,6 +165,8 @@ def test_bad_inputs_fail_with_one_line_and_no_output(tmp_path, capsys, cifar10_d
     assert "layer 12 is out of range" in line and "0..11" in line
     line = _one_line_error(capsys, base + tiny + cifar + ["--dtype", "fp8"])
     assert "unknown dtype 'fp8'" in line
+    line = _one_line_error(capsys, base + tiny + cifar + ["--precision", "fp8"])
+    assert "--precision invalid choice: 'fp8'" in line and "'auto', 'fp32', 'bf16', 'fp16'" in line
     assert not out.exists()
 
     # a corrupt JPEG: the file is named and no store is left behind
@@ -223,6 +225,15 @@ def test_fp16_overflow_is_refused_and_leaves_no_store(tmp_path, cifar10_dir, mon
     assert msg.endswith("beyond float16's ±65,504: extract with dtype bf16 or fp32 "
                         "(--dtype, or dtype: under extract: in the config)") and "\n" not in msg
     assert not (tmp_path / "a").exists()
+    # in an fp16 forward pass the same block overflows inside the model (NaN from there on),
+    # whatever the store's dtype
+    plan = plan_extract(SMALL, spec, [1, 2], batch_size=2, max_images=2, dtype="bf16", backbone=bb)
+    with pytest.raises(VisaeError) as err:
+        run_extract(plan, tmp_path / "c", precision="fp16", progress=False, num_workers=0)
+    assert str(err.value) == ("layer 2 of vit_tiny_patch16_224 has NaN activations: the fp16 forward pass overflowed "
+                              "float16's ±65,504; extract with precision bf16 or fp32 "
+                              "(--precision, or precision: under extract: in the config)")
+    assert not (tmp_path / "c").exists()
 
     # the patch embedding scaled up instead: the grey images fit, the photos overflow, so the
     # first shard is finished before the second fails, and it goes too (it can never be completed)
@@ -245,7 +256,7 @@ def test_fp16_overflow_is_refused_and_leaves_no_store(tmp_path, cifar10_dir, mon
     assert torch.isfinite(acts).all() and acts.abs().max() > 65504 and verify_store(path) == []
 
 
-def _interrupted(plan, out: Path, after_calls: int) -> None:
+def _interrupted(plan, out: Path, after_calls: int, precision: str = "auto") -> None:
     """Run an extraction that is stopped (as by Ctrl-C) after `after_calls` forward passes."""
     record, calls = plan.backbone.record, []
 
@@ -258,7 +269,7 @@ def _interrupted(plan, out: Path, after_calls: int) -> None:
     plan.backbone.record = stop
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_extract(plan, out, progress=False, num_workers=0)
+            run_extract(plan, out, precision=precision, progress=False, num_workers=0)
     finally:
         del plan.backbone.record
 
@@ -343,3 +354,130 @@ def test_paper_patch_vote_reaches_the_store(tmp_path, camvid_dir, clip):
     from visae.extract import resolve_dataset_spec
     args = argparse.Namespace(dataset=f"camvid:{camvid_dir}", split=None, patch_vote="all-pixel-mode", config=None)
     assert resolve_dataset_spec(args) == {"format": "camvid", "root": str(camvid_dir), "patch_vote": "all-pixel-mode"}
+
+
+# --- the forward pass's precision --------------------------------------------------------------
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_autocast_is_close_to_fp32_and_recorded(tmp_path, cifar10_dir):
+    spec = {"format": "imagefolder", "root": str(cifar10_dir)}
+    # 10 images in shards of 4 (the last one short), batches of 3: host buffers are reused
+    plan = plan_extract(SMALL, spec, [1, -1], dtype="fp32", batch_size=3, max_images=10, shard_images=4)
+    stores = {p: run_extract(plan, tmp_path / p, precision=p, progress=False, num_workers=0)
+              for p in ("fp32", "bf16", "fp16", "auto")}
+    dataset = open_dataset(spec)
+    pixels = torch.stack([plan.backbone.transform(dataset[i].image) for i in range(10)])
+    expected = plan.backbone.record(pixels, [1, 3])
+    for i, layer in enumerate([1, 3]):
+        fp32, bf16, fp16, auto = (ActivationStore(stores[p][i]) for p in ("fp32", "bf16", "fp16", "auto"))
+        assert torch.equal(fp32.images(0, 10), expected[layer][:, plan.token_idx])  # the model's own outputs
+        # on CPU auto is fp32: the same files as before the option, and no precision recorded
+        for name in sorted(q.name for q in stores["fp32"][i].glob("*.npy")):
+            assert (stores["fp32"][i] / name).read_bytes() == (stores["auto"][i] / name).read_bytes()
+        assert "precision" not in fp32.info.job and auto.info.job == fp32.info.job
+        assert bf16.info.job == fp32.info.job | {"precision": "bf16"}
+        # bf16 rounds every matmul's inputs to 8 significant bits (relative 2^-8 = 0.0039); a few
+        # blocks deep that stays about there (0.003 measured), well under 0.02; fp32 would be 0.
+        err = _rel_err(bf16.images(0, 10), fp32.images(0, 10))
+        assert 1e-4 < err < 0.02, err
+        assert verify_store(stores["bf16"][i]) == []
+        # fp16 autocast works on CPU too: 11 significant bits (2^-11 = 0.0005; 0.0004 measured)
+        assert fp16.info.job["precision"] == "fp16"
+        assert 1e-5 < _rel_err(fp16.images(0, 10), fp32.images(0, 10)) < 0.003
+
+
+def test_resume_at_another_precision_is_refused(tmp_path, capsys, cifar10_dir):
+    spec = {"format": "imagefolder", "root": str(cifar10_dir)}
+    plan = plan_extract(SMALL, spec, [2], batch_size=2, max_images=6, shard_images=2)
+    out = tmp_path / "out"
+    _interrupted(plan, out, after_calls=1)  # auto: fp32 on CPU
+    before = {p.name: p.read_bytes() for p in (out / "layer_2").iterdir()}
+    with pytest.raises(VisaeError) as err:
+        run_extract(plan, out, precision="bf16", progress=False, num_workers=0)
+    assert str(err.value) == (f"{out / 'layer_2'} holds a store made with other settings (different precision): "
+                              f"remove it or choose another output folder")
+    assert {p.name: p.read_bytes() for p in (out / "layer_2").iterdir()} == before
+    # the CLI's --precision reaches it too (the model is the same random init)
+    small = json.dumps({"name": "vit_tiny_patch16_224", **SMALL})  # the name plan_extract gives it
+    line = _one_line_error(capsys, ["extract", "--model", small, "--dataset", f"imagefolder:{cifar10_dir}",
+                                    "--layers", "2", "--max-images", "6", "--batch-size", "2",
+                                    "--shard-images", "2", "--workers", "0", "--no-progress",
+                                    "--precision", "fp16", "--out", str(out)])
+    assert line.endswith("made with other settings (different precision): remove it or choose another output folder")
+    # a bf16 store resumes at bf16 only, and ends as an uninterrupted bf16 run
+    ref = run_extract(plan, tmp_path / "ref", precision="bf16", progress=False, num_workers=0)[0]
+    bf16 = tmp_path / "bf16"
+    _interrupted(plan, bf16, after_calls=1, precision="bf16")
+    with pytest.raises(VisaeError, match="other settings \\(different precision\\)"):
+        run_extract(plan, bf16, precision="fp32", progress=False, num_workers=0)
+    (path,) = run_extract(plan, bf16, precision="bf16", progress=False, num_workers=0)
+    assert ActivationStore(path).info.job["precision"] == "bf16"
+    for name in sorted(q.name for q in ref.glob("*.npy")):
+        assert (ref / name).read_bytes() == (path / name).read_bytes(), name
+    with pytest.raises(VisaeError, match="^unknown precision 'fp8': use one of auto, fp32, bf16, fp16$"):
+        run_extract(plan, tmp_path / "bad", precision="fp8", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_fp32_matches_cpu_without_a_host_sync_per_batch(tmp_path, cifar10_dir):
+    spec = {"format": "imagefolder", "root": str(cifar10_dir)}
+    plan = plan_extract(SMALL, spec, [1, -1], dtype="fp32", batch_size=3, max_images=10, shard_images=4)
+    cpu = run_extract(plan, tmp_path / "cpu", device="cpu", progress=False, num_workers=0)
+    # From the first forward pass on, any synchronising CUDA call (a blocking copy, .item()) raises;
+    # the one wait a shard, torch.cuda.synchronize, is not one of them.
+    record, calls = plan.backbone.record, []
+
+    def strict(px, layers):
+        torch.cuda.set_sync_debug_mode("error")
+        calls.append(1)
+        return record(px, layers)
+
+    plan.backbone.record = strict
+    try:
+        gpu = run_extract(plan, tmp_path / "gpu", device="cuda", precision="fp32", progress=False, num_workers=2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        del plan.backbone.record
+    assert len(calls) == 5  # batches of 3 and 1, 3 and 1, 2: none crosses a shard's end
+    for c, g in zip(cpu, gpu):
+        a, b = ActivationStore(g), ActivationStore(c)
+        assert "precision" not in a.info.job and a.info.job == b.info.job
+        assert np.array_equal(a.labels, b.labels)
+        # cuDNN's convolutions run in TF32 by default (10-bit mantissa, relative 5e-4): the patch
+        # embedding differs by about that, and the blocks carry it on
+        assert _rel_err(a.images(0, 10), b.images(0, 10)) < 2e-3
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_bf16_by_default(tmp_path, cifar10_dir):
+    spec = {"format": "imagefolder", "root": str(cifar10_dir)}
+    plan = plan_extract(SMALL, spec, [1, -1], batch_size=4, max_images=8, shard_images=4)  # fp16 stores
+    cpu = run_extract(plan, tmp_path / "cpu", device="cpu", progress=False, num_workers=0)
+    gpu = run_extract(plan, tmp_path / "gpu", device="cuda", progress=False)  # auto: bf16 on CUDA
+    for c, g in zip(cpu, gpu):
+        a, b = ActivationStore(g), ActivationStore(c)
+        assert a.info.job == b.info.job | {"precision": "bf16"} and verify_store(g) == []
+        # the bound of test_autocast_is_close_to_fp32_and_recorded, on CPU
+        assert 1e-4 < _rel_err(a.images(0, 8), b.images(0, 8)) < 0.02
+
+
+@pytest.mark.cuda
+@CUDA
+def test_cuda_fp16_range_is_checked_once_a_shard(tmp_path, cifar10_dir):
+    bb = load_backbone(SMALL)
+    with torch.no_grad():
+        bb.model.blocks[2].mlp.fc2.weight.mul_(1e7)
+    spec = _grey_then_real(tmp_path, cifar10_dir)
+    plan = plan_extract(SMALL, spec, [1, 2], batch_size=2, max_images=4, shard_images=4, backbone=bb)
+    with pytest.raises(VisaeError, match="^layer 2 of vit_tiny_patch16_224 has activations up to [0-9.e+]+, beyond"):
+        run_extract(plan, tmp_path / "a", device="cuda", precision="fp32", progress=False)
+    assert not (tmp_path / "a").exists()

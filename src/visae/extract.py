@@ -8,6 +8,7 @@ resumes at the first unfinished shard and ends with byte-identical files (on CPU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import queue
@@ -32,6 +33,8 @@ from visae.store.meta import StoreLayout, StoreMeta
 from visae.store.writer import StoreWriter
 
 TOKEN_CHOICES = ("patches", "cls", "all")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the forward pass; the store's dtype is separate
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size target
 FP16_MAX = 65504.0  # beyond it a float16 is inf
 
@@ -202,15 +205,37 @@ def _batch_sampler(start: int, n_images: int, shard_images: int, batch_size: int
             yield list(range(a, min(a + batch_size, shard_stop)))
 
 
-def default_workers() -> int:
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+def default_workers(device: str = "cpu") -> int:
+    """Decoding workers: on CPU they share the cores with the forward pass; on CUDA the
+    forward needs none, so all but the main process's core decode."""
+    cores = (os.cpu_count() or 1) - 1
+    return max(0, min(16 if torch.device(device).type == "cuda" else 4, cores))
 
 
-def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu",
+def resolve_precision(precision: str, device: str) -> str:
+    """The forward pass's precision: "auto" is bf16 on CUDA (tensor cores) and fp32 on CPU."""
+    if precision not in PRECISIONS:
+        raise VisaeError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(precision: str, device: str):
+    """The context the forward pass runs in: torch.autocast at bf16/fp16, nothing at fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu", precision: str = "auto",
                 num_workers: int | None = None, progress: bool = True,
                 config: dict | None = None) -> list[Path]:
-    """Write one store per layer under `out`; return their paths."""
+    """Write one store per layer under `out`; return their paths. `precision` is the forward
+    pass's (PRECISIONS); other than fp32 it is recorded in each store's job (meta.json), so a
+    resume at another precision is refused."""
     started = time.time()
+    precision = resolve_precision(precision, device)
     backbone, dataset = plan.backbone, plan.dataset
     out = Path(out)
     clean_stale_temps(out)  # a killed run's temporary files, in every store below
@@ -237,6 +262,8 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
         job = {"model": {k: v for k, v in model_info.items() if k != "weights"}, "dataset": dataset_info,
                "layer": layer, "layout": plan.layout.to_dict(), "dtype": plan.dtype, "n_images": plan.n_images,
                "batch_size": plan.batch_size, "shard_images": plan.shard_images}
+        if precision != "fp32":  # absent: fp32, as every store made before the option
+            job["precision"] = precision
         # Named as requested (layer_-2), so a workflow can name the folder without loading the model.
         writers[layer] = StoreWriter(out / layer_dir(requested), meta, job, plan.shard_images, plan.n_images)
     (out / EXTRACT_MARKER).unlink(missing_ok=True)
@@ -247,57 +274,70 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
 
     model_device = torch.device(device)
     backbone.to(model_device)
-    workers = default_workers() if num_workers is None else num_workers
+    cuda = model_device.type == "cuda"
+    workers = default_workers(device) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _Samples(dataset, backbone), batch_sampler=list(_batch_sampler(start_image, plan.n_images,
                                                                        plan.shard_images, plan.batch_size)),
-        collate_fn=_collate, num_workers=workers, pin_memory=model_device.type == "cuda",
+        collate_fn=_collate, num_workers=workers, pin_memory=cuda,
         prefetch_factor=4 if workers else None, persistent_workers=False)
 
     jobs: queue.Queue = queue.Queue(maxsize=2)
+    spare: queue.SimpleQueue = queue.SimpleQueue()  # written shards' buffers, filled again
     failure: list[BaseException] = []
 
     def write_loop():
         while (job := jobs.get()) is not None:
-            if failure:
-                continue
-            index, arrays = job
-            try:
-                for layer, w in writers.items():
-                    if index >= done[layer]:
-                        w.write_shard(index, arrays[layer])
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                failure.append(err)
+            index, buffers = job
+            if not failure:
+                try:
+                    arrays = _shard_arrays(buffers, plan.dtype, writers[plan.layers[0]].shard_range(index))
+                    for layer, w in writers.items():
+                        if index >= done[layer]:
+                            w.write_shard(index, arrays[layer])
+                except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                    failure.append(err)
+            spare.put(buffers)
 
     writer_thread = threading.Thread(target=write_loop, daemon=True)
     writer_thread.start()
     bar = progress_bar(total=plan.n_images, initial=start_image, desc="extract", unit="images", enabled=progress)
-    token_idx = torch.from_numpy(plan.token_idx)
+    token_idx = torch.from_numpy(plan.token_idx).to(model_device)  # on the device: indexing copies no index
+    store_dtype = STORE_DTYPES[plan.dtype][1]
+    check_range = plan.dtype == "float16" or precision == "fp16"  # float16 in the store or the forward pass
     try:
-        shard, filled, buffers = first, 0, None
+        shard, filled, buffers, peaks = first, 0, None, {}
         for pixels, labels, plabels, error in loader:
             if error is not None:
                 raise VisaeError(error)
             if failure:
                 raise failure[0]
             if buffers is None:
-                lo, hi = writers[plan.layers[0]].shard_range(shard)
-                buffers = _new_buffers(plan, hi - lo, plabels is not None)
-            acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
+                buffers = _buffers(spare, plan, plabels is not None, pin=cuda)
+            with autocast(precision, device):
+                acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
             n = len(labels)
-            for layer, requested in zip(plan.layers, plan.requested):
-                kept = acts[layer][:, token_idx]
-                if plan.dtype == "float16":
-                    _check_fp16_range(kept, requested, backbone.name)
-                buffers[layer]["acts"][filled:filled + n] = to_storage(kept, plan.dtype)
+            # Converted on the device and copied without waiting: the host waits once a shard.
+            for layer in plan.layers:
+                kept = acts[layer].index_select(1, token_idx)
+                if check_range:  # the largest |activation| so far, kept on the device
+                    peak = kept.abs().amax()
+                    peaks[layer] = peak if layer not in peaks else torch.maximum(peaks[layer], peak)
+                buffers[layer]["acts"][filled:filled + n].copy_(kept.to(store_dtype), non_blocking=True)
                 buffers[layer]["labels"][filled:filled + n] = labels
                 if plabels is not None:
                     buffers[layer]["patch_labels"][filled:filled + n] = plabels
             filled += n
             bar.update(n)
-            if filled == len(buffers[plan.layers[0]]["labels"]):
+            lo, hi = writers[plan.layers[0]].shard_range(shard)
+            if filled == hi - lo:
+                if cuda:
+                    torch.cuda.synchronize(model_device)  # the shard's copies have landed
+                for layer, requested in zip(plan.layers, plan.requested):
+                    if layer in peaks:
+                        _check_fp16_range(float(peaks[layer]), requested, backbone.name, plan.dtype, precision)
                 jobs.put((shard, buffers))
-                shard, filled, buffers = shard + 1, 0, None
+                shard, filled, buffers, peaks = shard + 1, 0, None, {}
     finally:
         jobs.put(None)  # the writer finishes the shards already queued, then stops
         writer_thread.join()
@@ -324,12 +364,21 @@ def _store_hash(writer: StoreWriter) -> str:
     return ActivationStore(writer.root).store_hash
 
 
-def _check_fp16_range(acts: torch.Tensor, layer: int, model_name: str) -> None:
-    peak = float(acts.abs().amax()) if acts.numel() else 0.0
+def _check_fp16_range(peak: float, layer: int, model_name: str, dtype: str, precision: str) -> None:
+    """`peak`: a layer's largest |activation| in a shard, against float16's range where the store
+    (dtype) or the forward pass (precision) is float16. An fp16 forward pass that overflows gives
+    NaN from there on."""
+    fixes = []
+    if dtype == "float16":
+        fixes.append("dtype bf16 or fp32 (--dtype, or dtype: under extract: in the config)")
+    if precision == "fp16":
+        fixes.append("precision bf16 or fp32 (--precision, or precision: under extract: in the config)")
     if peak > FP16_MAX:
         raise Fp16Overflow(f"layer {layer} of {model_name} has activations up to {peak:.4g}, beyond float16's "
-                           f"±65,504: extract with dtype bf16 or fp32 "
-                           f"(--dtype, or dtype: under extract: in the config)")
+                           f"±65,504: extract with {' and '.join(fixes)}")
+    if precision == "fp16" and peak != peak:
+        raise Fp16Overflow(f"layer {layer} of {model_name} has NaN activations: the fp16 forward pass overflowed "
+                           f"float16's ±65,504; extract with {fixes[-1]}")
 
 
 def _remove_empty(writers, out: Path, unfinishable: bool = False) -> None:
@@ -346,16 +395,29 @@ def _remove_empty(writers, out: Path, unfinishable: bool = False) -> None:
         out.rmdir()
 
 
-def _new_buffers(plan: ExtractPlan, n: int, with_patch_labels: bool) -> dict:
-    np_dtype = STORE_DTYPES[plan.dtype][0]
-    shape = (n, len(plan.token_idx), plan.backbone.d_model)
+def _buffers(spare: queue.SimpleQueue, plan: ExtractPlan, with_patch_labels: bool, pin: bool) -> dict:
+    """A shard's host buffers (pinned for CUDA's asynchronous copies), shard_images rows each:
+    a written shard's, or new ones while the writer still holds them all."""
+    try:
+        return spare.get_nowait()
+    except queue.Empty:
+        pass
+    shape = (plan.shard_images, len(plan.token_idx), plan.backbone.d_model)
     out = {}
     for layer in plan.layers:
-        out[layer] = {"acts": np.empty(shape, dtype=np_dtype), "labels": np.empty(n, dtype=np.int64)}
+        out[layer] = {"acts": torch.empty(shape, dtype=STORE_DTYPES[plan.dtype][1], pin_memory=pin),
+                      "labels": np.empty(plan.shard_images, dtype=np.int64)}
         if with_patch_labels:
             g = plan.backbone.layout.grid
-            out[layer]["patch_labels"] = np.empty((n, g[0] * g[1]), dtype=np.int16)
+            out[layer]["patch_labels"] = np.empty((plan.shard_images, g[0] * g[1]), dtype=np.int16)
     return out
+
+
+def _shard_arrays(buffers: dict, dtype: str, shard_range: tuple[int, int]) -> dict:
+    """The arrays a shard's files hold: its rows of the buffers, as numpy views (no copy)."""
+    n = shard_range[1] - shard_range[0]
+    return {layer: {kind: to_storage(b[:n], dtype) if kind == "acts" else b[:n] for kind, b in bufs.items()}
+            for layer, bufs in buffers.items()}
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -436,7 +498,12 @@ def add_cli(sub) -> None:
     p.add_argument("--max-images", type=positive_int, help="use only the first N images")
     p.add_argument("--shard-images", type=positive_int, help="images per shard (default: about 256 MiB shards)")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--workers", type=nonneg_int, help=f"data loader workers (default {default_workers()})")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the forward pass's: auto (default: bf16 on CUDA, fp32 on CPU), fp32, or bf16/fp16 "
+                        "autocast; the store's dtype is --dtype")
+    p.add_argument("--workers", type=nonneg_int,
+                   help=f"data loader workers (default {default_workers('cpu')} on CPU, "
+                        f"{default_workers('cuda')} on CUDA)")
     p.add_argument("--out", required=True, help="output folder; each layer goes to OUT/layer_<L> (L as given)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="leave out images that cannot be read (decoded once first) and list them in "
@@ -473,7 +540,7 @@ def cmd_extract(args) -> int:
         plan = skip_unreadable(plan, args.workers)
         for s in plan.skipped:
             print(f"skipped: {s['error']}", file=sys.stderr)
-    paths = run_extract(plan, args.out, device=args.device, num_workers=args.workers,
+    paths = run_extract(plan, args.out, device=args.device, precision=args.precision, num_workers=args.workers,
                         progress=not args.no_progress, config=vars(args) | {"func": None})
     for path in paths:
         meta = StoreMeta.load(path)

@@ -50,8 +50,12 @@ def identity_difference(made_by: dict | None, now: dict | None) -> str:
         return "the store records no model identity"
     if not isinstance(now, dict):
         return "the new model has no recorded identity"
-    keys = sorted(k for k in set(made_by) | set(now) if made_by.get(k) != now.get(k))
-    return "different " + ", ".join(keys)
+    return _different(made_by, now)
+
+
+def _different(old: dict, new: dict) -> str:
+    """The keys whose values two dicts disagree on, e.g. "different precision"."""
+    return "different " + ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
 
 
 class StoreWriter:
@@ -83,8 +87,8 @@ class StoreWriter:
                 raise VisaeError(f"{self.root} holds a store made by another model "
                                  f"({identity_difference(made_by, now)}): remove it or choose another output folder")
             if old.job != self.job:
-                raise VisaeError(f"{self.root} holds a store made with other settings: "
-                                 f"remove it or choose another output folder")
+                raise VisaeError(f"{self.root} holds a store made with other settings "
+                                 f"({_different(old.job, self.job)}): remove it or choose another output folder")
             for shard in old.shards:
                 ok = all((self.root / name).is_file() and sha256_file(self.root / name) == sha
                          for name, sha in shard["files"].items())

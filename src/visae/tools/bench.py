@@ -38,17 +38,21 @@ def _report(result: dict, out_dir: Path) -> dict:
 
 def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None, layers=(-2,),
                   images: int = 64, batch_size: int = 16, workers: int | None = None,
-                  device: str = "cpu", image_size: int | None = None, out_dir: Path = DEFAULT_OUT) -> dict:
+                  device: str = "cpu", image_size: int | None = None, out_dir: Path = DEFAULT_OUT,
+                  precision: str = "auto") -> dict:
     """Images/s of `visae extract` against the model's recording forward pass alone on the same
-    preprocessed tensors (same layers, same batches): the ratio is 1 - data and IO overhead."""
+    preprocessed tensors (same layers, same batches, same precision): the ratio is 1 - data and
+    IO overhead."""
     from visae.data import parse_dataset_arg
-    from visae.extract import plan_extract, run_extract
+    from visae.extract import autocast, default_workers, plan_extract, resolve_precision, run_extract
     from visae.models import parse_model_arg
 
     if dataset is None:
         if not DEFAULT_IMAGES.is_dir():
             raise VisaeError(f"no --dataset given and {DEFAULT_IMAGES} is absent")
         dataset = f"imagenet-sample:{DEFAULT_IMAGES}"
+    precision = resolve_precision(precision, device)
+    workers = default_workers(device) if workers is None else workers
     spec = parse_model_arg(model)
     if image_size:
         spec["image_size"] = image_size
@@ -57,27 +61,34 @@ def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None,
     backbone = plan.backbone.to(device)
     pixels = torch.stack([backbone.transform(plan.dataset[i].image) for i in range(plan.n_images)])
     batches = [pixels[a:a + batch_size].to(device) for a in range(0, plan.n_images, batch_size)]
-    backbone.record(batches[0], plan.layers)  # warm-up
+
+    def sync():  # CUDA runs asynchronously: a timing starts and ends with the device idle
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
 
     def forward_alone() -> float:
+        sync()
         t = time.perf_counter()
-        for b in batches:
-            backbone.record(b, plan.layers)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        with autocast(precision, device):
+            for b in batches:
+                backbone.record(b, plan.layers)
+        sync()
         return plan.n_images / (time.perf_counter() - t)
 
+    forward_alone()  # warm-up
     before = forward_alone()
     with tempfile.TemporaryDirectory() as tmp:
+        sync()
         t = time.perf_counter()
-        run_extract(plan, tmp, device=device, num_workers=workers, progress=False)
+        run_extract(plan, tmp, device=device, precision=precision, num_workers=workers, progress=False)
+        sync()
         extract_ips = plan.n_images / (time.perf_counter() - t)
     after = forward_alone()
     forward_ips = (before + after) / 2
     return _report({
         "bench": "extract",
         "params": {"model": model, "dataset": dataset, "layers": plan.layers, "images": plan.n_images,
-                   "batch_size": batch_size, "workers": workers, "dtype": plan.dtype,
+                   "batch_size": batch_size, "workers": workers, "dtype": plan.dtype, "precision": precision,
                    "image_size": list(backbone.image_size), "torch_threads": torch.get_num_threads()},
         "extract_images_per_s": extract_ips,
         "forward_images_per_s": forward_ips,
@@ -156,6 +167,9 @@ def add_cli(sub) -> None:
     e.add_argument("--workers", type=nonneg_int)
     e.add_argument("--image-size", type=positive_int)
     e.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
+    from visae.extract import PRECISIONS
+    e.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the forward pass's, in both timings: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     e.add_argument("--out", default=str(DEFAULT_OUT))
     e.set_defaults(func=cmd_bench_extract)
     lo = bsub.add_parser("loader", help="loader tokens/s vs a plain sequential read")
@@ -210,7 +224,7 @@ def add_cli(sub) -> None:
 
 def cmd_bench_extract(a) -> int:
     bench_extract(a.model, a.dataset, a.layers, a.images, a.batch_size, a.workers, a.device, a.image_size,
-                  Path(a.out))
+                  Path(a.out), a.precision)
     return 0
 
 
