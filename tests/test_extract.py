@@ -166,7 +166,7 @@ def test_bad_inputs_fail_with_one_line_and_no_output(tmp_path, capsys, cifar10_d
     line = _one_line_error(capsys, base + tiny + cifar + ["--dtype", "fp8"])
     assert "unknown dtype 'fp8'" in line
     line = _one_line_error(capsys, base + tiny + cifar + ["--precision", "fp8"])
-    assert "--precision invalid choice: 'fp8'" in line and "'auto', 'fp32', 'bf16', 'fp16'" in line
+    assert "--precision invalid choice: 'fp8'" in line and "'auto', 'fp32', 'tf32', 'bf16', 'fp16'" in line
     assert not out.exists()
 
     # a corrupt JPEG: the file is named and no store is left behind
@@ -417,7 +417,7 @@ def test_resume_at_another_precision_is_refused(tmp_path, capsys, cifar10_dir):
     assert ActivationStore(path).info.job["precision"] == "bf16"
     for name in sorted(q.name for q in ref.glob("*.npy")):
         assert (ref / name).read_bytes() == (path / name).read_bytes(), name
-    with pytest.raises(VisaeError, match="^unknown precision 'fp8': use one of auto, fp32, bf16, fp16$"):
+    with pytest.raises(VisaeError, match="^unknown precision 'fp8': use one of auto, fp32, tf32, bf16, fp16$"):
         run_extract(plan, tmp_path / "bad", precision="fp8", progress=False)
     assert not (tmp_path / "bad").exists()
 

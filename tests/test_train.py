@@ -361,5 +361,5 @@ def test_bf16_precision_is_applied_and_recorded(tmp_path, store, capsys):
     for name, mse in finals["fp32"].items():
         assert finals["bf16"][name] == pytest.approx(mse, rel=0.2)
         assert not torch.equal(load(tmp_path / "fp32" / name).W_enc, load(tmp_path / "bf16" / name).W_enc)
-    with pytest.raises(VisaeError, match="precision must be one of auto, fp32, tf32, bf16, got 'fp16'"):
+    with pytest.raises(VisaeError, match="unknown precision 'fp16': use one of auto, fp32, tf32, bf16$"):
         train_grid(store, ALL[:1], tmp_path / "x", tokens=64, precision="fp16")

@@ -8,7 +8,6 @@ resumes at the first unfinished shard and ends with byte-identical files (on CPU
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import queue
@@ -26,6 +25,7 @@ from visae.atomic import clean_stale_temps, write_json
 from visae.data.patches import VOTES
 from visae.errors import VisaeError
 from visae.layout import EXTRACT_MARKER, RUN_MARKER, layer_dir
+from visae.precision import PRECISIONS, applied as precision_applied, resolve as resolve_precision
 from visae.progress import progress as progress_bar
 from visae.provenance import package_versions, provenance
 from visae.store.format import STORE_DTYPES, canonical_dtype, to_storage
@@ -33,8 +33,6 @@ from visae.store.meta import StoreLayout, StoreMeta
 from visae.store.writer import StoreWriter
 
 TOKEN_CHOICES = ("patches", "cls", "all")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of the forward pass; the store's dtype is separate
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARD_BYTES = 256 << 20  # default shard size target
 FP16_MAX = 65504.0  # beyond it a float16 is inf
 
@@ -212,22 +210,6 @@ def default_workers(device: str = "cpu") -> int:
     return max(0, min(16 if torch.device(device).type == "cuda" else 4, cores))
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """The forward pass's precision: "auto" is bf16 on CUDA (tensor cores) and fp32 on CPU."""
-    if precision not in PRECISIONS:
-        raise VisaeError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def autocast(precision: str, device: str):
-    """The context the forward pass runs in: torch.autocast at bf16/fp16, nothing at fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
-
-
 def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu", precision: str = "auto",
                 num_workers: int | None = None, progress: bool = True,
                 config: dict | None = None) -> list[Path]:
@@ -235,7 +217,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     pass's (PRECISIONS); other than fp32 it is recorded in each store's job (meta.json), so a
     resume at another precision is refused."""
     started = time.time()
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device)  # PRECISIONS, of the forward pass (not the store's dtype)
     backbone, dataset = plan.backbone, plan.dataset
     out = Path(out)
     clean_stale_temps(out)  # a killed run's temporary files, in every store below
@@ -314,7 +296,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
                 raise failure[0]
             if buffers is None:
                 buffers = _buffers(spare, plan, plabels is not None, pin=cuda)
-            with autocast(precision, device):
+            with precision_applied(precision, device):
                 acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
             n = len(labels)
             # Converted on the device and copied without waiting: the host waits once a shard.

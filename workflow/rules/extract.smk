@@ -23,6 +23,7 @@ rule extract:
         dtype=config["extract"]["dtype"],
         batch_size=config["extract"]["batch_size"],
         device=config["extract"]["device"],
+        precision=config["extract"]["precision"],
         skip_bad="--skip-bad-images" if config["extract"]["skip_bad_images"] else "",
     log:
         RESULTS.log("extract", "{model}", "{dataset}"),
@@ -38,7 +39,8 @@ rule extract:
             "{params.env} visae extract --model {params.model:q} --dataset {params.dataset:q}"
             " --layers {params.layers} {params.weights}"
             " --tokens {params.tokens} --dtype {params.dtype} --batch-size {params.batch_size}"
-            " {params.max_images} --device {params.device} --out {params.out:q} {params.skip_bad} --no-progress"
+            " {params.max_images} --device {params.device} --precision {params.precision} --out {params.out:q}"
+            " {params.skip_bad} --no-progress"
         )
 
 

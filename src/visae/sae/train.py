@@ -28,6 +28,7 @@ from visae.args import device as device_arg, nonneg_int, open_fraction, positive
 from visae.atomic import atomic_path, clean_stale_temps
 from visae.errors import VisaeError
 from visae.layout import RUN_MARKER, SAE_LOG, Identity
+from visae.precision import PRECISIONS, applied as precision_applied, resolve as resolve_precision
 from visae.provenance import config_hash, git_state, provenance
 from visae.sae import checkpoint as ckpt
 from visae.sae.config import ARCH_KEYS, SPARSITY_KEY, validate_grid
@@ -82,7 +83,7 @@ class Member:
         self.skips_on_device = bool(self.opt.defaults.get("fused"))
         if self.skips_on_device:
             self.opt.found_inf = self.found_inf  # read by fused Adam: a set flag skips the update
-        self.bf16 = precision == "bf16"
+        self.precision = precision
         self.steps = max(1, entry["tokens"] // entry["batch_size"])
         self.step, self.tokens, self.status, self.failure = 0, 0, "running", None
         self.last = {}
@@ -111,7 +112,7 @@ class Member:
         lam = sparsity_at(self.step, self.sparsity, self.entry["l1_warmup"])
         self.sae.train()
         self.opt.zero_grad(set_to_none=False)
-        with torch.autocast(xn.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with precision_applied(self.precision, xn.device):  # the rest of the step stays in fp32
             loss, m = self.sae.compute_grads(xn, lam)
         loss = loss.detach().float()
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
@@ -249,17 +250,7 @@ def load_state(path: Path) -> dict:
     return _unpack(tree, tensors)
 
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """"auto" -> bf16 on CUDA (its tensor cores), fp32 elsewhere (a CPU runs bf16 matmuls slower).
-    tf32 (fp32 matmuls on TF32 tensor cores, what saev ran) is fp32 off CUDA."""
-    if precision not in PRECISIONS:
-        raise VisaeError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if str(device).startswith("cuda") else "fp32"
-    return precision
+TRAIN_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp16")  # fp16 training would need loss scaling
 
 
 def unmark_outputs(out: Path) -> None:
@@ -299,7 +290,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
     if tokens is not None:
         for e in entries:
             e["tokens"] = int(tokens)
-    precision = resolve_precision(precision, device)
+    precision = resolve_precision(precision, device, TRAIN_PRECISIONS)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)  # a killed run's half-written state, checkpoints and configs
@@ -369,10 +360,7 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
             for m in running[:3]), refresh=False)
         return [m for m in running if m.status == "running"]
 
-    matmul_before = torch.get_float32_matmul_precision()  # a global setting: restored below
     try:
-        if precision == "tf32" and str(device).startswith("cuda"):
-            torch.set_float32_matmul_precision("high")  # fp32 matmuls on TF32 tensor cores
         running = [m for m in members if m.status == "running"]
         if running:
             norm_cache: dict = {}
@@ -399,7 +387,6 @@ def train_grid(store_path, grid, out, *, tokens: int | None = None, checkpoint_e
             flush(running)
         save_state()
     finally:
-        torch.set_float32_matmul_precision(matmul_before)
         if any(m.status == "failed" for m in members):
             bar.leave = False  # the error names what finished: no summary line before it
         bar.close()
@@ -451,7 +438,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--tokens", type=positive_int, default=None, help="override every entry's training tokens")
     p.add_argument("--checkpoint-every", type=positive_int, default=None, help="tokens between checkpoints")
     p.add_argument("--device", type=device_arg, default="cpu")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+    p.add_argument("--precision", choices=TRAIN_PRECISIONS, default="auto",
                    help="matmuls in bf16 (autocast, fp32 weights and Adam state), tf32 (CUDA) or fp32; auto: bf16 on CUDA")
     p.add_argument("--heldout", type=open_fraction, default=0.1, help="fraction of images kept out of training")
     p.add_argument("--seed", type=nonneg_int, default=0, help="data order seed")

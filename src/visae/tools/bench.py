@@ -44,7 +44,8 @@ def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None,
     preprocessed tensors (same layers, same batches, same precision): the ratio is 1 - data and
     IO overhead."""
     from visae.data import parse_dataset_arg
-    from visae.extract import autocast, default_workers, plan_extract, resolve_precision, run_extract
+    from visae.extract import default_workers, plan_extract, run_extract
+    from visae.precision import applied, resolve as resolve_precision
     from visae.models import parse_model_arg
 
     if dataset is None:
@@ -69,7 +70,7 @@ def bench_extract(model: str = "open_clip:ViT-B-16", dataset: str | None = None,
     def forward_alone() -> float:
         sync()
         t = time.perf_counter()
-        with autocast(precision, device):
+        with applied(precision, device):
             for b in batches:
                 backbone.record(b, plan.layers)
         sync()
@@ -167,7 +168,7 @@ def add_cli(sub) -> None:
     e.add_argument("--workers", type=nonneg_int)
     e.add_argument("--image-size", type=positive_int)
     e.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
-    from visae.extract import PRECISIONS
+    from visae.precision import PRECISIONS
     e.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="the forward pass's, in both timings: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16")
     e.add_argument("--out", default=str(DEFAULT_OUT))
