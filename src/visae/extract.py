@@ -481,8 +481,8 @@ def add_cli(sub) -> None:
     p.add_argument("--shard-images", type=positive_int, help="images per shard (default: about 256 MiB shards)")
     p.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="the forward pass's: auto (default: bf16 on CUDA, fp32 on CPU), fp32, or bf16/fp16 "
-                        "autocast; the store's dtype is --dtype")
+                   help="the forward pass's: auto (default: bf16 on CUDA, fp32 on CPU), fp32, tf32 (CUDA's TF32 "
+                        "matmuls), or bf16/fp16 autocast; the store's dtype is --dtype")
     p.add_argument("--workers", type=nonneg_int,
                    help=f"data loader workers (default {default_workers('cpu')} on CPU, "
                         f"{default_workers('cuda')} on CUDA)")
