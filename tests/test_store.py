@@ -129,6 +129,27 @@ def test_loader_resumes_exactly(tmp_path):
     assert len(resumed) == len(full) and all(torch.equal(x, y) for x, y in zip(resumed, full))
 
 
+
+def test_loader_gathers_ahead_across_an_epoch_end(tmp_path):
+    """One pool of workers serves every epoch: when the last batch of an epoch is handed out,
+    the first 2 x workers batches of the next are already being gathered (a small store
+    trained for many epochs never waits on a drained pipeline)."""
+    make_store(tmp_path / "s")
+    loader = TokenLoader(ActivationStore(tmp_path / "s"), 7, seed=1, epochs=3, workers=2)
+    planned, jobs = [], loader._epoch_jobs
+
+    def spy(epoch, skip):
+        for rows in jobs(epoch, skip):
+            planned.append(epoch)
+            yield rows
+    loader._epoch_jobs = spy
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    assert loader.state_dict() == {"seed": 1, "epoch": 0, "batch_in_epoch": len(loader)}
+    assert planned.count(0) == len(loader) and planned.count(1) == 2 * 2
+    assert len(list(it)) == 2 * len(loader) and loader.state_dict()["epoch"] == 3
+
 def test_loader_filters_labels_tokens_and_range(tmp_path):
     acts = make_store(tmp_path / "s", patch_labels=True)
     store = ActivationStore(tmp_path / "s")

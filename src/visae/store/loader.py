@@ -249,30 +249,41 @@ class TokenLoader:
                 lo, w = end, w + 1
             yield np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _epoch_batches(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
-        jobs = self._epoch_jobs(epoch, skip_batches)
+    def _jobs(self):
+        """(epoch, batch, rows) of every batch from the loader's state on, across epochs."""
+        epoch, skip = self.epoch, self.batch_in_epoch
+        while self.epochs is None or epoch < self.epochs:
+            for b, rows in enumerate(self._epoch_jobs(epoch, skip), start=skip):
+                yield epoch, b, rows
+            epoch, skip = epoch + 1, 0
+
+    def _batches(self) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(epoch, batch, host batch), gathered ahead by one pool of workers that lives across
+        epochs, so an epoch's end does not drain the pipeline (many epochs of a small store)."""
+        jobs = self._jobs()
         if not self.prefetch:
-            for rows in jobs:
-                yield self._gather(rows)
+            for epoch, b, rows in jobs:
+                yield epoch, b, self._gather(rows)
             return
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="visae-loader") as pool:
-            futures: deque = deque(pool.submit(self._gather, r, True) for r in islice(jobs, 2 * self.workers))
+            def submit(n):
+                return ((e, b, pool.submit(self._gather, rows, True)) for e, b, rows in islice(jobs, n))
+            futures: deque = deque(submit(2 * self.workers))
             try:
                 while futures:
-                    batch = futures.popleft().result()
-                    futures.extend(pool.submit(self._gather, r, True) for r in islice(jobs, 1))
-                    yield batch
+                    epoch, b, future = futures.popleft()
+                    batch = future.result()
+                    futures.extend(submit(1))
+                    yield epoch, b, batch
             finally:
-                for future in futures:
+                for *_, future in futures:
                     future.cancel()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        while self.epochs is None or self.epoch < self.epochs:
-            for batch in self._epoch_batches(self.epoch, self.batch_in_epoch):
-                self.batch_in_epoch += 1
-                yield self._deliver(batch)
-            self.epoch += 1
-            self.batch_in_epoch = 0
+        for epoch, b, batch in self._batches():
+            self.epoch, self.batch_in_epoch = epoch, b + 1
+            yield self._deliver(batch)
+        self.epoch, self.batch_in_epoch = self.epochs, 0  # reached only when epochs is finite
 
     def __len__(self) -> int:
         """Batches per epoch."""
