@@ -12,6 +12,7 @@ from statistics import median_high
 import pytest
 
 from visae import cli
+from visae.errors import VisaeError
 from visae.tools import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # `bench train --threads` sets torch's count
@@ -62,13 +63,17 @@ def test_loader(tmp_path, capsys, given):
     assert (p["n_tokens"], p["d_model"], p["batch_size"]) == ((12 * 4, 8, 16) if given else (16 * 196, 8, 16))
     assert r["goals"] == {"loader_vs_sequential_read": 0.8}
     assert r["ratios"]["loader_vs_sequential_read"] == r["loader_tokens_per_s"] / r["sequential_read_tokens_per_s"]
+    assert p["device"] == "cpu" and p["workers"] >= 2
 
 
-def test_train(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_train(tmp_path, capsys, precision):
     r = run_bench(["train", "--d", "16", "--expansion", "2", "--batch", "64", "--k", "4", "--threads", "1",
-                   "--device", "cpu"], tmp_path / "bench", capsys)
+                   "--device", "cpu", "--precision", precision], tmp_path / "bench", capsys)
     p = r["params"]
     assert (p["d"], p["width"], p["batch"], p["k"], p["threads"]) == (16, 32, 64, 4, 1)
+    # auto is fp32 on CPU; bf16 runs the step under CPU autocast against a bf16 matmul reference
+    assert (p["precision"], p["matmul_dtype"]) == {"auto": ("fp32", "float32"), "bf16": ("bf16", "bfloat16")}[precision]
     assert p["flop_per_token"] == 12 * 16 * 32
     assert r["goals"] == {"relu_flops": 0.8, "topk_speedup": 2.0, "loader": 0.9} and "passed" not in r
     rounds = r["round_s"]
@@ -90,6 +95,27 @@ def test_train(tmp_path, capsys):
     assert r["topk_speedup_best_of"] == pytest.approx(tps["topk"] / tps["relu"], rel=1e-12)
     loader = r["loader_tokens_per_s"]
     assert r["ratios"]["loader"] == pytest.approx(loader["store"] / loader["memory"], rel=1e-12)
+    # Not goals on CPU: the loader alone over the fastest step, and ReLU over saev's logged rate.
+    other = r["informative_ratios"]
+    assert set(other) == {"loader_feed", "relu_tokens_per_s_vs_saev"} and p["feed_batches"] == 4 * p["loader_batches"]
+    assert other["loader_feed"] == pytest.approx(r["loader_feed_tokens_per_s"] / tps["topk"], rel=1e-12)
+    assert other["relu_tokens_per_s_vs_saev"] == pytest.approx(tps["relu"] / 42_000, rel=1e-12)
+
+
+def test_train_defaults_follow_the_device():
+    """No shapes given: the CPU reference sizes on CPU, the paper's ViT-B/16 grid on CUDA (with
+    bf16 and the CUDA goals); a shape given is kept on either."""
+    from visae.tools import bench_train as bt
+    assert bt.resolve_shapes("cpu") == {"d": 384, "expansion": 16, "batch": 4096, "k": 32}
+    assert bt.resolve_shapes("cuda:0") == {"d": 768, "expansion": 32, "batch": 16384, "k": 32}
+    assert bt.resolve_shapes("cuda", d=512, k=None)["d"] == 512 and bt.resolve_shapes("cuda", k=None)["k"] == 32
+    assert [bt.resolve_precision(p, dev) for p, dev in [("auto", "cuda"), ("auto", "cpu"), ("fp32", "cuda")]] \
+        == ["bf16", "fp32", "fp32"]
+    assert bt.CUDA_GOALS == {"relu_flops": 0.5, "topk_speedup": 2.0, "loader_feed": 2.0}
+    args = cli.build_parser("bench").parse_args(["bench", "train", "--device", "cpu"])
+    assert (args.d, args.expansion, args.batch, args.k, args.threads, args.precision) == (None,) * 5 + ("auto",)
+    with pytest.raises(VisaeError, match="--precision.*'fp16'"):
+        cli.build_parser("bench").parse_args(["bench", "train", "--precision", "fp16"])
 
 
 def test_default_images_are_found_from_the_repo_root():
