@@ -6,10 +6,14 @@ Timings themselves are noise here; the arithmetic that turns them into ratios is
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from statistics import median_high
 
 import pytest
+import torch
 
 from visae import cli
 from visae.errors import VisaeError
@@ -138,3 +142,48 @@ def test_compare(tmp_path, capsys):
     assert r["memory_bound_bytes"] == working_memory_bytes(160, 160, top_k=128, block=64, chunk=256)
     assert r["ratios"]["memory_bound_vs_peak"] == r["memory_bound_bytes"] / max(r["correlations_peak_bytes"], 1)
     assert r["planted_recovered"] > 0.8 and p["planted_pairs"] == 80 and 0 < p["density_a"] < 0.1
+
+
+def _gpu_script(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "VISAE_BENCH_DATASET", "VISAE_GPU_BUDGET")}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), *args], cwd=tmp_path, text=True,
+                          capture_output=True, env=environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"} | env)
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_writes_everything_under_one_folder(tmp_path, fashion_mnist_dir):
+    """benchmarks/gpu.sh --cpu-smoke: the device script's steps at tiny sizes on CPU (about 30 s):
+    every bench's JSON, each step's log, the CUDA tests' junit XML (skipped here, with their
+    reason) and summary.json land in the one folder given, and the summary sets each ratio
+    next to its goal."""
+    out = tmp_path / "gpu"
+    p = _gpu_script(["--cpu-smoke", str(out)], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    benches = {"train": "train", "loader": "loader", "loader-device": "loader", "extract": "extract"}
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        [f"{s}.{ext}" for s in benches for ext in ("json", "log")]
+        + ["pytest-cuda.log", "pytest-cuda.xml", "steps.tsv", "summary.json"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == [*benches, "pytest-cuda"] and {s["status"] for s in summary.values()} == {"ok"}
+    for step, name in benches.items():
+        result = json.loads((out / f"{step}.json").read_text())
+        assert result["bench"] == name and result["params"].get("device", "cpu") == "cpu"
+        assert {k: r["ratio"] for k, r in summary[step]["ratios"].items()} == result["ratios"]
+        for k, ratio in result["ratios"].items():
+            assert f"{k:28s} {ratio:9.3f}  goal >= {result['goals'][k]:<5g}" in p.stdout
+    tests = summary["pytest-cuda"]["tests"]
+    assert tests["tests"] >= 5 and tests["failures"] == tests["errors"] == 0
+    if not torch.cuda.is_available():
+        assert tests["skipped"] == tests["tests"]
+        assert "needs a CUDA GPU: torch.cuda.is_available() is False" in (out / "pytest-cuda.log").read_text()
+
+
+def test_gpu_script_stops_at_its_budget_and_says_so(tmp_path):
+    """No step starts without the time to finish: each is recorded as skipped, the script exits
+    non-zero, and the summary still comes."""
+    p = _gpu_script(["--cpu-smoke", str(tmp_path / "gpu")], tmp_path, VISAE_GPU_BUDGET="12")
+    assert p.returncode == 1
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert list(summary) == ["train", "loader", "loader-device", "extract", "pytest-cuda"]
+    assert all(s["status"] == "skipped" and s["why"] == "no time left in the 12s budget" for s in summary.values())
+    assert "train           skipped" in p.stdout
