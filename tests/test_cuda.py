@@ -108,7 +108,8 @@ def test_loader_lands_the_cpu_batches_on_the_device(tmp_path, dtype):
             assert all(torch.equal(g.cpu(), c) for g, c in zip(on_gpu, on_cpu))
         sample = torch.cat(list(TokenLoader(store, 48, device=DEVICE, dtype=out_dtype).sample(300, seed=1)))
         assert torch.equal(sample.cpu(), torch.cat(list(TokenLoader(store, 48, dtype=out_dtype).sample(300, seed=1))))
-    host = TokenLoader(store, 48, device=DEVICE)._gather(np.arange(48), threaded=True)
+    loader = TokenLoader(store, 48, device=DEVICE)
+    host = loader._gather(np.arange(48), loader._host_batch(48))
     assert host.is_pinned() and host.dtype == (torch.int16 if dtype == "bfloat16" else torch.float16)
 
 

@@ -211,7 +211,7 @@ def test_loader_ships_the_store_dtype_and_converts_on_the_device(tmp_path, dtype
     # What travels to the device is the store's dtype (bf16 as its int16 bits): half fp32's bytes.
     loader = TokenLoader(store, 6, shuffle=False)
     loader.convert_on_device = True
-    host = loader._gather(np.arange(6), threaded=True)
+    host = loader._gather(np.arange(6), loader._host_batch(6))
     assert host.dtype == {"bfloat16": torch.int16}.get(dtype, store.dtype)
     assert torch.equal(loader._typed(host), stored[:6])
 
