@@ -113,8 +113,7 @@ def test_train_defaults_follow_the_device():
     assert bt.resolve_shapes("cpu") == {"d": 384, "expansion": 16, "batch": 4096, "k": 32}
     assert bt.resolve_shapes("cuda:0") == {"d": 768, "expansion": 32, "batch": 16384, "k": 32}
     assert bt.resolve_shapes("cuda", d=512, k=None)["d"] == 512 and bt.resolve_shapes("cuda", k=None)["k"] == 32
-    assert [bt.resolve_precision(p, dev) for p, dev in [("auto", "cuda"), ("auto", "cpu"), ("fp32", "cuda")]] \
-        == ["bf16", "fp32", "fp32"]
+    assert bt.PRECISIONS == ("auto", "fp32", "tf32", "bf16")  # training's: no fp16
     assert bt.CUDA_GOALS == {"relu_flops": 0.5, "topk_speedup": 2.0, "loader_feed": 2.0}
     args = cli.build_parser("bench").parse_args(["bench", "train", "--device", "cpu"])
     assert (args.d, args.expansion, args.batch, args.k, args.threads, args.precision) == (None,) * 5 + ("auto",)

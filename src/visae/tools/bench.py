@@ -21,7 +21,7 @@ from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.layout import Layout
 from visae.provenance import device_info, package_versions
-from visae.tools.bench_train import PRECISIONS, SHAPES
+from visae.tools.bench_train import PRECISIONS as TRAIN_PRECISIONS, SHAPES
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -181,8 +181,8 @@ def add_cli(sub) -> None:
         t.add_argument(flag, type=positive_int, help=f"default {cpu[key]} on CPU, {gpu[key]} on CUDA")
     t.add_argument("--threads", type=positive_int, help="torch threads (default 2 on CPU, torch's own on CUDA)")
     t.add_argument("--dtype", default="float32", help="weights and inputs")
-    t.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="the step's compute: bf16 autocast or fp32 (auto: bf16 on CUDA, fp32 on CPU)")
+    t.add_argument("--precision", default="auto", choices=TRAIN_PRECISIONS,
+                   help="the step's matmuls: fp32, tf32 (CUDA) or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(func=cmd_bench_train)

@@ -21,9 +21,10 @@ the same run (absolute times on shared machines are noise; ratios are not).
   page cache warm, fp32 batches on the device, synchronised) over the tokens/s of the fastest
   step measured (TopK): >= 2 means the loader can feed the device twice as fast as it trains.
 
-On CUDA every timed region is bracketed by torch.cuda.synchronize(), and with precision bf16
-(the default there) the step runs under bf16 autocast (fp32 weights, fused Adam) and the
-matmul reference is bf16. `relu_tokens_per_s_vs_saev` (ReLU tokens/s over saev's logged
+On CUDA every timed region is bracketed by torch.cuda.synchronize(). The step runs in
+visae.precision's context, as training does: with bf16 (the default on CUDA) under bf16
+autocast (fp32 weights, fused Adam) against a bf16 matmul reference; with tf32 both use
+TF32 matmuls. `relu_tokens_per_s_vs_saev` (ReLU tokens/s over saev's logged
 42K tokens/s on an A6000) is informative only, not a goal.
 """
 
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from visae.errors import VisaeError
+from visae.precision import PRECISIONS as ALL_PRECISIONS, applied, resolve
 from visae.sae.modules import ReLUSAE, TopKSAE
 from visae.sae.optim import make_adam
 
@@ -45,7 +46,7 @@ CUDA_GOALS = {"relu_flops": 0.5, "topk_speedup": 2.0, "loader_feed": 2.0}
 # Default shapes: the CPU's, and the paper's ViT-B/16 grid on a GPU (d 768, 32x, batch 16384).
 SHAPES = {"cpu": {"d": 384, "expansion": 16, "batch": 4096, "k": 32},
           "cuda": {"d": 768, "expansion": 32, "batch": 16384, "k": 32}}
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "fp16")  # training's (fp16 would need loss scaling)
 SAEV_TOKENS_PER_S = 42_000  # saev's logged training rate on an A6000 (issue 15): informative only
 
 
@@ -55,19 +56,10 @@ def resolve_shapes(device: str, **given) -> dict:
     return {name: int(given[name]) if given.get(name) is not None else v for name, v in defaults.items()}
 
 
-def resolve_precision(precision: str, device: str) -> str:
-    """'auto' is bf16 on CUDA and fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise VisaeError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    return precision
-
-
-def _step_fn(sae, opt, xn, lam, autocast=nullcontext):
+def _step_fn(sae, opt, xn, lam, precision=nullcontext):
     def step():
         opt.zero_grad(set_to_none=False)
-        with autocast():
+        with precision():
             sae.compute_grads(xn, lam)
         sae.remove_parallel_grad()
         opt.step()
@@ -75,8 +67,10 @@ def _step_fn(sae, opt, xn, lam, autocast=nullcontext):
     return step
 
 
-def _matmul_fn(B, d, h, dtype, device="cpu"):
-    """The six matmuls of a dense step, contiguous operands, outputs preallocated."""
+def _matmul_fn(B, d, h, dtype, device="cpu", precision=nullcontext):
+    """The six matmuls of a dense step, contiguous operands, outputs preallocated, in the
+    step's precision context (TF32 at tf32; bf16 comes from the operands: autocast leaves
+    out= products alone)."""
     g = torch.Generator(device).manual_seed(0)
     shapes = [(B, d, h), (B, h, d), (h, B, d), (B, d, h), (d, B, h), (B, h, d)]
     kw = {"dtype": dtype, "device": device}
@@ -84,8 +78,9 @@ def _matmul_fn(B, d, h, dtype, device="cpu"):
             for m, k, n in shapes]
 
     def run():
-        for a, b, out in mats:
-            torch.matmul(a, b, out=out)
+        with precision():
+            for a, b, out in mats:
+                torch.matmul(a, b, out=out)
     return run
 
 
@@ -125,7 +120,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     from visae.provenance import device_info
 
     d, expansion, batch, k = resolve_shapes(device, d=d, expansion=expansion, batch=batch, k=k).values()
-    precision = resolve_precision(precision, device)
+    precision = resolve(precision, device, PRECISIONS)
     cuda = torch.device(device).type == "cuda"
     goals = CUDA_GOALS if cuda else GOALS
     threads = threads or (None if cuda else 2)
@@ -133,10 +128,9 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
         torch.set_num_threads(int(threads))
     tdtype = getattr(torch, dtype)
     mm_dtype = torch.bfloat16 if precision == "bf16" else tdtype
-    dev_type = torch.device(device).type
 
-    def autocast():
-        return torch.autocast(dev_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    def in_precision():
+        return applied(precision, device)
 
     sync = _sync_fn(device)
     h = int(d * expansion)
@@ -146,9 +140,9 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
 
     relu = ReLUSAE(d, h, seed=0, dtype=tdtype).to(device)
     topk = TopKSAE(d, h, k=k, seed=0, dtype=tdtype, dead_tokens=10**12).to(device)
-    times = interleaved({"matmul": _matmul_fn(batch, d, h, mm_dtype, device),
-                          "relu": _step_fn(relu, make_adam(relu.parameters(), lr=1e-4), x, 1e-3, autocast),
-                          "topk": _step_fn(topk, make_adam(topk.parameters(), lr=1e-4), x, 0.0, autocast)},
+    times = interleaved({"matmul": _matmul_fn(batch, d, h, mm_dtype, device, in_precision),
+                          "relu": _step_fn(relu, make_adam(relu.parameters(), lr=1e-4), x, 1e-3, in_precision),
+                          "topk": _step_fn(topk, make_adam(topk.parameters(), lr=1e-4), x, 0.0, in_precision)},
                          max(reps, 5), sync)
     t_mm, t_relu, t_topk = min(times["matmul"]), min(times["relu"]), min(times["topk"])
     matmul_flops = flop_step / t_mm
@@ -161,7 +155,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     relu_tps, topk_tps = batch / t_relu, batch / t_topk
     # Loader: the same TopK training fed from an fp16 store on disk vs from memory, and the
     # loader alone landing batches on the device.
-    lo = _loader_figures(topk, d, batch, loader_batches, device, autocast, sync)
+    lo = _loader_figures(topk, d, batch, loader_batches, device, in_precision, sync)
     loader_ratio = lo["memory_s"] / lo["store_s"]
     feed_ratio = lo["feed_tokens_per_s"] / topk_tps
     figures = {
@@ -192,7 +186,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
             "passed": {name: ratios[name] >= goal for name, goal in goals.items()}, **figures}
 
 
-def _loader_figures(sae, d, batch, n_batches, device, autocast, sync) -> dict:
+def _loader_figures(sae, d, batch, n_batches, device, precision, sync) -> dict:
     """Seconds of `n_batches` TopK steps fed from memory and from an fp16 store, and the tokens/s
     of the loader alone (4x as many batches, cycling through the store), batches on `device`."""
     from visae.store import ActivationStore, StoreLayout, StoreMeta, StoreWriter, TokenLoader
@@ -222,7 +216,7 @@ def _loader_figures(sae, d, batch, n_batches, device, autocast, sync) -> dict:
             sync()
             t = time.perf_counter()
             for _, xb in zip(range(n_batches), batches):
-                _step_fn(sae, opt, xb, 0.0, autocast)()
+                _step_fn(sae, opt, xb, 0.0, precision)()
             sync()
             return time.perf_counter() - t
 
