@@ -69,8 +69,7 @@ def _step_fn(sae, opt, xn, lam, precision=nullcontext):
 
 def _matmul_fn(B, d, h, dtype, device="cpu", precision=nullcontext):
     """The six matmuls of a dense step, contiguous operands, outputs preallocated, in the
-    step's precision context (TF32 at tf32; bf16 comes from the operands: autocast leaves
-    out= products alone)."""
+    step's precision context (TF32 matmuls at tf32); at bf16 the operands are bf16."""
     g = torch.Generator(device).manual_seed(0)
     shapes = [(B, d, h), (B, h, d), (h, B, d), (B, d, h), (d, B, h), (B, h, d)]
     kw = {"dtype": dtype, "device": device}
