@@ -6,6 +6,9 @@ Timings themselves are noise here; the arithmetic that turns them into ratios is
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from statistics import median_high
 
@@ -13,6 +16,7 @@ import pytest
 import torch
 
 from visae import cli
+from visae.errors import VisaeError
 from visae.tools import bench
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # `bench train --threads` sets torch's count
@@ -77,13 +81,17 @@ def test_loader(tmp_path, capsys, given):
     assert (p["n_tokens"], p["d_model"], p["batch_size"]) == ((12 * 4, 8, 16) if given else (16 * 196, 8, 16))
     assert r["goals"] == {"loader_vs_sequential_read": 0.8}
     assert r["ratios"]["loader_vs_sequential_read"] == r["loader_tokens_per_s"] / r["sequential_read_tokens_per_s"]
+    assert p["device"] == "cpu" and p["workers"] >= 2
 
 
-def test_train(tmp_path, capsys):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_train(tmp_path, capsys, precision):
     r = run_bench(["train", "--d", "16", "--expansion", "2", "--batch", "64", "--k", "4", "--threads", "1",
-                   "--device", "cpu"], tmp_path / "bench", capsys)
+                   "--device", "cpu", "--precision", precision], tmp_path / "bench", capsys)
     p = r["params"]
     assert (p["d"], p["width"], p["batch"], p["k"], p["threads"]) == (16, 32, 64, 4, 1)
+    # auto is fp32 on CPU; bf16 runs the step under CPU autocast against a bf16 matmul reference
+    assert (p["precision"], p["matmul_dtype"]) == {"auto": ("fp32", "float32"), "bf16": ("bf16", "bfloat16")}[precision]
     assert p["flop_per_token"] == 12 * 16 * 32
     assert r["goals"] == {"relu_flops": 0.8, "topk_speedup": 2.0, "loader": 0.9} and "passed" not in r
     rounds = r["round_s"]
@@ -105,6 +113,26 @@ def test_train(tmp_path, capsys):
     assert r["topk_speedup_best_of"] == pytest.approx(tps["topk"] / tps["relu"], rel=1e-12)
     loader = r["loader_tokens_per_s"]
     assert r["ratios"]["loader"] == pytest.approx(loader["store"] / loader["memory"], rel=1e-12)
+    # Not goals on CPU: the loader alone over the fastest step, and ReLU over saev's logged rate.
+    other = r["informative_ratios"]
+    assert set(other) == {"loader_feed", "relu_tokens_per_s_vs_saev"} and p["feed_batches"] == 4 * p["loader_batches"]
+    assert other["loader_feed"] == pytest.approx(r["loader_feed_tokens_per_s"] / tps["topk"], rel=1e-12)
+    assert other["relu_tokens_per_s_vs_saev"] == pytest.approx(tps["relu"] / 42_000, rel=1e-12)
+
+
+def test_train_defaults_follow_the_device():
+    """No shapes given: the CPU reference sizes on CPU, the paper's ViT-B/16 grid on CUDA (with
+    bf16 and the CUDA goals); a shape given is kept on either."""
+    from visae.tools import bench_train as bt
+    assert bt.resolve_shapes("cpu") == {"d": 384, "expansion": 16, "batch": 4096, "k": 32}
+    assert bt.resolve_shapes("cuda:0") == {"d": 768, "expansion": 32, "batch": 16384, "k": 32}
+    assert bt.resolve_shapes("cuda", d=512, k=None)["d"] == 512 and bt.resolve_shapes("cuda", k=None)["k"] == 32
+    assert bt.PRECISIONS == ("auto", "fp32", "tf32", "bf16")  # training's: no fp16
+    assert bt.CUDA_GOALS == {"relu_flops": 0.5, "topk_speedup": 2.0, "loader_feed": 2.0}
+    args = cli.build_parser("bench").parse_args(["bench", "train", "--device", "cpu"])
+    assert (args.d, args.expansion, args.batch, args.k, args.threads, args.precision) == (None,) * 5 + ("auto",)
+    with pytest.raises(VisaeError, match="--precision.*'fp16'"):
+        cli.build_parser("bench").parse_args(["bench", "train", "--precision", "fp16"])
 
 
 def test_default_images_are_found_from_the_repo_root():
@@ -127,3 +155,48 @@ def test_compare(tmp_path, capsys):
     assert r["memory_bound_bytes"] == working_memory_bytes(160, 160, top_k=128, block=64, chunk=256)
     assert r["ratios"]["memory_bound_vs_peak"] == r["memory_bound_bytes"] / max(r["correlations_peak_bytes"], 1)
     assert r["planted_recovered"] > 0.8 and p["planted_pairs"] == 80 and 0 < p["density_a"] < 0.1
+
+
+def _gpu_script(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("OUT", "VISAE_BENCH_DATASET", "VISAE_GPU_BUDGET")}
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), *args], cwd=tmp_path, text=True,
+                          capture_output=True, env=environ | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"} | env)
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke_writes_everything_under_one_folder(tmp_path, fashion_mnist_dir):
+    """benchmarks/gpu.sh --cpu-smoke: the device script's steps at tiny sizes on CPU (about 30 s):
+    every bench's JSON, each step's log, the CUDA tests' junit XML (skipped here, with their
+    reason) and summary.json land in the one folder given, and the summary sets each ratio
+    next to its goal."""
+    out = tmp_path / "gpu"
+    p = _gpu_script(["--cpu-smoke", str(out)], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    benches = {"train": "train", "loader": "loader", "loader-device": "loader", "extract": "extract"}
+    assert sorted(f.name for f in out.iterdir()) == sorted(
+        [f"{s}.{ext}" for s in benches for ext in ("json", "log")]
+        + ["pytest-cuda.log", "pytest-cuda.xml", "steps.tsv", "summary.json"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == [*benches, "pytest-cuda"] and {s["status"] for s in summary.values()} == {"ok"}
+    for step, name in benches.items():
+        result = json.loads((out / f"{step}.json").read_text())
+        assert result["bench"] == name and result["params"].get("device", "cpu") == "cpu"
+        assert {k: r["ratio"] for k, r in summary[step]["ratios"].items()} == result["ratios"]
+        for k, ratio in result["ratios"].items():
+            assert f"{k:28s} {ratio:9.3f}  goal >= {result['goals'][k]:<5g}" in p.stdout
+    tests = summary["pytest-cuda"]["tests"]
+    assert tests["tests"] >= 5 and tests["failures"] == tests["errors"] == 0
+    if not torch.cuda.is_available():
+        assert tests["skipped"] == tests["tests"]
+        assert "needs a CUDA GPU: torch.cuda.is_available() is False" in (out / "pytest-cuda.log").read_text()
+
+
+def test_gpu_script_stops_at_its_budget_and_says_so(tmp_path):
+    """No step starts without the time to finish: each is recorded as skipped, the script exits
+    non-zero, and the summary still comes."""
+    p = _gpu_script(["--cpu-smoke", str(tmp_path / "gpu")], tmp_path, VISAE_GPU_BUDGET="12")
+    assert p.returncode == 1
+    summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
+    assert list(summary) == ["train", "loader", "loader-device", "extract", "pytest-cuda"]
+    assert all(s["status"] == "skipped" and s["why"] == "no time left in the 12s budget" for s in summary.values())
+    assert "train           skipped" in p.stdout

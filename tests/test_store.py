@@ -129,6 +129,27 @@ def test_loader_resumes_exactly(tmp_path):
     assert len(resumed) == len(full) and all(torch.equal(x, y) for x, y in zip(resumed, full))
 
 
+
+def test_loader_gathers_ahead_across_an_epoch_end(tmp_path):
+    """One pool of workers serves every epoch: when the last batch of an epoch is handed out,
+    the first 2 x workers batches of the next are already being gathered (a small store
+    trained for many epochs never waits on a drained pipeline)."""
+    make_store(tmp_path / "s")
+    loader = TokenLoader(ActivationStore(tmp_path / "s"), 7, seed=1, epochs=3, workers=2)
+    planned, jobs = [], loader._epoch_jobs
+
+    def spy(epoch, skip):
+        for rows in jobs(epoch, skip):
+            planned.append(epoch)
+            yield rows
+    loader._epoch_jobs = spy
+    it = iter(loader)
+    for _ in range(len(loader)):
+        next(it)
+    assert loader.state_dict() == {"seed": 1, "epoch": 0, "batch_in_epoch": len(loader)}
+    assert planned.count(0) == len(loader) and planned.count(1) == 2 * 2
+    assert len(list(it)) == 2 * len(loader) and loader.state_dict()["epoch"] == 3
+
 def test_loader_filters_labels_tokens_and_range(tmp_path):
     acts = make_store(tmp_path / "s", patch_labels=True)
     store = ActivationStore(tmp_path / "s")
@@ -159,6 +180,59 @@ def test_bf16_and_fp32_stores(tmp_path):
         batch = next(iter(TokenLoader(store, 20, shuffle=False)))
         assert torch.equal(batch, x.to(torch_dtype).float().reshape(-1, 8))
 
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_loader_ships_the_store_dtype_and_converts_on_the_device(tmp_path, dtype):
+    """Worker-gathered (np.take) and consumer-gathered (index_select) batches, converted on
+    the host or shipped in the store's dtype and converted on the device (exercised here
+    with the CPU as that device), are the same bytes: the store's values in the requested
+    dtype, in the same order."""
+    from visae.store.format import to_storage
+    x = torch.randn(12, 5, 8)
+    writer = StoreWriter(tmp_path / dtype, StoreMeta(dtype=dtype, d_model=8, layout=LAYOUT), {}, 5, 12)
+    writer.open()
+    for i in range(writer.n_shards):
+        a, b = writer.shard_range(i)
+        writer.write_shard(i, {"acts": to_storage(x[a:b], dtype), "labels": np.zeros(b - a, np.int64)})
+    store = ActivationStore(tmp_path / dtype)
+    stored = x.to(store.dtype).reshape(-1, 8)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        runs = []
+        for prefetch, on_device in [(True, False), (False, False), (True, True), (False, True)]:
+            loader = TokenLoader(store, 7, seed=4, buffer_tokens=20, epochs=2, dtype=out_dtype, prefetch=prefetch)
+            loader.convert_on_device = on_device
+            runs.append(list(loader))
+        assert all(b.dtype == out_dtype for b in runs[0]) and len(runs[0]) == 2 * (60 // 7)
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
+        plain = TokenLoader(store, 6, shuffle=False, dtype=out_dtype)
+        plain.convert_on_device = True
+        assert torch.equal(torch.cat(list(plain)), stored.to(out_dtype))
+    # What travels to the device is the store's dtype (bf16 as its int16 bits): half fp32's bytes.
+    loader = TokenLoader(store, 6, shuffle=False)
+    loader.convert_on_device = True
+    host = loader._gather(np.arange(6), loader._host_batch(6))
+    assert host.dtype == {"bfloat16": torch.int16}.get(dtype, store.dtype)
+    assert torch.equal(loader._typed(host), stored[:6])
+
+
+def test_loader_for_another_device_ships_raw_batches(tmp_path):
+    """A CUDA loader pins its host batches and converts on the device; a CPU one does neither
+    (construction touches no GPU). On a device without data ('meta') the conversion still
+    happens there: the batch arrives in the requested dtype."""
+    make_store(tmp_path / "s")
+    store = ActivationStore(tmp_path / "s")
+    cuda, cpu = TokenLoader(store, 7, device="cuda"), TokenLoader(store, 7)
+    assert (cuda.pin, cuda.convert_on_device) == (True, True) and (cpu.pin, cpu.convert_on_device) == (False, False)
+    batch = next(iter(TokenLoader(store, 7, device="meta", dtype=torch.float32)))
+    assert (batch.device.type, batch.dtype, tuple(batch.shape)) == ("meta", torch.float32, (7, 8))
+
+
+def test_loader_workers_follow_the_cpus_it_may_use(monkeypatch):
+    from visae.store import loader as loader_mod
+    for cpus, workers in [(1, 2), (2, 2), (16, 8), (128, 16)]:
+        monkeypatch.setattr(loader_mod.os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)))
+        assert loader_mod.default_workers() == workers
 
 def _class_sorted_store(root, n_images=400, n_classes=40):
     """A store in ImageFolder order: labels in blocks of n_images / n_classes images."""

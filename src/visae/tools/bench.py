@@ -21,6 +21,7 @@ from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.layout import Layout
 from visae.provenance import device_info, package_versions
+from visae.tools.bench_train import PRECISIONS as TRAIN_PRECISIONS, SHAPES
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -114,11 +115,13 @@ def _synthetic_store(root: Path, images: int, tokens: int, d_model: int, shard_i
 
 def bench_loader(store: str | None = None, batch_size: int = 4096, images: int = 2048, tokens: int = 196,
                  d_model: int = 384, shard_images: int = 256, dtype: str = "float32", repeats: int = 3,
-                 out_dir: Path = DEFAULT_OUT) -> dict:
-    """Tokens/s of the shuffled TokenLoader against a plain sequential read of the same shard
-    files (both from the page cache, best of `repeats`)."""
+                 workers: int | None = None, device: str = "cpu", out_dir: Path = DEFAULT_OUT) -> dict:
+    """Tokens/s of the shuffled TokenLoader, batches landed on `device` (synchronised), against a
+    plain sequential read of the same shard files (both from the page cache, best of `repeats`)."""
     from visae.store import ActivationStore, TokenLoader
+    from visae.store.loader import default_workers
 
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(store) if store else _synthetic_store(Path(tmp) / "store", images, tokens, d_model, shard_images)
         st = ActivationStore(root)
@@ -135,10 +138,13 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
             return st.n_tokens / (time.perf_counter() - t)
 
         def loader() -> float:
-            dl = TokenLoader(st, batch_size, seed=0, epochs=1, dtype=getattr(torch, dtype))
+            dl = TokenLoader(st, batch_size, seed=0, epochs=1, dtype=getattr(torch, dtype), workers=workers,
+                             device=device)
+            sync()
             n, t = 0, time.perf_counter()
             for batch in dl:
                 n += len(batch)
+            sync()
             return n / (time.perf_counter() - t)
 
         sequential()  # bring the files into the page cache
@@ -148,7 +154,8 @@ def bench_loader(store: str | None = None, batch_size: int = 4096, images: int =
             "bench": "loader",
             "params": {"store": str(store) if store else "synthetic", "batch_size": batch_size,
                        "n_tokens": st.n_tokens, "d_model": st.d_model, "store_dtype": st.dtype_name,
-                       "output_dtype": dtype, "repeats": repeats},
+                       "output_dtype": dtype, "repeats": repeats, "device": device,
+                       "workers": workers or default_workers(), "torch_threads": torch.get_num_threads()},
             "loader_tokens_per_s": lod,
             "sequential_read_tokens_per_s": seq,
             "ratios": {"loader_vs_sequential_read": lod / seq},
@@ -179,15 +186,18 @@ def add_cli(sub) -> None:
     lo.add_argument("--images", type=positive_int, default=2048)
     lo.add_argument("--d-model", type=positive_int, default=384)
     lo.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    lo.add_argument("--workers", type=positive_int, help="gathering threads (default: the loader's own)")
+    lo.add_argument("--device", type=device_arg, default="cpu", help="where the batches land (cuda: pinned, non-blocking)")
     lo.add_argument("--out", default=str(DEFAULT_OUT))
     lo.set_defaults(func=cmd_bench_loader)
     t = bsub.add_parser("train", help="SAE training step FLOP/s vs torch.matmul, TopK speed-up, loader")
-    t.add_argument("--d", type=positive_int, default=384)
-    t.add_argument("--expansion", type=positive_int, default=16)
-    t.add_argument("--batch", type=positive_int, default=4096)
-    t.add_argument("--k", type=positive_int, default=32)
-    t.add_argument("--threads", type=positive_int, default=2)
-    t.add_argument("--dtype", default="float32")
+    cpu, gpu = SHAPES["cpu"], SHAPES["cuda"]
+    for flag, key in (("--d", "d"), ("--expansion", "expansion"), ("--batch", "batch"), ("--k", "k")):
+        t.add_argument(flag, type=positive_int, help=f"default {cpu[key]} on CPU, {gpu[key]} on CUDA")
+    t.add_argument("--threads", type=positive_int, help="torch threads (default 2 on CPU, torch's own on CUDA)")
+    t.add_argument("--dtype", default="float32", help="weights and inputs")
+    t.add_argument("--precision", default="auto", choices=TRAIN_PRECISIONS,
+                   help="the step's matmuls: fp32, tf32 (CUDA) or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--out", default=str(DEFAULT_OUT))
     t.set_defaults(func=cmd_bench_train)
@@ -230,14 +240,15 @@ def cmd_bench_extract(a) -> int:
 
 
 def cmd_bench_loader(a) -> int:
-    bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model, dtype=a.dtype, out_dir=Path(a.out))
+    bench_loader(a.store, a.batch_size, a.images, d_model=a.d_model, dtype=a.dtype, workers=a.workers,
+                 device=a.device, out_dir=Path(a.out))
     return 0
 
 
 def cmd_bench_train(a) -> int:
     from visae.tools.bench_train import bench_train
     result = bench_train(d=a.d, expansion=a.expansion, batch=a.batch, k=a.k, threads=a.threads,
-                         dtype=a.dtype, device=a.device)
+                         dtype=a.dtype, device=a.device, precision=a.precision)
     result.pop("passed", None)
     _report(result, Path(a.out))
     return 0
