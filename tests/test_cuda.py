@@ -123,3 +123,28 @@ def test_train_and_loader_benches_run_on_the_device(tmp_path):
     assert r["ratios"]["loader_feed"] == pytest.approx(r["loader_feed_tokens_per_s"] / r["tokens_per_s"]["topk"])
     lo = bench_loader(batch_size=256, images=32, d_model=64, device=DEVICE, out_dir=tmp_path)
     assert lo["params"]["device"] == DEVICE and lo["ratios"]["loader_vs_sequential_read"] > 0
+
+
+def test_a_training_step_on_cuda_never_waits_for_the_device(tmp_path, store):
+    """Every architecture's step (bf16 and fp32, AuxK on) queues its work: CUDA's sync debug mode
+    raises at any blocking copy or .item() inside it. The metrics are read once, by flush()."""
+    from visae.sae.config import validate_grid
+    from visae.sae.train import Member
+
+    entries = [{"name": "relu", "architecture": "relu", "l1": 0.1}, {"name": "jump", "architecture": "jumprelu", "l0": 0.1},
+               *({"name": a, "architecture": a, "k": 4, "dead_tokens": 64} for a in ("topk", "batchtopk", "matryoshka"))]
+    grid = validate_grid([{**e, "expansion": 4, "batch_size": 64} for e in entries], 16)
+    x = torch.randn(64, 16, device=DEVICE)
+    for entry in grid:
+        for precision in ("fp32", "bf16"):
+            member = Member(entry, 16, DEVICE, tmp_path, precision)
+            member.open_log(0, ActivationStore(store).identity(entry["name"]))
+            member.train_step(x)  # the first step allocates (cuBLAS workspaces, Adam state)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(3):  # past dead_tokens: AuxK is on
+                    member.train_step(x)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert member.flush() is False and member.step == 4, (entry["name"], precision)

@@ -21,7 +21,8 @@ from visae.atomic import write_json
 from visae.errors import VisaeError
 from visae.layout import Layout
 from visae.provenance import device_info, package_versions
-from visae.tools.bench_train import PRECISIONS as TRAIN_PRECISIONS, SHAPES
+from visae.sae.train import TRAIN_PRECISIONS
+from visae.tools.bench_train import SHAPES
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 DEFAULT_IMAGES = REPO_ROOT.parent / "shared" / "data" / "imagenet-sample"
@@ -195,7 +196,6 @@ def add_cli(sub) -> None:
     for flag, key in (("--d", "d"), ("--expansion", "expansion"), ("--batch", "batch"), ("--k", "k")):
         t.add_argument(flag, type=positive_int, help=f"default {cpu[key]} on CPU, {gpu[key]} on CUDA")
     t.add_argument("--threads", type=positive_int, help="torch threads (default 2 on CPU, torch's own on CUDA)")
-    t.add_argument("--dtype", default="float32", help="weights and inputs")
     t.add_argument("--precision", default="auto", choices=TRAIN_PRECISIONS,
                    help="the step's matmuls: fp32, tf32 (CUDA) or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     t.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -248,7 +248,7 @@ def cmd_bench_loader(a) -> int:
 def cmd_bench_train(a) -> int:
     from visae.tools.bench_train import bench_train
     result = bench_train(d=a.d, expansion=a.expansion, batch=a.batch, k=a.k, threads=a.threads,
-                         dtype=a.dtype, device=a.device, precision=a.precision)
+                         device=a.device, precision=a.precision)
     result.pop("passed", None)
     _report(result, Path(a.out))
     return 0

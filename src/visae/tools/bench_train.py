@@ -37,16 +37,14 @@ from pathlib import Path
 
 import torch
 
-from visae.precision import PRECISIONS as ALL_PRECISIONS, applied, resolve
-from visae.sae.modules import ReLUSAE, TopKSAE
-from visae.sae.optim import make_adam
+from visae.precision import applied, resolve
+from visae.sae.train import TRAIN_PRECISIONS as PRECISIONS
 
 GOALS = {"relu_flops": 0.8, "topk_speedup": 2.0, "loader": 0.9}
 CUDA_GOALS = {"relu_flops": 0.5, "topk_speedup": 2.0, "loader_feed": 2.0}
 # Default shapes: the CPU's, and the paper's ViT-B/16 grid on a GPU (d 768, 32x, batch 16384).
 SHAPES = {"cpu": {"d": 384, "expansion": 16, "batch": 4096, "k": 32},
           "cuda": {"d": 768, "expansion": 32, "batch": 16384, "k": 32}}
-PRECISIONS = tuple(p for p in ALL_PRECISIONS if p != "fp16")  # training's (fp16 would need loss scaling)
 SAEV_TOKENS_PER_S = 42_000  # saev's logged training rate on an A6000 (issue 15): informative only
 
 
@@ -56,14 +54,23 @@ def resolve_shapes(device: str, **given) -> dict:
     return {name: int(given[name]) if given.get(name) is not None else v for name, v in defaults.items()}
 
 
-def _step_fn(sae, opt, xn, lam, precision=nullcontext):
+def _member(architecture: str, d: int, h: int, batch: int, device: str, precision: str, **keys):
+    """A SAE under training as `visae train` holds it (Member: its module, fused Adam, schedule)."""
+    from visae.sae.config import validate_grid
+    from visae.sae.train import Member
+
+    entry = validate_grid([{"name": architecture, "architecture": architecture, "width": h, "lr": 1e-4,
+                            "batch_size": batch, "tokens": 1 << 62, "seed": 0, **keys}], d)[0]
+    return Member(entry, d, device, Path(tempfile.gettempdir()), precision)
+
+
+def _step_fn(member, xn):
+    """One step exactly as `visae train` takes it (Member.train_step: the precision's context,
+    the non-finite check on the device, fused Adam, the decoder's projection and renormalisation);
+    its metrics are dropped instead of logged."""
     def step():
-        opt.zero_grad(set_to_none=False)
-        with precision():
-            sae.compute_grads(xn, lam)
-        sae.remove_parallel_grad()
-        opt.step()
-        sae.normalise_decoder()
+        member.train_step(xn)
+        member.pending.clear()
     return step
 
 
@@ -111,7 +118,7 @@ def interleaved(fns: dict, reps: int, sync=lambda: None) -> dict:
 
 
 def bench_train(d: int | None = None, expansion: int | None = None, batch: int | None = None,
-                k: int | None = None, reps: int = 3, threads: int | None = None, dtype: str = "float32",
+                k: int | None = None, reps: int = 3, threads: int | None = None,
                 loader_batches: int = 6, device: str = "cpu", precision: str = "auto") -> dict:
     """Run the benchmark; returns the JSON object (bench, device, params, ratios, goals, raw figures).
     Shapes left as None take the device's defaults (SHAPES); threads None: 2 on CPU (the
@@ -125,7 +132,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     threads = threads or (None if cuda else 2)
     if threads:
         torch.set_num_threads(int(threads))
-    tdtype = getattr(torch, dtype)
+    tdtype = torch.float32  # training's weights and batches
     mm_dtype = torch.bfloat16 if precision == "bf16" else tdtype
 
     def in_precision():
@@ -137,12 +144,10 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     x = torch.randn(batch, d, generator=g, dtype=tdtype).to(device)
     flop_step = 12.0 * d * h * batch
 
-    relu = ReLUSAE(d, h, seed=0, dtype=tdtype).to(device)
-    topk = TopKSAE(d, h, k=k, seed=0, dtype=tdtype, dead_tokens=10**12).to(device)
+    relu = _member("relu", d, h, batch, device, precision, l1=1e-3)
+    topk = _member("topk", d, h, batch, device, precision, k=k, dead_tokens=10**12)
     times = interleaved({"matmul": _matmul_fn(batch, d, h, mm_dtype, device, in_precision),
-                          "relu": _step_fn(relu, make_adam(relu.parameters(), lr=1e-4), x, 1e-3, in_precision),
-                          "topk": _step_fn(topk, make_adam(topk.parameters(), lr=1e-4), x, 0.0, in_precision)},
-                         max(reps, 5), sync)
+                          "relu": _step_fn(relu, x), "topk": _step_fn(topk, x)}, max(reps, 5), sync)
     t_mm, t_relu, t_topk = min(times["matmul"]), min(times["relu"]), min(times["topk"])
     matmul_flops = flop_step / t_mm
     # The ratios: medians over rounds of the ratio of the two times taken back to back, so load
@@ -154,7 +159,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     relu_tps, topk_tps = batch / t_relu, batch / t_topk
     # Loader: the same TopK training fed from an fp16 store on disk vs from memory, and the
     # loader alone landing batches on the device.
-    lo = _loader_figures(topk, d, batch, loader_batches, device, in_precision, sync)
+    lo = _loader_figures(topk, d, batch, loader_batches, device, sync)
     loader_ratio = lo["memory_s"] / lo["store_s"]
     feed_ratio = lo["feed_tokens_per_s"] / topk_tps
     figures = {
@@ -177,7 +182,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     figures["informative_ratios"] = {name: v for name, v in measured.items() if name not in goals}
     return {"bench": "train", "device": device_info(),
             "params": {"d": d, "expansion": expansion, "width": h, "batch": batch, "k": k, "reps": reps,
-                       "threads": torch.get_num_threads(), "dtype": dtype, "precision": precision,
+                       "threads": torch.get_num_threads(), "dtype": "float32", "precision": precision,
                        "matmul_dtype": str(mm_dtype).removeprefix("torch."), "device": device,
                        "loader_batches": loader_batches, "feed_batches": lo["feed_batches"],
                        "flop_per_token": 12 * d * h},
@@ -185,7 +190,7 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
             "passed": {name: ratios[name] >= goal for name, goal in goals.items()}, **figures}
 
 
-def _loader_figures(sae, d, batch, n_batches, device, precision, sync) -> dict:
+def _loader_figures(member, d, batch, n_batches, device, sync) -> dict:
     """Seconds of `n_batches` TopK steps fed from memory and from an fp16 store, and the tokens/s
     of the loader alone (4x as many batches, cycling through the store), batches on `device`."""
     from visae.store import ActivationStore, StoreLayout, StoreMeta, StoreWriter, TokenLoader
@@ -194,7 +199,6 @@ def _loader_figures(sae, d, batch, n_batches, device, precision, sync) -> dict:
     tokens_per_image = 64
     n_images = -(-batch * (n_batches + 1) // tokens_per_image)
     feed_batches = 4 * n_batches
-    opt = make_adam(sae.parameters(), lr=1e-4)
     with tempfile.TemporaryDirectory() as tmp:
         meta = StoreMeta(model="bench", layer=0, dataset="random", dtype="float16", d_model=d,
                          layout=StoreLayout.patches((8, 8)))
@@ -215,7 +219,7 @@ def _loader_figures(sae, d, batch, n_batches, device, precision, sync) -> dict:
             sync()
             t = time.perf_counter()
             for _, xb in zip(range(n_batches), batches):
-                _step_fn(sae, opt, xb, 0.0, precision)()
+                _step_fn(member, xb)()
             sync()
             return time.perf_counter() - t
 
