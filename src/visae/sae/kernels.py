@@ -124,6 +124,17 @@ def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Ten
     return F.embedding_bag(idx, sae.W_dec, per_sample_weights=weights, mode="sum") + sae.b_dec
 
 
+def _with_column(x: torch.Tensor, value: float) -> torch.Tensor:
+    """[x, value, 0, ...]: x with a constant column (a bias riding in a product) and zero columns
+    up to a multiple of 8, so a bf16 row is 16-byte aligned for cuBLAS's fast kernels (K = 769
+    would not be)."""
+    n, d = x.shape
+    out = x.new_zeros(n, -(-(d + 1) // 8) * 8)
+    out[:, :d] = x
+    out[:, d] = value
+    return out
+
+
 def relu_grads_on_device(sae, xn: torch.Tensor, sparsity_coeff: float):
     """A ReLU-L1 step with its gradients in `.grad`, as torch ops alone (no host read): the CPU
     step's five products (see ReLUSAE.compute_grads; autograd would form dL/dx as a sixth) in
@@ -131,16 +142,16 @@ def relu_grads_on_device(sae, xn: torch.Tensor, sparsity_coeff: float):
     B, d = xn.shape
     low = torch.bfloat16 if torch.is_autocast_enabled(xn.device.type) else xn.dtype
     with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
-        xa = torch.cat([xn - sae.b_dec, xn.new_ones(B, 1)], 1)  # [xc, 1]
-        xa_low = xa.to(low)
-        f = torch.mm(xa_low, torch.cat([sae.W_enc, sae.b_enc[None]], 0).to(low)).relu_()  # [B, h]
+        xa_low = _with_column(xn - sae.b_dec, 1.0).to(low)  # [xc, 1, 0...]
+        we = _with_column(torch.cat([sae.W_enc, sae.b_enc[None]], 0).t(), 0.0).t()  # [W_enc; b_enc; 0...]
+        f = torch.mm(xa_low, we.to(low)).relu_()  # [B, h]
         err = torch.mm(f, sae.W_dec.to(low)).float().add_(sae.b_dec).sub_(xn)  # x̂ − x
         mse = err.pow(2).mean()
         g_x = err * (2.0 / (B * d))  # dL/dx̂
-        ga = torch.cat([g_x, g_x.new_ones(B, 1)], 1).to(low)  # [dL/dx̂, 1]
+        ga = _with_column(g_x, 1.0).to(low)  # [dL/dx̂, 1, 0...]
         g_dec = torch.mm(f.t(), ga).float()  # [dL/dW_dec, Σ_b f]
         l1 = g_dec[:, d].sum() / B
-        wd = torch.cat([sae.W_dec, sae.W_dec.new_full((sae.width, 1), sparsity_coeff / B)], 1).to(low)
+        wd = _with_column(sae.W_dec, sparsity_coeff / B).to(low)  # [W_dec, λ/B, 0...]
         g_pre = torch.mm(ga, wd.t()).mul_(f > 0)  # dL/df = dL/dx̂ W_decᵀ + λ/B, through the ReLU
         g_enc = torch.mm(xa_low.t(), g_pre).float()  # [dL/dW_enc; dL/db_enc]
         for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec):
@@ -167,9 +178,10 @@ def topk_grads_on_device(sae, xn: torch.Tensor):
     can be dead and is multiplied by "any latent dead", so the step never asks the device."""
     B, d = xn.shape
     h, k = sae.width, sae.k
-    xa = torch.cat([xn - sae.b_dec, xn.new_ones(B, 1)], 1)  # [xc, 1]
+    xa = _with_column(xn - sae.b_dec, 1.0)  # [xc, 1, 0...]
     with torch.no_grad():
-        pre = torch.mm(xa, torch.cat([sae.W_enc, sae.b_enc[None]], 0))  # [B, h]; bf16 under autocast
+        we = _with_column(torch.cat([sae.W_enc, sae.b_enc[None]], 0).t(), 0.0).t()  # [W_enc; b_enc; 0...]
+        pre = torch.mm(xa, we)  # [B, h]; bf16 under autocast
     with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = torch.relu(vals.float())
@@ -177,7 +189,7 @@ def topk_grads_on_device(sae, xn: torch.Tensor):
         mse = err.pow(2).mean()  # err = x̂ − x
         g_x = err * (2.0 / (B * d))  # dL/dx̂
         grad_dec = torch.zeros_like(sae.W_dec)
-        grad_enc = xn.new_zeros(h, d + 1)  # [dL/dW_encᵀ, dL/db_enc]
+        grad_enc = xn.new_zeros(h, xa.shape[1])  # [dL/dW_encᵀ, dL/db_enc, 0...]
         _sparse_term_backward(sae.W_dec, idx, vals, g_x, xa, grad_dec, grad_enc)
         aux = mse.new_zeros(())
         if sae.aux_alpha and sae.may_have_dead():
@@ -207,13 +219,15 @@ def topk_grads_on_device(sae, xn: torch.Tensor):
 def _sparse_term_backward(W_dec, idx, vals, g, xa, grad_dec, grad_enc) -> None:
     """Back-propagate a reconstruction Σ_j vals[b, j] · W_dec[idx[b, j]] (vals = ReLU of the
     pre-activations at idx) given its upstream gradient g [B, d]: adds Sᵀ g to grad_dec [h, d]
-    and Gᵀ [xc, 1] to grad_enc [h, d + 1], S being the codes as CSR [B, h] and G its gradient
-    (g W_decᵀ sampled on S's pattern by sampled_addmm, masked by ReLU). Sᵀ and Gᵀ share one CSR
-    [h, B] pattern: the entries sorted by latent (a stable argsort), each latent's row start
-    found by searchsorted (no bincount, whose size would need a host read)."""
+    and Gᵀ xa to grad_enc [h, K] (xa = [xc, 1, 0...]), S being the codes as CSR [B, h] (each row's
+    columns sorted, as CSR requires; topk's are not) and G its gradient (g W_decᵀ sampled on S's
+    pattern by sampled_addmm, masked by ReLU). Sᵀ and Gᵀ share one CSR [h, B] pattern: the
+    entries sorted by latent (a stable argsort), each latent's row start found by searchsorted
+    (no bincount, whose size would need a host read)."""
     B, k = idx.shape
     h = W_dec.shape[0]
-    flat, v = idx.reshape(-1), vals.reshape(-1)
+    idx, by_column = idx.sort(1)
+    flat, v = idx.reshape(-1), vals.gather(1, by_column).reshape(-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
         S = torch.sparse_csr_tensor(torch.arange(0, B * k + 1, k, device=idx.device), flat, v, size=(B, h))

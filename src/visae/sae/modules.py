@@ -516,6 +516,7 @@ class BatchTopKSAE(TopKSAE):
         else:
             t = int(self.threshold_updates)
             beta = min(self.threshold_momentum, t / (t + 50))
+        m = m.float()  # bf16 under CPU autocast
         self.threshold.copy_(torch.where(update, self.threshold * beta + (1 - beta) * m, self.threshold))
         self.threshold_updates.add_(update.long())
 
