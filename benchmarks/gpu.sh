@@ -71,6 +71,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 
+EXTRACT_IMAGES=$([ "$smoke" -eq 1 ] && echo 8 || echo 2048)
 images() {  # the extraction bench's dataset, always something present
     local d
     if [ -n "${VISAE_BENCH_DATASET:-}" ]; then echo "$VISAE_BENCH_DATASET"; return; fi
@@ -82,16 +83,16 @@ images() {  # the extraction bench's dataset, always something present
     for d in resources/fashion-mnist /usr/share/datasets/fashion-mnist; do
         if [ -f "$d/train-images-idx3-ubyte.gz" ]; then echo "fashion-mnist:$(cd "$d" && pwd)"; return; fi
     done
-    "$PY" - "$OUT_DIR/images" <<'EOF'
+    "$PY" - "$OUT_DIR/images" "$EXTRACT_IMAGES" <<'EOF'
 import sys
 from pathlib import Path
 import numpy as np
 from PIL import Image
 rng = np.random.default_rng(0)
-for i in range(64):
+for i in range(max(64, int(sys.argv[2]))):  # JPEGs, as ImageNet's
     folder = Path(sys.argv[1]) / f"class{i % 2}"
     folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(folder / f"{i:04d}.jpg", quality=90)
 EOF
     echo "imagefolder:$OUT_DIR/images"
 }
@@ -102,6 +103,17 @@ if "$PY" -m visae.cli bench extract --help 2>/dev/null | grep -q -- "--precision
 fi
 
 echo "visae device run: out $OUT_DIR, python $PY, budget ${BUDGET}s$([ "$smoke" -eq 1 ] && echo ', CPU smoke')"
+# First the CUDA tests (correctness before speed), in the files that hold any (collecting every
+# test file would need every optional package); on CPU they report themselves skipped.
+mapfile -t cuda_files < <(grep -l "mark\.cuda" tests/test_*.py)
+if [ "${#cuda_files[@]}" -gt 0 ]; then
+    run pytest-cuda 70 "$PY" -m pytest -m cuda -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest-cuda.xml" \
+        "${cuda_files[@]}"
+else
+    printf 'pytest-cuda\tfailed\t0\tno test file holds a CUDA test\n' >> "$STEPS"
+    failed=1
+fi
+
 if [ "$smoke" -eq 1 ]; then
     tiny=(--d 16 --expansion 2 --batch 64 --k 4 --threads 1)
     bench train 60 train "${tiny[@]}" --device cpu
@@ -110,22 +122,14 @@ if [ "$smoke" -eq 1 ]; then
     bench extract 60 extract --model timm:vit_tiny_patch16_224 --image-size 32 --dataset "$DATASET" \
         --images 8 --batch-size 4 --workers 0 --device cpu "${extract_precision[@]}"
 else
-    bench train 100 train --device cuda
-    bench loader 30 loader
-    bench loader-device 40 loader --device cuda --d-model 768 --batch-size 16384
-    bench extract 80 extract --device cuda --dataset "$DATASET" "${extract_precision[@]}"
+    # limits within the 300 s budget after the tests; extraction gets enough images (2,048, in
+    # batches of 128) that its workers' start-up is not what it measures
+    bench train 90 train --device cuda
+    bench loader 25 loader
+    bench loader-device 35 loader --device cuda --d-model 768 --batch-size 16384
+    bench extract 70 extract --device cuda --dataset "$DATASET" --images "$EXTRACT_IMAGES" --batch-size 128 \
+        "${extract_precision[@]}"
 fi
-# The CUDA tests: the files that hold any (collecting every test file would need every optional
-# package); on CPU they report themselves skipped with their reason.
-mapfile -t cuda_files < <(grep -l "mark\.cuda" tests/test_*.py)
-if [ "${#cuda_files[@]}" -gt 0 ]; then
-    run pytest-cuda 90 "$PY" -m pytest -m cuda -rs -p no:cacheprovider --junitxml="$OUT_DIR/pytest-cuda.xml" \
-        "${cuda_files[@]}"
-else
-    printf 'pytest-cuda\tfailed\t0\tno test file holds a CUDA test\n' >> "$STEPS"
-    failed=1
-fi
-
 "$PY" - "$OUT_DIR" <<'EOF'
 """The one-screen summary (also summary.json): each step's status, each ratio next to its goal."""
 import json

@@ -177,7 +177,7 @@ def test_gpu_script_smoke_writes_everything_under_one_folder(tmp_path, fashion_m
         [f"{s}.{ext}" for s in benches for ext in ("json", "log")]
         + ["pytest-cuda.log", "pytest-cuda.xml", "steps.tsv", "summary.json"])
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary) == [*benches, "pytest-cuda"] and {s["status"] for s in summary.values()} == {"ok"}
+    assert list(summary) == ["pytest-cuda", *benches] and {s["status"] for s in summary.values()} == {"ok"}
     for step, name in benches.items():
         result = json.loads((out / f"{step}.json").read_text())
         assert result["bench"] == name and result["params"].get("device", "cpu") == "cpu"
@@ -197,6 +197,6 @@ def test_gpu_script_stops_at_its_budget_and_says_so(tmp_path):
     p = _gpu_script(["--cpu-smoke", str(tmp_path / "gpu")], tmp_path, VISAE_GPU_BUDGET="12")
     assert p.returncode == 1
     summary = json.loads((tmp_path / "gpu" / "summary.json").read_text())
-    assert list(summary) == ["train", "loader", "loader-device", "extract", "pytest-cuda"]
+    assert list(summary) == ["pytest-cuda", "train", "loader", "loader-device", "extract"]
     assert all(s["status"] == "skipped" and s["why"] == "no time left in the 12s budget" for s in summary.values())
     assert "train           skipped" in p.stdout

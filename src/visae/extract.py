@@ -35,6 +35,7 @@ from visae.store.writer import StoreWriter
 TOKEN_CHOICES = ("patches", "cls", "all")
 SHARD_BYTES = 256 << 20  # default shard size target
 FP16_MAX = 65504.0  # beyond it a float16 is inf
+PINNED_BYTES = 4 << 30  # page-locked host memory extraction may hold
 
 
 class Fp16Overflow(VisaeError):
@@ -284,6 +285,10 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
     writer_thread = threading.Thread(target=write_loop, daemon=True)
     writer_thread.start()
     bar = progress_bar(total=plan.n_images, initial=start_image, desc="extract", unit="images", enabled=progress)
+    # Pinned host buffers (asynchronous copies) while the up to four shard sets in flight fit
+    # PINNED_BYTES; beyond it (many layers) pageable ones, whose copies wait instead.
+    shard_set = plan.shard_images * len(plan.token_idx) * backbone.d_model * len(plan.layers)
+    pin = cuda and 4 * shard_set * STORE_DTYPES[plan.dtype][1].itemsize <= PINNED_BYTES
     token_idx = torch.from_numpy(plan.token_idx).to(model_device)  # on the device: indexing copies no index
     store_dtype = STORE_DTYPES[plan.dtype][1]
     check_range = plan.dtype == "float16" or precision == "fp16"  # float16 in the store or the forward pass
@@ -295,7 +300,7 @@ def run_extract(plan: ExtractPlan, out: str | os.PathLike, *, device: str = "cpu
             if failure:
                 raise failure[0]
             if buffers is None:
-                buffers = _buffers(spare, plan, plabels is not None, pin=cuda)
+                buffers = _buffers(spare, plan, plabels is not None, pin=pin)
             with precision_applied(precision, device):
                 acts = backbone.record(pixels.to(model_device, non_blocking=True), plan.layers)
             n = len(labels)

@@ -158,7 +158,8 @@ class Member:
             self.last = row
             lines.append(self.log_prefix + ",".join(f"{row[c]:.9g}" if isinstance(row[c], float) else str(row[c])
                                                     for c in LOG_COLUMNS) + "\n")
-        self.log.write("".join(lines).encode())
+        if self.log is not None:  # None: a step timed by `visae bench train`
+            self.log.write("".join(lines).encode())
         self.pending = []
         return self.status == "failed"
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from visae.errors import VisaeError
 from visae.precision import applied, resolve
 from visae.sae.train import TRAIN_PRECISIONS as PRECISIONS
 
@@ -154,6 +155,9 @@ def bench_train(d: int | None = None, expansion: int | None = None, batch: int |
     # that comes and goes on a shared machine cancels instead of favouring either.
     relu_ratio = median([m / r for m, r in zip(times["matmul"], times["relu"])])
     topk_speedup = median([r / t for r, t in zip(times["relu"], times["topk"])])
+    for member in (relu, topk):  # a non-finite step is skipped on the device: its time would mean nothing
+        if float(member.found_inf):
+            raise VisaeError(f"bench train: the {member.name} step's loss or gradients are not finite")
     del relu
 
     relu_tps, topk_tps = batch / t_relu, batch / t_topk
