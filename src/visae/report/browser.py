@@ -86,6 +86,12 @@ def _read_json(path: Path, what: str) -> dict:
     return read_json(Path(path), what)
 
 
+def _sae_file(saes, path: Path, what: str) -> tuple[dict, "Sae"]:
+    """A per-SAE result file and the SAE it is of (by the identity it names)."""
+    s = _read_json(path, what)
+    return s, saes.find(Identity.from_file(s, f"{what} {path}"), f"{what} {path}")
+
+
 def _sha256(path: Path) -> str:
     from visae.store.format import sha256_file
 
@@ -204,8 +210,7 @@ def attach_profiles(saes: Saes, paths) -> None:
 
     for p in paths:
         p = Path(p)
-        s = _read_json(p, "profile file")
-        sae = saes.find(Identity.from_file(s, f"profile file {p}"), f"profile file {p}")
+        s, sae = _sae_file(saes, p, "profile file")
         if sae.profile is not None:
             raise VisaeError(f"two profiles are of {sae.identity.key}: give one")
         df = read_csv(_checked_beside(p, PROFILE_LATENTS, None, "rerun `visae profile`"), "profile latents file",
@@ -251,8 +256,7 @@ def attach_interventions(saes: Saes, paths) -> None:
 
     for p in paths:
         p = Path(p)
-        s = _read_json(p, "intervention file")
-        sae = saes.find(Identity.from_file(s, f"intervention file {p}"), f"intervention file {p}")
+        s, sae = _sae_file(saes, p, "intervention file")
         if s.get("task") in {i[0]["task"] for i in sae.interventions}:
             raise VisaeError(f"two {s.get('task')} interventions are on {sae.identity.key}: give one")
         df = read_csv(_checked_beside(p, INTERVENTION_CLASSES, None, "rerun `visae intervene`"), "classes file",
@@ -269,8 +273,7 @@ def attach_interventions(saes: Saes, paths) -> None:
 def attach_saebench(saes: Saes, paths) -> None:
     for p in paths:
         p = Path(p)
-        s = _read_json(p, "saebench file")
-        sae = saes.find(Identity.from_file(s, f"saebench file {p}"), f"saebench file {p}")
+        s, sae = _sae_file(saes, p, "saebench file")
         if sae.saebench is not None:
             raise VisaeError(f"two saebench files are of {sae.identity.key}: give one")
         metrics = s.get("metrics")

@@ -17,7 +17,6 @@ inputs give the same bytes.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import re
@@ -30,6 +29,7 @@ from visae.errors import VisaeError
 from visae.layout import (COMPARISON_TABLES, FIGURE_FORMATS, FIGURE_KINDS, INTERVENTION_FIGURES, LAYER_PREFIX,
                           MODEL_COMPARISON_FIGURES, PAIR_COMPARISON_FIGURES, RUN_MARKER, SAEBENCH_FIGURES, TASKS,
                           Identity, Layout, layer_dir)
+from visae.report.collect import read_json
 
 L0_EDGES = (10, 20, 50, 100, 200, 500, 1000)  # the L0 ranges of the SAE headline: (0, 10], (10, 20], ...
 KEY_PACKAGES = ("torch", "timm", "open_clip_torch")  # the versions that change numbers, listed first
@@ -70,22 +70,6 @@ PHASE_TITLES = {"saes": "1 · SAEs", "compare": "2 · Comparison", "intervention
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-def _read_json(path: Path, what: str):
-    if not path.is_file():
-        raise VisaeError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise VisaeError(f"{what} {path} is not valid JSON ({str(err).splitlines()[0]})") from None
-
-
-def _read_object(path: Path, what: str) -> dict:
-    obj = _read_json(path, what)
-    if not isinstance(obj, dict):
-        raise VisaeError(f"{what} {path} is not a JSON object")
-    return obj
-
 
 def _num(value) -> str:
     """A number as the page shows it: 3 significant digits, '-' for none."""
@@ -143,7 +127,7 @@ class Table:
 def _table(path: str | Path, name: str) -> Table:
     """The table at `path` (.json), refused in one line when it or a format beside it is missing."""
     path = Path(path)
-    data = _read_object(path, f"{name} table")
+    data = read_json(path, f"{name} table")
     for ext in TABLE_EXTS:
         if not path.with_suffix(f".{ext}").is_file():
             raise VisaeError(f"{name} table {path.with_suffix(f'.{ext}')} does not exist (beside {path.name}): "
@@ -221,7 +205,7 @@ def _saes(table: Table) -> list[Sae]:
 def _marker(layout: Layout, model: str, dataset: str) -> dict:
     """An extraction marker, checked to be about the model and dataset it is read for."""
     path = Path(layout.extract_marker(model, dataset))
-    m = _read_object(path, "extraction marker")
+    m = read_json(path, "extraction marker")
     named = ((m.get("model") or {}).get("name"), (m.get("dataset") or {}).get("name"))
     if named != (model, dataset):
         raise VisaeError(f"extraction marker {path} is about model {named[0]!r}, dataset {named[1]!r}, "
@@ -234,7 +218,7 @@ def _marker(layout: Layout, model: str, dataset: str) -> dict:
 def _provenance(path: Path, stage: str, what: str, required: bool = True) -> list[Provenance]:
     if not required and not path.is_file():
         return []
-    data = _read_object(path, "provenance file")
+    data = read_json(path, "provenance file")
     missing = [k for k in ("git", "config_hash", "packages", "device") if k not in data]
     if missing:
         raise VisaeError(f"provenance file {path} lacks {', '.join(missing)}")
@@ -285,7 +269,7 @@ def gather(results: str | Path) -> Inputs:
                                 f"{model} · {dataset} · layer {layer}")
             passes = Path(layout.sae_pass(model, dataset, layer, "_")).parent
             for marker in sorted(passes.glob(f"*/{RUN_MARKER}")):
-                grid = (_read_object(marker, "provenance file").get("config") or {}).get("grid") or []
+                grid = (read_json(marker, "provenance file").get("config") or {}).get("grid") or []
                 names = ", ".join(str(e.get("name")) for e in grid if isinstance(e, dict))
                 prov += _provenance(marker, "train", f"{model} · layer {layer}: {names}")
     prov += _provenance(Path(layout.tables_dir()) / RUN_MARKER, "report tables", "Table 1")

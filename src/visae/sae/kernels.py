@@ -117,6 +117,13 @@ def _row_topk_buffers(B: int, h: int, k: int, dtype: torch.dtype) -> tuple | Non
             torch.empty(B, c, k, dtype=dtype), torch.empty(B, k, dtype=torch.int64))
 
 
+def _fired(idx: torch.Tensor, vals: torch.Tensor, width: int) -> torch.Tensor:
+    """[width] bool: latents with a positive kept value in the batch. A scatter of the [B, k]
+    entries (no boolean indexing, whose output shape would need a host read)."""
+    hits = torch.zeros(width, dtype=torch.int32, device=idx.device)
+    return hits.scatter_reduce_(0, idx.reshape(-1), (vals > 0).reshape(-1).int(), "amax") > 0
+
+
 def _sparse_decode(sae: SAE, vals: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """x̂_n = Σ_j vals[:, j] · W_dec[idx[:, j]] + b_dec without forming the dense [B, h] code;
     embedding_bag's backward scatters into only the k rows per token."""
@@ -210,9 +217,7 @@ def topk_grads_on_device(sae, xn: torch.Tensor):
         # b_dec: +Σ_b dL/dx̂ (decoder bias) − (Σ_b dL/dpre) W_encᵀ (subtracted before encoding)
         torch.sum(g_x, 0, out=sae.b_dec.grad)
         sae.b_dec.grad.sub_(sae.W_enc @ sae.b_enc.grad)
-    fired = torch.zeros(h, dtype=torch.int32, device=xn.device).scatter_reduce_(
-        0, idx.reshape(-1), (vals > 0).reshape(-1).int(), "amax") > 0
-    return mse + aux, {"mse": mse, "aux": aux, "l0": (vals > 0).sum() / B, "fired": fired,
+    return mse + aux, {"mse": mse, "aux": aux, "l0": (vals > 0).sum() / B, "fired": _fired(idx, vals, h),
                        "dead": sae.dead_mask().float().mean()}
 
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from visae.sae.config import ARCH_KEYS, INITS
-from visae.sae.kernels import (_relu_workspace, _row_topk, _sparse_decode, _threshold_backward, _topk_workspace,
-                               relu_grads_on_device, topk_grads_on_device)
+from visae.sae.kernels import (_fired, _relu_workspace, _row_topk, _sparse_decode, _threshold_backward,
+                               _topk_workspace, relu_grads_on_device, topk_grads_on_device)
 
 # The initialisations of (W_enc, W_dec) (INITS, in visae.sae.config); the first is the default. Decoder rows are unit-norm in all.
 # - tied-0.1: W_dec random unit rows, W_enc = 0.1 · W_decᵀ (Conerly et al. 2024 start the encoder
@@ -324,13 +324,6 @@ class _AuxKMixin:
             self.tokens_since_fired.add_(batch_size).masked_fill_(fired, 0)
         else:
             self.tokens_since_fired.add_(applied.long() * batch_size).masked_fill_(fired & applied, 0)
-
-
-def _fired(idx: torch.Tensor, vals: torch.Tensor, width: int) -> torch.Tensor:
-    """[width] bool: latents with a positive kept value in the batch. A scatter of the [B, k]
-    entries (no boolean indexing, whose output shape would need a host read)."""
-    hits = torch.zeros(width, dtype=torch.int32, device=idx.device)
-    return hits.scatter_reduce_(0, idx.reshape(-1), (vals > 0).reshape(-1).int(), "amax") > 0
 
 
 def _min_positive(vals: torch.Tensor) -> torch.Tensor:
