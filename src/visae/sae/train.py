@@ -80,6 +80,7 @@ class Member:
         self.sparsity = entry.get(SPARSITY_KEY.get(self.arch, ""), 0.0) or 0.0
         self.opt = make_adam(self.sae.parameters(), lr=entry["lr"], betas=entry["adam_betas"])
         self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.unit = torch.ones((), dtype=torch.float32, device=device)  # the check's "unscale" factor
         self.skips_on_device = bool(self.opt.defaults.get("fused"))
         if self.skips_on_device:
             self.opt.found_inf = self.found_inf  # read by fused Adam: a set flag skips the update
@@ -117,8 +118,7 @@ class Member:
         loss = loss.detach().float()
         grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
         # one fused pass: sets found_inf if the loss or any gradient is not finite (× 1: unchanged)
-        torch._amp_foreach_non_finite_check_and_unscale_([loss.reshape(1), *grads], self.found_inf,
-                                                         torch.ones((), device=loss.device))
+        torch._amp_foreach_non_finite_check_and_unscale_([loss.reshape(1), *grads], self.found_inf, self.unit)
         zero = loss.new_zeros(())
         self.pending.append((self.step, self.tokens, lr, lam, torch.stack(
             [loss, m["mse"].float(), m["l0"].float(), m.get("aux", zero).float(), m.get("dead", zero).float(),
