@@ -142,6 +142,16 @@ def _with_column(x: torch.Tensor, value: float) -> torch.Tensor:
     return out
 
 
+def _encoder_with_bias(sae) -> torch.Tensor:
+    """[W_enc; b_enc; 0, ...] [K, h]: the encoder with its bias as one more input row, K as
+    `_with_column`'s width (the product of [xc, 1, 0...] with it is the biased encoder)."""
+    d, h = sae.W_enc.shape
+    out = sae.W_enc.new_zeros(-(-(d + 1) // 8) * 8, h)
+    out[:d] = sae.W_enc
+    out[d] = sae.b_enc
+    return out
+
+
 def relu_grads_on_device(sae, xn: torch.Tensor, sparsity_coeff: float):
     """A ReLU-L1 step with its gradients in `.grad`, as torch ops alone (no host read): the CPU
     step's five products (see ReLUSAE.compute_grads; autograd would form dL/dx as a sixth) in
@@ -150,8 +160,7 @@ def relu_grads_on_device(sae, xn: torch.Tensor, sparsity_coeff: float):
     low = torch.bfloat16 if torch.is_autocast_enabled(xn.device.type) else xn.dtype
     with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
         xa_low = _with_column(xn - sae.b_dec, 1.0).to(low)  # [xc, 1, 0...]
-        we = _with_column(torch.cat([sae.W_enc, sae.b_enc[None]], 0).t(), 0.0).t()  # [W_enc; b_enc; 0...]
-        f = torch.mm(xa_low, we.to(low)).relu_()  # [B, h]
+        f = torch.mm(xa_low, _encoder_with_bias(sae).to(low)).relu_()  # [B, h]
         err = torch.mm(f, sae.W_dec.to(low)).float().add_(sae.b_dec).sub_(xn)  # x̂ − x
         mse = err.pow(2).mean()
         g_x = err * (2.0 / (B * d))  # dL/dx̂
@@ -187,8 +196,7 @@ def topk_grads_on_device(sae, xn: torch.Tensor):
     h, k = sae.width, sae.k
     xa = _with_column(xn - sae.b_dec, 1.0)  # [xc, 1, 0...]
     with torch.no_grad():
-        we = _with_column(torch.cat([sae.W_enc, sae.b_enc[None]], 0).t(), 0.0).t()  # [W_enc; b_enc; 0...]
-        pre = torch.mm(xa, we)  # [B, h]; bf16 under autocast
+        pre = torch.mm(xa, _encoder_with_bias(sae))  # [B, h]; bf16 under autocast
     with torch.no_grad(), torch.autocast(xn.device.type, enabled=False):
         vals, idx = pre.topk(k, dim=1, sorted=False)
         vals = torch.relu(vals.float())
